@@ -1,0 +1,45 @@
+# saepipe: corpus -> lm -> activation shards -> SAEs -> metrics -> table -> plots/report.
+# Run:  snakemake --cores all            (add --resources gpu=N on a GPU workstation)
+# Report: snakemake --report results/report.html
+import math
+import os
+import sys
+
+from snakemake.utils import min_version, validate
+
+min_version("9.0")
+
+configfile: "config.yaml"
+validate(config, "schemas/config.schema.yaml")
+
+# Use the saepipe of this checkout, here and in every job's script.
+sys.path.insert(0, workflow.basedir)
+os.environ["PYTHONPATH"] = os.pathsep.join([workflow.basedir, os.environ.get("PYTHONPATH", "")])
+
+from saepipe.codeversion import fingerprint
+from saepipe.sweep import canonical, expand_sweep
+
+# Every SAE of the sweep: id -> {"group", "sae", "train"} (see saepipe/sweep.py).
+SAES = expand_sweep(config, d_in=config["lm"]["d_model"])
+SHARDS = {
+    split: [f"{i:03d}" for i in range(math.ceil(config["extract"][f"{split}_tokens"] / config["extract"]["shard_tokens"]))]
+    for split in ("train", "eval")
+}
+
+report: "report/workflow.rst"
+
+wildcard_constraints:
+    split="train|eval",
+    shard=r"\d{3}",
+    sae="|".join(sorted(SAES, key=len, reverse=True)),
+
+
+include: "rules/data.smk"
+include: "rules/sae.smk"
+include: "rules/report.smk"
+
+
+rule all:
+    input:
+        "results/table.parquet",
+        "results/plots/frontier.png",

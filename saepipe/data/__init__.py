@@ -1,0 +1,1 @@
+"""Data layer: the text corpus, Zarr activation shards and the streaming loader."""

@@ -1,0 +1,1 @@
+"""Evaluation of trained SAEs on held-out activations (SPEC §3)."""

@@ -1,0 +1,155 @@
+"""The `lm_baseline` and `evaluate` stages: reconstruction, sparsity and downstream loss.
+
+All metrics are computed on the eval shards (held-out documents), in raw activation
+units. CE losses run the LM on whole eval sequences taken from those shards: clean
+(`ce_loss_original`), with the hook's output zeroed (`ce_loss_zero`, computed once per
+model by `lm_baseline`), and with it replaced by the SAE's reconstruction.
+"""
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from saepipe.data.shards import check_compatible, read_meta, read_shard
+from saepipe.devices import resolve_device
+from saepipe.io import read_json, write_json
+from saepipe.lm import ce_loss, load_lm
+from saepipe.saes import load_sae
+
+SCHEMA_VERSION = 1
+
+
+@dataclass
+class EvalConfig:
+    ce_tokens: int = 65_536
+    """Eval tokens (whole sequences) for the CE losses / loss recovered."""
+    ce_batch_size: int = 32
+    """Sequences per LM forward pass."""
+    batch_size: int = 8192
+    """Activations per SAE forward pass for the reconstruction metrics."""
+    device: str = "auto"
+    """auto | cpu | cuda | cuda:N"""
+
+
+@dataclass
+class SAEMetrics:
+    """One SAE's evaluation (metrics.json). Units: raw activations of the hook."""
+    sae_id: str
+    n_tokens: int             # eval activations used for the reconstruction metrics
+    mse: float                # mean over tokens and dims of (x - x_hat)^2
+    l2_per_token: float       # mean over tokens of ||x - x_hat||^2
+    fvu: float                # sum ||x - x_hat||^2 / sum ||x - mean(x)||^2
+    explained_variance: float # 1 - fvu
+    l0: float                 # mean number of active latents per token
+    dead_fraction: float      # latents never active on the eval tokens
+    ce_tokens: int            # tokens the CE losses average over
+    ce_loss_original: float
+    ce_loss_reconstructed: float
+    ce_loss_zero: float
+    loss_recovered: float     # (CE_zero - CE_recon) / (CE_zero - CE_orig)
+    delta_ce: float           # CE_recon - CE_orig
+    flops_per_token: int      # forward FLOPs per token (SPEC §1)
+    schema_version: int = SCHEMA_VERSION
+
+
+def _eval_sequences(shards: list[str], ce_tokens: int) -> torch.Tensor:
+    """The first ceil(ce_tokens / seq_len) whole sequences of the eval shards."""
+    seqs, have = [], 0
+    for path in shards:
+        shard = read_shard(path, with_acts=False)
+        seq_len = shard.meta["seq_len"]
+        need = math.ceil(ce_tokens / seq_len) - have
+        block = shard.tokens_T.reshape(-1, seq_len)[:need]
+        seqs.append(block)
+        have += len(block)
+        if have * seq_len >= ce_tokens:
+            break
+    if have * seq_len < ce_tokens:
+        raise ValueError(f"evaluate.ce_tokens ({ce_tokens:,}) exceeds the eval shards' "
+                         f"{have * seq_len:,} tokens; lower it or raise extract.eval_tokens")
+    return torch.from_numpy(np.concatenate(seqs)).long()
+
+
+def _mean_ce(model, seqs: torch.Tensor, batch: int, device, hook=None, replace=None) -> float:
+    total = 0.0
+    for start in range(0, len(seqs), batch):
+        chunk = seqs[start : start + batch].to(device)
+        total += ce_loss(model, chunk, hook, replace) * len(chunk)
+    return total / len(seqs)
+
+
+def lm_baseline(cfg: EvalConfig, model_dir: str, shards: list[str], out_json: str) -> dict:
+    """CE of the clean model and with the hook zero-ablated (shared by every SAE)."""
+    meta = check_compatible([read_meta(p) for p in shards], shards)
+    device = resolve_device(cfg.device)
+    model = load_lm(model_dir, device)
+    seqs = _eval_sequences(shards, cfg.ce_tokens)
+    result = {
+        "hook": meta["hook"], "model": meta["model"], "ce_tokens": int(seqs.numel()),
+        "ce_loss_original": _mean_ce(model, seqs, cfg.ce_batch_size, device),
+        "ce_loss_zero": _mean_ce(model, seqs, cfg.ce_batch_size, device, meta["hook"], torch.zeros_like),
+    }
+    write_json(out_json, result)
+    return result
+
+
+@torch.no_grad()
+def reconstruction_stats(sae, shards: list[str], batch_size: int, device) -> dict:
+    """Streaming sums over the eval shards -> mse, l2_per_token, fvu, l0, dead_fraction."""
+    n, sse, sum_sq = 0, 0.0, 0.0
+    sum_x = torch.zeros(sae.cfg.d_in, dtype=torch.float64, device=device)
+    nnz = 0
+    fired = torch.zeros(sae.cfg.width, dtype=torch.bool, device=device)
+    for path in shards:
+        acts = read_shard(path).acts_TD
+        for start in range(0, len(acts), batch_size):
+            x_BD = torch.from_numpy(acts[start : start + batch_size]).to(device).float()
+            out = sae(x_BD)
+            active_BK = out.acts_BK > 0
+            sse += (x_BD - out.x_hat_BD).pow(2).sum().item()
+            sum_sq += x_BD.double().pow(2).sum().item()
+            sum_x += x_BD.double().sum(0)
+            nnz += active_BK.sum().item()
+            fired[out.idx_BK[active_BK]] = True
+            n += len(x_BD)
+    total_var = sum_sq - (sum_x.pow(2).sum().item() / n)
+    return {
+        "n_tokens": n, "mse": sse / (n * sae.cfg.d_in), "l2_per_token": sse / n,
+        "fvu": sse / total_var, "explained_variance": 1 - sse / total_var,
+        "l0": nnz / n, "dead_fraction": 1 - fired.float().mean().item(),
+    }
+
+
+def evaluate_sae(cfg: EvalConfig, sae_dir: str, model_dir: str, shards: list[str],
+                 baseline_json: str, out_json: str) -> SAEMetrics:
+    """The `evaluate` stage for one SAE; writes metrics.json."""
+    meta = check_compatible([read_meta(p) for p in shards], shards)
+    device = resolve_device(cfg.device)
+    sae = load_sae(sae_dir).to(device).eval()
+    if sae.cfg.hook != meta["hook"] or sae.cfg.model_id != meta["model"]:
+        raise ValueError(
+            f"SAE {sae_dir} was trained on {sae.cfg.model_id} / {sae.cfg.hook} but the eval "
+            f"shards are {meta['model']} / {meta['hook']}; rerun the pipeline so both match"
+        )
+    stats = reconstruction_stats(sae, shards, cfg.batch_size, device)
+    baseline = read_json(baseline_json)
+    model = load_lm(model_dir, device)
+    seqs = _eval_sequences(shards, cfg.ce_tokens)
+    recon = _mean_ce(model, seqs, cfg.ce_batch_size, device, meta["hook"],
+                     lambda act: sae(act.reshape(-1, act.shape[-1]).float()).x_hat_BD.reshape(act.shape))
+    orig, zero = baseline["ce_loss_original"], baseline["ce_loss_zero"]
+    metrics = SAEMetrics(
+        sae_id=Path(sae_dir).name, **stats, ce_tokens=int(seqs.numel()),
+        ce_loss_original=orig, ce_loss_reconstructed=recon, ce_loss_zero=zero,
+        loss_recovered=(zero - recon) / (zero - orig), delta_ce=recon - orig,
+        flops_per_token=int(sae.flops_per_token()),
+    )
+    write_json(out_json, asdict(metrics))
+    print(f"evaluate {metrics.sae_id}: l0 {metrics.l0:.1f}, fvu {metrics.fvu:.4f}, "
+          f"loss recovered {metrics.loss_recovered:.4f}", file=sys.stderr)
+    return metrics

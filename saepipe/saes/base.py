@@ -1,0 +1,249 @@
+"""SAE base classes: config dataclass, module base, output tuples.
+
+Units and the saved format
+--------------------------
+Every SAE works internally in a *normalised space*: raw activations ``x`` are multiplied by
+``cfg.act_norm_factor`` before the encoder (``x_n = x * act_norm_factor``). ``encode`` and
+``forward`` take RAW activations; ``decode`` / ``forward`` return ``x_hat`` in RAW units
+(``x_hat = x_hat_n / act_norm_factor``). Latent activations (``acts_BK``) and all losses are in
+the normalised space.
+
+The saved weights (``sae.safetensors``, SPEC §2: ``W_enc [d, M]``, ``b_enc [M]``,
+``W_dec [M, d]``, ``b_dec [d]``, MoE archs add ``W_router [d, N]``, ``b_router [d]``,
+``router_bias [N]``) are the normalised-space weights. To use them on raw activations:
+``x_n = x * act_norm_factor`` (``act_norm_factor`` from ``config.json``), run the
+architecture's forward pass (SPEC §1) on ``x_n``, then divide ``x_hat_n`` by
+``act_norm_factor``. Feature directions (rows of ``W_dec``) are unchanged by this scaling.
+
+Training protocol expected from the trainer: ``init_from_batch(first_batch)`` once;
+per step ``out = sae(x)``; ``sum(out.losses.values()).backward()``;
+``sae.before_optimizer_step()``; ``opt.step()``; ``sae.after_optimizer_step()``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, ClassVar, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from . import kernels
+
+DEFAULT_DEAD_TOKENS = 10_000_000
+"""Tokens without firing after which a latent counts as dead, for configs without the field."""
+
+METADATA_KEYS = frozenset({"n_experts", "active_experts", "d_sae", "format", "format_version",
+                           "dtype", "weights_space", "run"})
+"""Informational keys written to config.json that are not config fields of every arch."""
+
+
+@dataclass
+class SAEConfig:
+    """Hyper-parameters shared by every architecture (see subclasses for arch-specific ones)."""
+
+    arch: str  # registry name: "topk" | "switch"
+    d_in: int  # d, width of the input activations (d_model)
+    width: int  # M, total number of latents
+    k: int  # active latents per token (TopK over the relevant latents)
+    act_norm_factor: float = 1.0  # raw activations are multiplied by this before the SAE
+    hook: str = ""  # hook point the activations come from (informational)
+    model_id: str = ""  # model the activations come from (informational)
+    training_tokens: int = 0  # tokens the SAE was trained on (informational)
+    seed: int = 0  # RNG seed used for the init
+
+    ARCH: ClassVar[str] = ""  # registry name this config class belongs to ("" = any)
+
+    def __post_init__(self) -> None:
+        for name in ("d_in", "width", "k"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if self.k > self.width:
+            raise ValueError(f"k={self.k} must be <= width={self.width}")
+        if not self.act_norm_factor > 0:
+            raise ValueError(f"act_norm_factor must be > 0, got {self.act_norm_factor!r}")
+        if self.ARCH and self.arch != self.ARCH:
+            raise ValueError(f"{type(self).__name__} needs arch={self.ARCH!r}, got {self.arch!r}")
+
+    def flops_per_token(self) -> int:
+        """Forward FLOPs per token (SPEC §1, multiply-add = 2 FLOPs)."""
+        raise NotImplementedError
+
+    def encoder_fraction(self) -> float:
+        """Fraction of the M encoder rows computed per token (dense 1, Switch 1/N).
+
+        FLOP matching uses it: a FLOP-matched config has width = baseline active width / fraction.
+        """
+        return 1.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """All fields as a JSON-serialisable dict."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        """Names of the config fields (the valid keys of :meth:`from_dict`)."""
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "SAEConfig":
+        """Build from a dict; unknown keys raise ``ValueError`` naming them and the valid keys."""
+        valid = cls.field_names()
+        unknown = sorted(set(d) - set(valid))
+        if unknown:
+            raise ValueError(
+                f"unknown {cls.__name__} key(s) {unknown}; valid keys: {sorted(valid)}"
+            )
+        return cls(**d)
+
+
+class Encoding(NamedTuple):
+    """Sparse code of a batch (normalised space)."""
+
+    acts_BK: Tensor  # activation values (>= 0) of the selected latents
+    idx_BK: Tensor  # long, GLOBAL latent index in [0, M) (Switch: expert * n + local)
+    gate_B: Tensor | None = None  # Switch: p_{i*} (1 when heaviside); None for dense
+    expert_B: Tensor | None = None  # Switch: routed expert per token
+    probs_BN: Tensor | None = None  # Switch: router probabilities
+
+
+class SAEOutput(NamedTuple):
+    """Result of ``SAE.forward``."""
+
+    x_hat_BD: Tensor  # reconstruction in RAW units
+    acts_BK: Tensor  # normalised-space activation values of the selected latents
+    idx_BK: Tensor  # global latent indices
+    losses: dict[str, Tensor]  # named, already weighted scalar terms; total = their sum
+    expert_B: Tensor | None = None  # routed expert (None for dense archs)
+
+
+class SAE(nn.Module):
+    """Base SAE: decoder, pre-bias, sparse decode, decoder-norm hooks, dead-latent stats.
+
+    Subclasses create their parameters, then call :meth:`reset_parameters`; they implement
+    ``_encode_n`` (normalised input -> (Encoding, extras)),
+    ``_init_encoder``, ``flops_per_token`` and may extend ``_aux_losses``,
+    ``init_from_batch``, ``_saved_tensors`` and ``_load_saved_tensors``.
+    """
+
+    def __init__(self, cfg: SAEConfig):
+        super().__init__()
+        self.cfg = cfg
+        d, M = cfg.d_in, cfg.width
+        self.W_dec = nn.Parameter(torch.empty(M, d))
+        self.b_dec = nn.Parameter(torch.zeros(d))
+        self.register_buffer("tokens_since_fired", torch.zeros(M, dtype=torch.long))
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Seeded init (``cfg.seed``); subclasses call this at the end of ``__init__``."""
+        gen = torch.Generator(device=self.W_dec.device).manual_seed(self.cfg.seed)
+        self._init_encoder(gen)
+        self.tokens_since_fired.zero_()
+
+    # ---- to implement -------------------------------------------------------------------
+    def _init_encoder(self, gen: torch.Generator) -> None:
+        """Initialise encoder (and decoder, via ``_init_decoder_from_encoder``) weights."""
+        raise NotImplementedError
+
+    def _encode_n(self, x_n_BD: Tensor) -> tuple[Encoding, dict[str, Tensor]]:
+        raise NotImplementedError
+
+    def flops_per_token(self) -> int:
+        """Forward FLOPs per token (SPEC §1, multiply-add = 2 FLOPs); see the config's method."""
+        return self.cfg.flops_per_token()
+
+    # ---- public API ---------------------------------------------------------------------
+    @property
+    def n_latents(self) -> int:
+        """Total number of latents M."""
+        return self.cfg.width
+
+    def encode(self, x_BD: Tensor) -> Encoding:
+        """Sparse code of RAW activations ``x_BD``."""
+        return self._encode_n(x_BD * self.cfg.act_norm_factor)[0]
+
+    def decode(self, enc: Encoding) -> Tensor:
+        """Reconstruction in RAW units from an :class:`Encoding`."""
+        return self._decode_n(enc) / self.cfg.act_norm_factor
+
+    def forward(self, x_BD: Tensor) -> SAEOutput:
+        """Encode + decode RAW ``x_BD``; losses in normalised space; updates dead stats in training."""
+        x_n_BD = x_BD * self.cfg.act_norm_factor
+        enc, extras = self._encode_n(x_n_BD)
+        x_hat_n_BD = self._decode_n(enc)
+        losses = {"mse": (x_n_BD - x_hat_n_BD).pow(2).mean()}
+        losses.update(self._aux_losses(x_n_BD, x_hat_n_BD, enc, extras))
+        if self.training:
+            self._update_dead_stats(enc)
+        x_hat_BD = x_hat_n_BD / self.cfg.act_norm_factor
+        return SAEOutput(x_hat_BD, enc.acts_BK, enc.idx_BK, losses, enc.expert_B)
+
+    @torch.no_grad()
+    def init_from_batch(self, x_BD: Tensor) -> None:
+        """Data-dependent init on the first batch: ``b_dec`` = geometric median (normalised)."""
+        x_n_BD = x_BD.to(self.b_dec.device, torch.float32) * self.cfg.act_norm_factor
+        self.b_dec.copy_(kernels.geometric_median(x_n_BD))
+
+    def before_optimizer_step(self) -> None:
+        """Remove the gradient component parallel to each decoder row."""
+        kernels.remove_parallel_grad_(self.W_dec)
+
+    def after_optimizer_step(self) -> None:
+        """Renormalise the decoder rows to unit norm."""
+        kernels.normalise_rows_(self.W_dec.data)
+
+    def dead_threshold(self) -> int:
+        """Tokens without firing after which a latent is dead (``cfg.dead_tokens`` or 10M)."""
+        return int(getattr(self.cfg, "dead_tokens", DEFAULT_DEAD_TOKENS))
+
+    def dead_mask(self) -> Tensor:
+        """Bool ``[M]``: latents that have not fired for more than ``dead_threshold()`` tokens."""
+        return self.tokens_since_fired > self.dead_threshold()
+
+    def dead_fraction(self) -> float:
+        """Fraction of latents currently dead (see :meth:`dead_mask`)."""
+        return float(self.dead_mask().float().mean())
+
+    # ---- shared internals ---------------------------------------------------------------
+    def _decode_n(self, enc: Encoding) -> Tensor:
+        """``b_dec + gate * sum_j acts_j W_dec[idx_j]`` in normalised space (sparse)."""
+        acts_BK = enc.acts_BK if enc.gate_B is None else enc.acts_BK * enc.gate_B[:, None]
+        return kernels.sparse_decode(enc.idx_BK, acts_BK, self.W_dec) + self.b_dec
+
+    def _aux_losses(
+        self, x_n_BD: Tensor, x_hat_n_BD: Tensor, enc: Encoding, extras: dict[str, Tensor]
+    ) -> dict[str, Tensor]:
+        """Architecture-specific extra loss terms (already weighted)."""
+        return {}
+
+    @torch.no_grad()
+    def _update_dead_stats(self, enc: Encoding) -> None:
+        """Add the batch's tokens to every latent's counter; reset latents that fired (act > 0)."""
+        fired_M = torch.zeros(self.cfg.width, device=enc.idx_BK.device)
+        fired_M.index_add_(0, enc.idx_BK.reshape(-1), (enc.acts_BK > 0).reshape(-1).float())
+        self.tokens_since_fired.add_(enc.idx_BK.shape[0])
+        self.tokens_since_fired.masked_fill_(fired_M > 0, 0)
+
+    def _init_decoder_from_encoder(self, W_enc_DM: Tensor) -> None:
+        """``W_dec = W_enc^T`` with rows normalised."""
+        self.W_dec.copy_(W_enc_DM.t())
+        kernels.normalise_rows_(self.W_dec.data)
+
+    def _saved_tensors(self) -> dict[str, Tensor]:
+        """Tensors in the SPEC §2 names/shapes (subclasses add theirs)."""
+        return {"W_dec": self.W_dec, "b_dec": self.b_dec}
+
+    @torch.no_grad()
+    def _load_saved_tensors(self, tensors: dict[str, Tensor]) -> None:
+        """Inverse of :meth:`_saved_tensors`."""
+        self.W_dec.copy_(tensors["W_dec"])
+        self.b_dec.copy_(tensors["b_dec"])
+
+    def saved_metadata(self) -> dict[str, Any]:
+        """Extra informational keys for config.json (must be in ``METADATA_KEYS`` or fields)."""
+        return {"n_experts": 1, "active_experts": 1, "d_sae": self.cfg.width,
+                "format": "saepipe-sae", "format_version": 1, "dtype": "float32",
+                "weights_space": "normalised: use on x * act_norm_factor"}

@@ -1,0 +1,125 @@
+"""TopK SAE with AuxK (Gao et al. 2024; SPEC §1).
+
+Forward (normalised space, ``x_n = x * act_norm_factor``)::
+
+    pre = W_enc^T (x_n - b_dec) + b_enc                  # [B, M], the only dense op
+    z   = TopK_k(ReLU(pre))                              # kept as (acts_BK, idx_BK)
+    x_hat_n = b_dec + sum_j z_j W_dec[idx_j]             # one F.embedding_bag
+
+``TopK(ReLU(pre)) == ReLU(TopK(pre))`` (ReLU is monotone), so the TopK runs on ``pre`` and the
+ReLU only on the k selected values. The encoder backward is sparse
+(:func:`kernels.topk_linear`): only the ``B x k`` selected entries reach ``W_enc``/``b_enc``,
+and ``b_dec`` gets its encoder-side gradient through an ``[M]`` bias term, so no dense
+``[B, M]`` gradient or second ``[B, M] x [M, d]`` matmul is formed.
+
+AuxK (training only, Gao's form): with ``dead`` = latents that have not fired for more than
+``dead_tokens`` tokens, take the top-``k_aux`` dead latents of ``pre`` (ReLU'd), reconstruct
+the detached residual ``e = x_n - x_hat_n`` WITHOUT ``b_dec``:
+``e_hat = sum ReLU(pre_j) W_dec[j]``, and add
+``aux_coeff * sum_b ||e_b - e_hat_b||^2 / sum_b ||e_b - mean_b(e)||^2``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import kernels
+from .base import SAE, Encoding, SAEConfig
+
+
+@dataclass
+class TopKConfig(SAEConfig):
+    """TopK SAE hyper-parameters."""
+
+    auxk: bool = True  # add the AuxK dead-latent loss during training
+    k_aux: int | None = None  # dead latents used by AuxK; None -> d_in // 2
+    dead_tokens: int = 10_000_000  # tokens without firing after which a latent is dead
+    aux_coeff: float = 1 / 32  # AuxK loss coefficient
+
+    ARCH: ClassVar[str] = "topk"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.k_aux is not None and (not isinstance(self.k_aux, int) or self.k_aux <= 0):
+            raise ValueError(f"k_aux must be a positive int or None, got {self.k_aux!r}")
+        if self.dead_tokens < 0:
+            raise ValueError(f"dead_tokens must be >= 0, got {self.dead_tokens!r}")
+        if self.aux_coeff < 0:
+            raise ValueError(f"aux_coeff must be >= 0, got {self.aux_coeff!r}")
+
+    def flops_per_token(self) -> int:
+        """``2 d M`` encoder + ``2 d k`` sparse decoder."""
+        return 2 * self.d_in * self.width + 2 * self.d_in * self.k
+
+    @property
+    def k_aux_effective(self) -> int:
+        """``k_aux``, defaulting to ``d_in // 2`` (at least 1)."""
+        return self.k_aux if self.k_aux is not None else max(1, self.d_in // 2)
+
+
+class TopKSAE(SAE):
+    """Dense-encoder TopK SAE with sparse (embedding_bag) decode and AuxK."""
+
+    cfg: TopKConfig
+
+    def __init__(self, cfg: TopKConfig):
+        super().__init__(cfg)
+        self.W_enc = nn.Parameter(torch.empty(cfg.d_in, cfg.width))
+        self.b_enc = nn.Parameter(torch.zeros(cfg.width))
+        self.reset_parameters()
+
+    def _init_encoder(self, gen: torch.Generator) -> None:
+        """nn.Linear-style ``U(-1/sqrt(d), 1/sqrt(d))`` encoder, zero b_enc, W_dec = W_enc^T."""
+        bound = 1.0 / math.sqrt(self.cfg.d_in)
+        self.W_enc.uniform_(-bound, bound, generator=gen)
+        self.b_enc.zero_()
+        self._init_decoder_from_encoder(self.W_enc)
+
+    def _encode_n(self, x_n_BD: Tensor) -> tuple[Encoding, dict[str, Tensor]]:
+        # Same value as addmm(b_enc, x_n - b_dec, W_enc), but b_dec gets its gradient through
+        # the [M] bias (-W_enc g.sum(0)) instead of a dense [B, M] x [M, d] matmul.
+        b_dec_D = self.b_dec.detach()
+        b_eff_M = self.b_enc + (b_dec_D - self.b_dec) @ self.W_enc.detach()  # value == b_enc
+        x_c_BD = x_n_BD - b_dec_D
+        aux_mask_M, k_aux = self._auxk_selection()
+        vals_BK, idx_BK, vals_aux_BA, idx_aux_BA = kernels.topk_linear(
+            x_c_BD, self.W_enc, b_eff_M, self.cfg.k, aux_mask_M, k_aux)
+        extras = {"aux_vals_BA": vals_aux_BA, "aux_idx_BA": idx_aux_BA} if k_aux else {}
+        return Encoding(F.relu(vals_BK), idx_BK), extras
+
+    def _auxk_selection(self) -> tuple[Tensor | None, int]:
+        """``(dead_mask_M, k_aux)`` when AuxK applies to this forward, else ``(None, 0)``."""
+        if not (self.training and self.cfg.auxk):
+            return None, 0
+        dead_M = self.dead_mask()
+        n_dead = int(dead_M.sum())  # one host sync per training step
+        return (dead_M, min(self.cfg.k_aux_effective, n_dead)) if n_dead else (None, 0)
+
+    def _aux_losses(
+        self, x_n_BD: Tensor, x_hat_n_BD: Tensor, enc: Encoding, extras: dict[str, Tensor]
+    ) -> dict[str, Tensor]:
+        """``{"auxk": ...}`` in training mode with AuxK on (0 when no latent is dead)."""
+        if not (self.training and self.cfg.auxk):
+            return {}
+        if "aux_idx_BA" not in extras:
+            return {"auxk": x_n_BD.new_zeros(())}
+        acts_BA = F.relu(extras["aux_vals_BA"])
+        e_hat_BD = kernels.sparse_decode(extras["aux_idx_BA"], acts_BA, self.W_dec)
+        e_BD = (x_n_BD - x_hat_n_BD).detach()
+        denom = (e_BD - e_BD.mean(0)).pow(2).sum().clamp_min(1e-12)
+        return {"auxk": self.cfg.aux_coeff * (e_BD - e_hat_BD).pow(2).sum() / denom}
+
+    def _saved_tensors(self) -> dict[str, Tensor]:
+        return {**super()._saved_tensors(), "W_enc": self.W_enc, "b_enc": self.b_enc}
+
+    @torch.no_grad()
+    def _load_saved_tensors(self, tensors: dict[str, Tensor]) -> None:
+        super()._load_saved_tensors(tensors)
+        self.W_enc.copy_(tensors["W_enc"])
+        self.b_enc.copy_(tensors["b_enc"])

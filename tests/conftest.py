@@ -1,0 +1,75 @@
+"""Shared fixtures: a micro copy of the workflow that runs end to end in about a minute."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+WORKFLOW_PARTS = ["Snakefile", "config.yaml", "rules", "workflow_scripts", "schemas", "report", "saepipe"]
+SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
+
+
+def micro_config() -> dict:
+    """config.yaml shrunk to seconds of work; same structure, so schema changes show up."""
+    cfg = yaml.safe_load((REPO / "config.yaml").read_text())
+    cfg["corpus"].update(packages=[], vocab_size=512, seq_len=64, min_tokens=50_000)
+    cfg["lm"].update(d_model=32, n_layers=2, n_heads=2, d_mlp=64, steps=20, batch_size=16, warmup_steps=2)
+    cfg["extract"].update(hook="blocks.1.hook_resid_pre", train_tokens=16_384, eval_tokens=4_096,
+                          shard_tokens=8_192, batch_size=64)
+    cfg["train"].update(tokens=16_384, batch_size=256, warmup_steps=5, log_every=10)
+    cfg["sweep"] = {
+        "topk": {"arch": "topk", "width": 128, "k": [4, 8], "dead_tokens": 4096},
+        "switch_flop": {"arch": "switch", "n_experts": 4, "k": [4],
+                        "match": {"baseline": "topk", "by": "flops"}},
+        "switch_width": {"arch": "switch", "n_experts": 4, "k": [4],
+                         "match": {"baseline": "topk", "by": "width"}},
+    }
+    cfg["evaluate"].update(ce_tokens=2_048, ce_batch_size=16, batch_size=1024)
+    return cfg
+
+
+def copy_workflow(dest: Path, config: dict | None = None) -> Path:
+    dest.mkdir(parents=True, exist_ok=True)
+    for part in WORKFLOW_PARTS:
+        src = REPO / part
+        if src.is_dir():
+            shutil.copytree(src, dest / part, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(src, dest / part)
+    if config is not None:
+        write_config(dest, config)
+    return dest
+
+
+def write_config(workdir: Path, config: dict) -> None:
+    (workdir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+
+
+def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(workdir)}
+    proc = subprocess.run([SNAKEMAKE, *args], cwd=workdir, env=env, capture_output=True, text=True)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"snakemake {' '.join(args)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def micro_run(tmp_path_factory) -> Path:
+    """The micro workflow after one complete run (shared by the pipeline tests: do not modify)."""
+    workdir = copy_workflow(tmp_path_factory.mktemp("micro"), micro_config())
+    snakemake(workdir, "--cores", "2")
+    return workdir
+
+
+@pytest.fixture
+def micro_copy(micro_run, tmp_path) -> Path:
+    """A private copy of the completed micro run (results and Snakemake metadata included)."""
+    dest = tmp_path / "wf"
+    shutil.copytree(micro_run, dest, symlinks=True)
+    return dest

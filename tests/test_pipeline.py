@@ -1,0 +1,175 @@
+"""The whole DAG on a micro config: outputs, caching/rerun rules, config errors, bad input.
+
+One real run (the session fixture `micro_run`); the rerun rules are then checked with
+`snakemake -n` on private copies of that finished run.
+"""
+from __future__ import annotations
+
+import json
+import re
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from conftest import copy_workflow, micro_config, snakemake, write_config
+
+pytestmark = pytest.mark.slow
+
+
+def planned_jobs(workdir) -> dict[str, int]:
+    """rule -> number of jobs a dry run would execute."""
+    out = snakemake(workdir, "-n", "--quiet", "rules").stdout
+    jobs = {}
+    for line in out.splitlines():
+        m = re.match(r"^(\w+)\s+(\d+)$", line.strip())
+        if m and m.group(1) != "total":
+            jobs[m.group(1)] = int(m.group(2))
+    return jobs
+
+
+def planned_outputs(workdir) -> set[str]:
+    """Output files a dry run would (re)create."""
+    out = snakemake(workdir, "-n", "--summary").stdout
+    rows = [line.split("\t") for line in out.splitlines()[1:] if "\t" in line]
+    return {r[0] for r in rows if r[-1].startswith("update") or r[-1].startswith("create")}
+
+
+def edit_config(workdir, change) -> None:
+    cfg = yaml.safe_load((workdir / "config.yaml").read_text())
+    change(cfg)
+    write_config(workdir, cfg)
+
+
+# ---------------------------------------------------------------- outputs of a full run
+
+def test_outputs_complete_and_consistent(micro_run):
+    table = pq.read_table(micro_run / "results/table.parquet").to_pylist()
+    ids = {r["sae_id"] for r in table}
+    assert ids == {"topk-k4", "topk-k8", "switch_flop-k4", "switch_width-k4"}
+    for row in table:
+        for key in ("mse", "l2_per_token", "fvu", "l0", "dead_fraction", "ce_loss_original",
+                    "ce_loss_reconstructed", "ce_loss_zero", "loss_recovered", "delta_ce",
+                    "flops_per_token"):
+            assert row[key] is not None, (row["sae_id"], key)
+        assert row["l0"] <= row["k"] + 1e-6
+        assert row["ce_loss_original"] < row["ce_loss_zero"]
+        assert 0 < row["fvu"] < 1.5
+    by_id = {r["sae_id"]: r for r in table}
+    # matched derivations: FLOP-matched Switch has N x the dense width, width-matched the same
+    assert by_id["switch_flop-k4"]["width"] == 4 * by_id["topk-k4"]["width"]
+    assert by_id["switch_width-k4"]["width"] == by_id["topk-k4"]["width"]
+    png = (micro_run / "results/plots/frontier.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 10_000
+
+
+def test_shards_metadata(micro_run):
+    from saepipe.data.shards import read_shard, shard_paths
+
+    train = shard_paths(micro_run / "results/activations/train")
+    assert len(train) == 2 and len(shard_paths(micro_run / "results/activations/eval")) == 1
+    shard = read_shard(train[0])
+    assert shard.acts_TD.dtype.name == "float16" and shard.acts_TD.shape == (8192, 32)
+    assert shard.tokens_T.dtype.name == "int32" and shard.positions_T.max() == 63
+    for key in ("model", "hook", "dtype", "token_count", "mean_norm"):
+        assert key in shard.meta
+    assert shard.meta["token_count"] == 8192 and shard.meta["hook"] == "blocks.1.hook_resid_pre"
+
+
+def test_train_log_and_saved_format(micro_run):
+    sae_dir = micro_run / "results/saes/switch_flop-k4"
+    log = [json.loads(line) for line in (sae_dir / "train_log.jsonl").read_text().splitlines()]
+    assert {"loss", "mse", "balance", "l0", "dead_fraction", "tokens_per_s"} <= set(log[0])
+    assert log[-1]["mse"] < log[0]["mse"]
+    config = json.loads((sae_dir / "config.json").read_text())
+    assert config["arch"] == "switch" and config["hook"] == "blocks.1.hook_resid_pre"
+    assert config["act_norm_factor"] > 0 and config["training_tokens"] == 16_384
+
+
+def test_report_builds(micro_copy):
+    snakemake(micro_copy, "--report", "report.html")
+    html = (micro_copy / "report.html").read_text(errors="replace")
+    assert "frontier.png" in html and "Sparsity-reconstruction frontier" in html
+
+
+# ---------------------------------------------------------------- what reruns after an edit
+
+def test_no_edit_reruns_nothing(micro_copy):
+    assert planned_jobs(micro_copy) == {}
+
+
+def test_reordered_yaml_keys_rerun_nothing(micro_copy):
+    cfg = yaml.safe_load((micro_copy / "config.yaml").read_text())
+    cfg["train"] = dict(reversed(list(cfg["train"].items())))
+    write_config(micro_copy, cfg)
+    assert planned_jobs(micro_copy) == {}
+
+
+def test_editing_one_group_reruns_only_its_points(micro_copy):
+    edit_config(micro_copy, lambda c: c["sweep"]["switch_width"].update(lr=0.002))
+    assert planned_jobs(micro_copy) == {"train": 1, "evaluate": 1, "aggregate": 1, "plot_frontier": 1, "all": 1}
+    assert "results/saes/switch_width-k4/sae.safetensors" in planned_outputs(micro_copy)
+
+
+def test_adding_a_point_runs_only_it(micro_copy):
+    edit_config(micro_copy, lambda c: c["sweep"]["topk"].update(k=[4, 8, 16]))
+    assert planned_jobs(micro_copy) == {"train": 1, "evaluate": 1, "aggregate": 1, "plot_frontier": 1, "all": 1}
+    assert "results/saes/topk-k16/metrics.json" in planned_outputs(micro_copy)
+
+
+def test_editing_extraction_reruns_it_and_everything_after(micro_copy):
+    edit_config(micro_copy, lambda c: c["extract"].update(batch_size=32))
+    assert planned_jobs(micro_copy) == {"extract": 3, "train": 4, "lm_baseline": 1, "evaluate": 4,
+                                        "aggregate": 1, "plot_frontier": 1, "all": 1}
+
+
+def test_editing_eval_tokens_spares_training_shards(micro_copy):
+    edit_config(micro_copy, lambda c: c["extract"].update(eval_tokens=8_192))
+    jobs = planned_jobs(micro_copy)
+    assert jobs["extract"] == 2 and "train" not in jobs and jobs["evaluate"] == 4
+
+
+def test_library_code_change_reruns_dependent_stages(micro_copy):
+    plot_code = micro_copy / "saepipe/plots/frontier.py"
+    plot_code.write_text(plot_code.read_text() + "\n# edited\n")
+    assert planned_jobs(micro_copy) == {"plot_frontier": 1, "all": 1}
+    topk = micro_copy / "saepipe/saes/topk.py"
+    topk.write_text(topk.read_text() + "\n# edited\n")
+    jobs = planned_jobs(micro_copy)
+    assert jobs["train"] == 4 and jobs["evaluate"] == 4 and "extract" not in jobs
+
+
+# ---------------------------------------------------------------- config errors and bad input
+
+@pytest.mark.parametrize("change, needle", [
+    (lambda c: c["train"].update(learning_rate=0.1), "learning_rate"),
+    (lambda c: c["sweep"]["topk"].update(k="eight"), "eight"),
+    (lambda c: c["extract"].pop("hook"), "hook"),
+    (lambda c: c["sweep"]["topk"].update(n_experts=4), "n_experts"),
+])
+def test_invalid_config_stops_before_any_job(tmp_path, change, needle):
+    cfg = micro_config()
+    change(cfg)
+    workdir = copy_workflow(tmp_path / "wf", cfg)
+    proc = snakemake(workdir, "--cores", "1", check=False)
+    assert proc.returncode != 0
+    assert needle in proc.stdout + proc.stderr
+    assert not (workdir / "results").exists()
+
+
+def test_flop_match_mismatch_is_a_config_error(tmp_path):
+    cfg = micro_config()
+    cfg["sweep"]["switch_flop"]["width"] = 256  # 2 x dense width with 4 experts: not FLOP-matched
+    workdir = copy_workflow(tmp_path / "wf", cfg)
+    proc = snakemake(workdir, "-n", check=False)
+    assert proc.returncode != 0 and "FLOP-matched" in proc.stdout + proc.stderr
+
+
+def test_unknown_hook_lists_valid_names(micro_copy):
+    edit_config(micro_copy, lambda c: c["extract"].update(hook="blocks.7.hook_resid_pre"))
+    proc = snakemake(micro_copy, "--cores", "1", "results/activations/eval/000.zarr", check=False)
+    text = proc.stdout + proc.stderr + "".join(
+        p.read_text() for p in (micro_copy / "results/logs/extract").glob("*.log"))
+    assert proc.returncode != 0
+    assert "does not exist" in text and "blocks.1.hook_resid_pre" in text
+    assert not (micro_copy / "results/activations/eval/000.zarr").exists()

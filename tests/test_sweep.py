@@ -1,0 +1,58 @@
+"""Sweep expansion: grid axes, ids, matched configurations and config errors."""
+import pytest
+import yaml
+
+from conftest import REPO
+from saepipe.sweep import SweepError, canonical, expand_sweep
+
+TRAIN = {"tokens": 1000, "batch_size": 10, "lr": 1e-3}
+
+
+def _expand(sweep, d_in=64):
+    return expand_sweep({"train": TRAIN, "sweep": sweep}, d_in)
+
+
+def test_default_config_sweep():
+    cfg = yaml.safe_load((REPO / "config.yaml").read_text())
+    points = expand_sweep(cfg, cfg["lm"]["d_model"])
+    assert len(points) == 9
+    assert {p["sae"]["arch"] for p in points.values()} == {"topk", "switch"}
+    assert points["switch_flop-k16"]["sae"]["width"] == 8 * points["topk-k16"]["sae"]["width"]
+    assert points["switch_width-k16"]["sae"]["width"] == points["topk-k16"]["sae"]["width"]
+
+
+def test_grid_axes_ids_and_training_overrides():
+    points = _expand({"t": {"arch": "topk", "width": 256, "k": [4, 8], "lr": [1e-3, 3e-3]}})
+    assert sorted(points) == ["t-k4-lr0.001", "t-k4-lr0.003", "t-k8-lr0.001", "t-k8-lr0.003"]
+    p = points["t-k8-lr0.003"]
+    assert p["sae"] == {"arch": "topk", "width": 256, "k": 8}
+    assert p["train"] == {**TRAIN, "lr": 3e-3}
+
+
+def test_flop_matched_switch_is_derived_and_checked():
+    sweep = {"dense": {"arch": "topk", "width": 512, "k": 8},
+             "sw": {"arch": "switch", "n_experts": 4, "k": 8, "match": {"baseline": "dense", "by": "flops"}}}
+    points = _expand(sweep)
+    assert points["sw"]["sae"]["width"] == 2048
+    sweep["sw"]["width"] = 1024
+    with pytest.raises(SweepError, match=r"not: .* vs .* FLOPs/token"):
+        _expand(sweep)
+    sweep["sw"].update(width=512, match={"baseline": "dense", "by": "width"})
+    assert _expand(sweep)["sw"]["sae"]["width"] == 512
+    sweep["sw"]["width"] = 1024
+    with pytest.raises(SweepError, match="width-matched"):
+        _expand(sweep)
+
+
+def test_unknown_field_for_the_arch_is_named():
+    with pytest.raises(SweepError, match=r"\['n_experts'\] for arch 'topk'"):
+        _expand({"t": {"arch": "topk", "width": 64, "k": 4, "n_experts": 4}})
+
+
+def test_arch_constraints_are_checked_at_expansion():
+    with pytest.raises(ValueError):
+        _expand({"s": {"arch": "switch", "width": 100, "n_experts": 8, "k": 4}})
+
+
+def test_canonical_ignores_key_order():
+    assert canonical({"b": 1, "a": [1, 2]}) == canonical({"a": [1, 2], "b": 1})

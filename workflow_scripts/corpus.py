@@ -1,0 +1,9 @@
+"""Snakemake adapter: rule corpus -> saepipe.data.corpus.build_corpus."""
+import json
+from pathlib import Path
+
+from saepipe.data.corpus import CorpusConfig, build_corpus
+from saepipe.io import log_to
+
+with log_to(snakemake.log[0]):  # noqa: F821 - injected by Snakemake
+    build_corpus(CorpusConfig(**json.loads(snakemake.params.cfg)), Path(snakemake.output.stats).parent)

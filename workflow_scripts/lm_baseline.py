@@ -1,0 +1,12 @@
+"""Snakemake adapter: rule lm_baseline -> saepipe.evaluate.metrics.lm_baseline."""
+import json
+from pathlib import Path
+
+from saepipe.devices import set_threads
+from saepipe.evaluate.metrics import EvalConfig, lm_baseline
+from saepipe.io import log_to
+
+with log_to(snakemake.log[0]):  # noqa: F821 - injected by Snakemake
+    set_threads(snakemake.threads)
+    lm_baseline(EvalConfig(**json.loads(snakemake.params.cfg)), Path(snakemake.input.model).parent,
+                list(snakemake.input.shards), snakemake.output[0])

@@ -1,0 +1,12 @@
+"""Snakemake adapter: rule train -> saepipe.train.train_sae (one sweep point)."""
+import json
+from pathlib import Path
+
+from saepipe.devices import set_threads
+from saepipe.io import log_to
+from saepipe.train import TrainConfig, train_sae
+
+with log_to(snakemake.log[0]):  # noqa: F821 - injected by Snakemake
+    set_threads(snakemake.threads)
+    train_sae(json.loads(snakemake.params.sae), TrainConfig(**json.loads(snakemake.params.train)),
+              list(snakemake.input.shards), Path(snakemake.output.weights).parent)
