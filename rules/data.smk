@@ -18,7 +18,7 @@ rule corpus:
     params:
         cfg=canonical(config["corpus"]),
         code=fingerprint("saepipe.data.corpus"),
-    threads: workflow.cores
+    threads: 8  # capped by --cores
     resources:
         mem_mb=2000,
     log:
@@ -39,7 +39,7 @@ rule lm:
     params:
         cfg=canonical(config["lm"]),
         code=fingerprint("saepipe.lm"),
-    threads: workflow.cores
+    threads: 8  # capped by --cores
     resources:
         mem_mb=3000,
     log:

@@ -38,6 +38,8 @@ def plot_frontier(table_parquet: str, out_png: str) -> None:
             ax.plot([r["l0"] for r in grows], [r[col] for r in grows], marker=markers[i % len(markers)],
                     label=_label(group, grows), linewidth=1.8, markersize=6)
             for r in grows:
+                if abs(r["l0"] - r["k"]) < 0.5:
+                    continue  # L0 is k itself: the x axis says it
                 ax.annotate(f"k={r['k']}", (r["l0"], r[col]), textcoords="offset points",
                             xytext=(4, 4), fontsize=7, alpha=0.7)
         ax.set_xscale("log", base=2)

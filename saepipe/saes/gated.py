@@ -1,0 +1,123 @@
+"""Gated SAE (Rajamanoharan et al. 2024, "Improving Dictionary Learning with Gated SAEs"; SPEC §1).
+
+Forward (normalised space, ``x_n = x * act_norm_factor``; ``W = W_enc`` [d, M] is the gate
+encoder, the magnitude encoder is ``W_mag = exp(r_mag) * W`` column-wise, so ONE dense matmul
+serves both paths)::
+
+    p       = W^T (x_n - b_dec)                          # [B, M], dense encoder (inherent)
+    pi_gate = p + b_gate
+    mag     = exp(r_mag) * p + b_mag
+    f       = 1[pi_gate > 0] * ReLU(mag)
+    x_hat_n = b_dec + sum_{j: f_j > 0} f_j W_dec[j]      # one F.embedding_bag
+
+Loss terms (the paper's per-token loss divided by ``d``, like the base ``mse`` term)::
+
+    mse      = mean_b ||x_n - x_hat_n||^2 / d
+    l1_gate  = l1_coeff * mean_b ||ReLU(pi_gate)||_1 / d
+    aux_gate = mean_b ||x_n - (sg(W_dec)^T ReLU(pi_gate) + sg(b_dec))||^2 / d
+
+(``sg`` = stop-gradient: the auxiliary term trains only the gate path: W, b_gate and b_dec via
+the encoder input, never W_dec / b_dec through the decoder). The Heaviside gate passes no
+gradient; the gate path learns from ``l1_gate`` and ``aux_gate``. The auxiliary decode is
+sparse too (embedding_bag over the padded code of ``ReLU(pi_gate)``). Unit-norm decoder rows
+(base hooks), which makes the plain L1 on the gate meaningful.
+
+Saved (SPEC §2): ``W_enc`` = W [d, M], ``b_enc`` = zeros [M] (the arch has no such bias),
+``b_gate``, ``r_mag``, ``b_mag`` [M], ``W_dec``, ``b_dec``. Variable L0 -> the padded
+``(acts_BL, idx_BL)`` code of :func:`relu.padded_code`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import kernels
+from .base import SAE, Encoding, SAEConfig
+from .relu import padded_code
+
+
+@dataclass
+class GatedConfig(SAEConfig):
+    """Gated SAE hyper-parameters.
+
+    ``k`` is NOT used by the forward pass (L0 is measured, not set): it is the expected L0
+    used for the FLOP estimate ``2 d M + 2 d k`` (one shared encoder matmul + sparse decode).
+    """
+
+    l1_coeff: float = 1.0  # lambda of the L1 penalty on ReLU(pi_gate) (paper scale, see module)
+    dead_tokens: int = 10_000_000  # tokens without firing after which a latent counts as dead
+
+    ARCH: ClassVar[str] = "gated"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.l1_coeff >= 0:
+            raise ValueError(f"l1_coeff must be >= 0, got {self.l1_coeff!r}")
+        if self.dead_tokens < 0:
+            raise ValueError(f"dead_tokens must be >= 0, got {self.dead_tokens!r}")
+
+    def flops_per_token(self) -> int:
+        """``2 d M`` shared encoder + ``2 d k`` sparse decoder (k = expected L0)."""
+        return 2 * self.d_in * self.width + 2 * self.d_in * self.k
+
+
+class GatedSAE(SAE):
+    """Gated SAE with tied gate/magnitude encoder, auxiliary gate loss, unit-norm decoder."""
+
+    cfg: GatedConfig
+
+    def __init__(self, cfg: GatedConfig):
+        super().__init__(cfg)
+        M = cfg.width
+        self.W_enc = nn.Parameter(torch.empty(cfg.d_in, M))
+        self.b_gate = nn.Parameter(torch.zeros(M))
+        self.r_mag = nn.Parameter(torch.zeros(M))
+        self.b_mag = nn.Parameter(torch.zeros(M))
+        self.reset_parameters()
+
+    def _init_encoder(self, gen: torch.Generator) -> None:
+        """nn.Linear-style W, W_dec = W^T (unit rows); b_gate, r_mag, b_mag zero."""
+        bound = 1.0 / math.sqrt(self.cfg.d_in)
+        self.W_enc.uniform_(-bound, bound, generator=gen)
+        for p in (self.b_gate, self.r_mag, self.b_mag):
+            p.zero_()
+        self._init_decoder_from_encoder(self.W_enc)
+
+    def _encode_n(self, x_n_BD: Tensor) -> tuple[Encoding, dict[str, Tensor]]:
+        p_BM = (x_n_BD - self.b_dec) @ self.W_enc
+        pi_gate_BM = p_BM + self.b_gate
+        mag_BM = torch.addcmul(self.b_mag, p_BM, self.r_mag.exp())
+        acts_BL, idx_BL = padded_code(mag_BM, (pi_gate_BM > 0) & (mag_BM > 0))
+        return Encoding(acts_BL, idx_BL), {"pi_gate_BM": pi_gate_BM}
+
+    def _aux_losses(
+        self, x_n_BD: Tensor, x_hat_n_BD: Tensor, enc: Encoding, extras: dict[str, Tensor]
+    ) -> dict[str, Tensor]:
+        """``{"l1_gate": ..., "aux_gate": ...}`` (see module docstring)."""
+        gate_BM = F.relu(extras["pi_gate_BM"])
+        d = self.cfg.d_in
+        l1 = gate_BM.sum(1).mean() * (self.cfg.l1_coeff / d)
+        g_acts_BL, g_idx_BL = padded_code(gate_BM, gate_BM > 0)
+        x_aux_BD = kernels.sparse_decode(g_idx_BL, g_acts_BL, self.W_dec.detach())
+        aux = (x_n_BD - self.b_dec.detach() - x_aux_BD).pow(2).mean()
+        return {"l1_gate": l1, "aux_gate": aux}
+
+    def _saved_tensors(self) -> dict[str, Tensor]:
+        return {**super()._saved_tensors(), "W_enc": self.W_enc,
+                "b_enc": torch.zeros_like(self.b_gate), "b_gate": self.b_gate,
+                "r_mag": self.r_mag, "b_mag": self.b_mag}
+
+    @torch.no_grad()
+    def _load_saved_tensors(self, tensors: dict[str, Tensor]) -> None:
+        super()._load_saved_tensors(tensors)
+        for name in ("W_enc", "b_gate", "r_mag", "b_mag"):
+            getattr(self, name).copy_(tensors[name])
+
+
+__all__ = ["GatedConfig", "GatedSAE"]

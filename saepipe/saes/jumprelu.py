@@ -1,0 +1,169 @@
+"""JumpReLU SAE (Rajamanoharan et al. 2024, "Jumping Ahead"; SPEC §1).
+
+Forward (normalised space, ``x_n = x * act_norm_factor``)::
+
+    r = ReLU(W_enc^T (x_n - b_dec) + b_enc)          # [B, M], dense encoder (inherent)
+    f = r * H(r - threshold)                          # per-latent threshold [M]
+    x_hat_n = b_dec + sum_{j: f_j > 0} f_j W_dec[j]   # one F.embedding_bag
+
+Straight-through estimator (paper §3, rectangle kernel ``K(u) = 1[|u| < 1/2]``, bandwidth
+``eps``): the Heaviside step has pseudo-derivatives only w.r.t. the threshold,
+``d f / d theta = -(theta / eps) K((r - theta) / eps)`` and
+``d H(r - theta) / d theta = -(1 / eps) K((r - theta) / eps)``; w.r.t. ``r`` the JumpReLU
+passes ``H(r - theta)`` and the step passes nothing (so the L0 penalty trains only the
+thresholds, as in the paper). Both are fused in one autograd function (:class:`_JumpReLU`).
+
+Loss terms (the paper's per-token loss divided by ``d``, like the base ``mse`` term)::
+
+    mse        = mean_b ||x_n - x_hat_n||^2 / d
+    l0_penalty = l0_coeff * mean_b ||f_b||_0 / d
+
+so ``l0_coeff`` is the paper's lambda (squared-error units per active latent, normalised
+space). The measured L0 is ``(acts_BK > 0).sum(-1)`` (exact: padded code below) and equals
+``l0_penalty * d / l0_coeff``.
+
+Threshold parameterisation: the raw threshold (as SAELens / dictionary_learning), not its log:
+it is saved exactly as SPEC §2 ``threshold`` [M], and Adam moves it at a useful speed from its
+small init (``threshold_init``, paper 1e-3). It is clamped to ``>= 0`` after every step
+(a negative threshold would count the zeros of ``r`` as active). Decoder rows unit-norm (base
+hooks). Variable L0 -> the padded ``(acts_BL, idx_BL)`` code of :func:`relu.padded_code`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .base import SAE, Encoding, SAEConfig
+from .relu import padded_code
+
+
+class _JumpReLU(torch.autograd.Function):
+    """``(f, H) = (r * H(r - theta), H(r - theta))`` with the paper's STE pseudo-derivatives."""
+
+    @staticmethod
+    def forward(ctx, r_BM, theta_M, eps):  # noqa: D102
+        active_BM = r_BM > theta_M
+        ctx.save_for_backward(r_BM, theta_M)
+        ctx.eps = eps
+        ctx.mark_non_differentiable(active_BM)
+        return r_BM * active_BM, active_BM
+
+    @staticmethod
+    def backward(ctx, g_f_BM, _g_active):  # noqa: D102
+        r_BM, theta_M = ctx.saved_tensors
+        eps = ctx.eps
+        grad_r = g_f_BM * (r_BM > theta_M) if ctx.needs_input_grad[0] else None
+        grad_theta = None
+        if ctx.needs_input_grad[1]:
+            window_BM = ((r_BM - theta_M).abs() < eps / 2).to(g_f_BM.dtype)
+            grad_theta = -(theta_M / eps) * (g_f_BM * window_BM).sum(0)
+        return grad_r, grad_theta, None
+
+
+class _StepSum(torch.autograd.Function):
+    """``sum_b,j H(r - theta)`` (the L0 count) with ``d/d theta = -(1/eps) K((r - theta)/eps)``."""
+
+    @staticmethod
+    def forward(ctx, r_BM, theta_M, eps):  # noqa: D102
+        ctx.save_for_backward(r_BM, theta_M)
+        ctx.eps = eps
+        return (r_BM > theta_M).sum().to(r_BM.dtype)
+
+    @staticmethod
+    def backward(ctx, g):  # noqa: D102
+        r_BM, theta_M = ctx.saved_tensors
+        grad_theta = None
+        if ctx.needs_input_grad[1]:
+            in_window_M = ((r_BM - theta_M).abs() < ctx.eps / 2).sum(0).to(theta_M.dtype)
+            grad_theta = -(g / ctx.eps) * in_window_M
+        return None, grad_theta, None
+
+
+@dataclass
+class JumpReLUConfig(SAEConfig):
+    """JumpReLU SAE hyper-parameters.
+
+    ``k`` is NOT used by the forward pass (L0 is measured, not set): it is the expected L0
+    used for the FLOP estimate ``2 d M + 2 d k`` (sparse decode of k active latents).
+    """
+
+    l0_coeff: float = 1.0  # lambda of the L0 penalty (paper scale, see module docstring)
+    bandwidth: float = 1e-3  # STE rectangle-kernel width eps (normalised space)
+    threshold_init: float = 1e-3  # initial threshold of every latent
+    dead_tokens: int = 10_000_000  # tokens without firing after which a latent counts as dead
+
+    ARCH: ClassVar[str] = "jumprelu"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.l0_coeff >= 0:
+            raise ValueError(f"l0_coeff must be >= 0, got {self.l0_coeff!r}")
+        if not self.bandwidth > 0:
+            raise ValueError(f"bandwidth must be > 0, got {self.bandwidth!r}")
+        if not self.threshold_init >= 0:
+            raise ValueError(f"threshold_init must be >= 0, got {self.threshold_init!r}")
+        if self.dead_tokens < 0:
+            raise ValueError(f"dead_tokens must be >= 0, got {self.dead_tokens!r}")
+
+    def flops_per_token(self) -> int:
+        """``2 d M`` encoder + ``2 d k`` sparse decoder (k = expected L0)."""
+        return 2 * self.d_in * self.width + 2 * self.d_in * self.k
+
+
+class JumpReLUSAE(SAE):
+    """JumpReLU SAE: per-latent learned threshold (STE), L0 penalty, unit-norm decoder."""
+
+    cfg: JumpReLUConfig
+
+    def __init__(self, cfg: JumpReLUConfig):
+        super().__init__(cfg)
+        self.W_enc = nn.Parameter(torch.empty(cfg.d_in, cfg.width))
+        self.b_enc = nn.Parameter(torch.zeros(cfg.width))
+        self.threshold = nn.Parameter(torch.empty(cfg.width))
+        self.reset_parameters()
+
+    def _init_encoder(self, gen: torch.Generator) -> None:
+        """nn.Linear-style encoder, W_dec = W_enc^T (unit rows), b_enc 0, threshold_init."""
+        bound = 1.0 / math.sqrt(self.cfg.d_in)
+        self.W_enc.uniform_(-bound, bound, generator=gen)
+        self.b_enc.zero_()
+        self.threshold.fill_(self.cfg.threshold_init)
+        self._init_decoder_from_encoder(self.W_enc)
+
+    def _encode_n(self, x_n_BD: Tensor) -> tuple[Encoding, dict[str, Tensor]]:
+        r_BM = F.relu(torch.addmm(self.b_enc, x_n_BD - self.b_dec, self.W_enc))
+        f_BM, active_BM = _JumpReLU.apply(r_BM, self.threshold, self.cfg.bandwidth)
+        acts_BL, idx_BL = padded_code(f_BM, active_BM)
+        return Encoding(acts_BL, idx_BL), {"r_BM": r_BM}
+
+    def _aux_losses(
+        self, x_n_BD: Tensor, x_hat_n_BD: Tensor, enc: Encoding, extras: dict[str, Tensor]
+    ) -> dict[str, Tensor]:
+        """``{"l0_penalty": l0_coeff / d * mean_b L0_b}`` (STE gradient to the threshold)."""
+        count = _StepSum.apply(extras["r_BM"], self.threshold, self.cfg.bandwidth)
+        return {"l0_penalty": count * (self.cfg.l0_coeff / (self.cfg.d_in * x_n_BD.shape[0]))}
+
+    def after_optimizer_step(self) -> None:
+        """Unit-norm decoder rows; thresholds clamped to >= 0."""
+        super().after_optimizer_step()
+        self.threshold.data.clamp_(min=0)
+
+    def _saved_tensors(self) -> dict[str, Tensor]:
+        return {**super()._saved_tensors(), "W_enc": self.W_enc, "b_enc": self.b_enc,
+                "threshold": self.threshold}
+
+    @torch.no_grad()
+    def _load_saved_tensors(self, tensors: dict[str, Tensor]) -> None:
+        super()._load_saved_tensors(tensors)
+        self.W_enc.copy_(tensors["W_enc"])
+        self.b_enc.copy_(tensors["b_enc"])
+        self.threshold.copy_(tensors["threshold"])
+
+
+__all__ = ["JumpReLUConfig", "JumpReLUSAE"]

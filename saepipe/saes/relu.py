@@ -1,0 +1,178 @@
+"""ReLU (L1) SAE, Anthropic April-2024 recipe (SPEC §1), and the padded sparse code shared by
+the variable-L0 architectures (ReLU, BatchTopK, JumpReLU, Gated).
+
+Forward (normalised space, ``x_n = x * act_norm_factor``)::
+
+    f       = ReLU(W_enc^T (x_n - b_dec) + b_enc)       # [B, M], dense encoder (inherent)
+    x_hat_n = b_dec + sum_{j: f_j > 0} f_j W_dec[j]     # one F.embedding_bag (sparse decode)
+
+Loss terms (``losses``; every term is the paper's per-token loss divided by ``d``, because
+the base ``mse`` term is the mean over tokens AND dims = ``||x - x_hat||^2 / d``)::
+
+    mse = mean_b ||x_n - x_hat_n||^2 / d
+    l1  = lambda_t * mean_b sum_j f_j ||W_dec[j]|| / d
+
+so ``l1_coeff`` has the paper's meaning (penalty per unit of decoder-norm-weighted activation,
+relative to the per-token squared error, in the normalised space where E||x_n|| ~ sqrt(d)).
+No unit-norm constraint: ``before/after_optimizer_step`` are no-ops, and the decoder-norm
+weighting is what stops the encoder/decoder scale trade-off.
+
+Lambda warm-up: ``lambda_t = l1_coeff * min(1, tokens_seen / warmup_tokens)`` in training
+mode, where ``tokens_seen`` (a buffer) counts the tokens of every training-mode forward
+BEFORE the current batch (so the first step has lambda 0), and ``warmup_tokens`` =
+``l1_warmup_tokens`` if given, else ``round(l1_warmup_fraction * training_tokens)`` (the
+pipeline sets ``training_tokens`` before training; 5% by default = "first 5% of steps").
+Counting tokens rather than steps makes the schedule independent of the batch size and needs
+nothing from the trainer. ``warmup_tokens == 0`` -> no warm-up. Eval mode uses the full
+``l1_coeff`` (a loaded SAE's loss is reported with its final lambda).
+
+Variable L0 -> padded code: :func:`padded_code` returns ``(acts_BL, idx_BL)`` with
+``L = max_b L0_b`` (>= 1; one host sync per forward): row ``b`` holds its active latents
+(ascending index) and then padding entries with ``acts = 0`` and ``idx = 0``. Downstream
+consumers are exact: ``l0 = (acts_BK > 0).sum(-1)``; padding adds ``0 * W_dec[0]`` in the
+embedding_bag decode (and gets zero gradient); dead-latent stats only count ``acts > 0``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import kernels
+from .base import SAE, Encoding, SAEConfig
+
+
+def pad_rows(rows_S: Tensor, cols_S: Tensor, vals_S: Tensor, n_rows: int) -> tuple[Tensor, Tensor]:
+    """Scatter a row-sorted list of ``(row, col, value)`` entries into padded ``[B, L]`` tensors.
+
+    ``rows_S`` must be ascending. Returns ``(acts_BL, idx_BL)``, ``L = max entries per row``
+    (at least 1); padding has ``acts = 0`` (no gradient) and ``idx = 0``. Differentiable
+    w.r.t. ``vals_S``.
+    """
+    counts_B = torch.bincount(rows_S, minlength=n_rows)
+    L = max(1, int(counts_B.max())) if n_rows else 1  # one host sync
+    start_B = counts_B.cumsum(0) - counts_B
+    pos_S = torch.arange(rows_S.numel(), device=rows_S.device) - start_B[rows_S]
+    idx_BL = torch.zeros(n_rows, L, dtype=torch.long, device=rows_S.device)
+    idx_BL[rows_S, pos_S] = cols_S
+    acts_BL = vals_S.new_zeros(n_rows, L).index_put((rows_S, pos_S), vals_S)
+    return acts_BL, idx_BL
+
+
+def padded_code(values_BM: Tensor, mask_BM: Tensor) -> tuple[Tensor, Tensor]:
+    """Padded sparse code of ``values_BM`` restricted to ``mask_BM`` (see :func:`pad_rows`).
+
+    The active set is given by ``mask_BM`` (entries outside it are treated as 0); gradients
+    flow to ``values_BM`` at the masked entries only.
+    """
+    rows_S, cols_S = mask_BM.nonzero(as_tuple=True)  # row-major: rows ascending
+    return pad_rows(rows_S, cols_S, values_BM[rows_S, cols_S], values_BM.shape[0])
+
+
+@dataclass
+class ReLUConfig(SAEConfig):
+    """ReLU (L1) SAE hyper-parameters.
+
+    ``k`` is NOT used by the forward pass (L0 is measured, not set): it is the expected L0
+    used for the FLOP estimate ``2 d M + 2 d k`` (sparse decode of k active latents).
+    """
+
+    l1_coeff: float = 5.0  # lambda: L1 (x decoder row norm) coefficient, paper scale (see module)
+    l1_warmup_fraction: float = 0.05  # lambda ramps 0 -> l1_coeff over this fraction of training_tokens
+    l1_warmup_tokens: int | None = None  # explicit warm-up length in tokens (overrides the fraction)
+    dec_init_norm: float = 0.1  # initial L2 norm of every decoder row (random directions)
+    dead_tokens: int = 10_000_000  # tokens without firing after which a latent counts as dead
+
+    ARCH: ClassVar[str] = "relu"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.l1_coeff >= 0:
+            raise ValueError(f"l1_coeff must be >= 0, got {self.l1_coeff!r}")
+        if not 0 <= self.l1_warmup_fraction <= 1:
+            raise ValueError(f"l1_warmup_fraction must be in [0, 1], got {self.l1_warmup_fraction!r}")
+        if self.l1_warmup_tokens is not None and (
+                not isinstance(self.l1_warmup_tokens, int) or self.l1_warmup_tokens < 0):
+            raise ValueError(f"l1_warmup_tokens must be an int >= 0 or None, got "
+                             f"{self.l1_warmup_tokens!r}")
+        if not self.dec_init_norm > 0:
+            raise ValueError(f"dec_init_norm must be > 0, got {self.dec_init_norm!r}")
+        if self.dead_tokens < 0:
+            raise ValueError(f"dead_tokens must be >= 0, got {self.dead_tokens!r}")
+
+    def flops_per_token(self) -> int:
+        """``2 d M`` encoder + ``2 d k`` sparse decoder (k = expected L0)."""
+        return 2 * self.d_in * self.width + 2 * self.d_in * self.k
+
+    @property
+    def warmup_tokens(self) -> int:
+        """Tokens over which lambda ramps up (0 = no warm-up)."""
+        if self.l1_warmup_tokens is not None:
+            return self.l1_warmup_tokens
+        return round(self.l1_warmup_fraction * self.training_tokens)
+
+
+class ReLUSAE(SAE):
+    """ReLU SAE with decoder-norm-weighted L1, lambda warm-up, unconstrained decoder."""
+
+    cfg: ReLUConfig
+
+    def __init__(self, cfg: ReLUConfig):
+        super().__init__(cfg)
+        self.W_enc = nn.Parameter(torch.empty(cfg.d_in, cfg.width))
+        self.b_enc = nn.Parameter(torch.zeros(cfg.width))
+        self.register_buffer("tokens_seen", torch.zeros((), dtype=torch.long))
+        self.reset_parameters()
+
+    def _init_encoder(self, gen: torch.Generator) -> None:
+        """Decoder rows: random directions of norm ``dec_init_norm``; W_enc = W_dec^T; b_enc 0."""
+        self.W_dec.normal_(generator=gen)
+        kernels.normalise_rows_(self.W_dec.data).mul_(self.cfg.dec_init_norm)
+        self.W_enc.copy_(self.W_dec.t())
+        self.b_enc.zero_()
+        self.tokens_seen.zero_()
+
+    def l1_scale(self) -> float:
+        """Current warm-up factor of lambda in [0, 1] (1 in eval mode)."""
+        warm = self.cfg.warmup_tokens
+        if not self.training or warm <= 0:
+            return 1.0
+        return min(1.0, int(self.tokens_seen) / warm)
+
+    def _encode_n(self, x_n_BD: Tensor) -> tuple[Encoding, dict[str, Tensor]]:
+        f_BM = F.relu(torch.addmm(self.b_enc, x_n_BD - self.b_dec, self.W_enc))
+        acts_BL, idx_BL = padded_code(f_BM, f_BM > 0)
+        return Encoding(acts_BL, idx_BL), {}
+
+    def _aux_losses(
+        self, x_n_BD: Tensor, x_hat_n_BD: Tensor, enc: Encoding, extras: dict[str, Tensor]
+    ) -> dict[str, Tensor]:
+        """``{"l1": lambda_t / d * mean_b sum_j f_j ||W_dec[j]||}``; advances the warm-up."""
+        lam = self.cfg.l1_coeff * self.l1_scale()
+        norms_BL = self.W_dec.norm(dim=1)[enc.idx_BK]  # padding: acts 0 -> contributes 0
+        l1 = (enc.acts_BK * norms_BL).sum(1).mean() * (lam / self.cfg.d_in)
+        if self.training:
+            self.tokens_seen.add_(x_n_BD.shape[0])
+        return {"l1": l1}
+
+    def before_optimizer_step(self) -> None:
+        """No unit-norm constraint: the decoder gradient is left untouched."""
+
+    def after_optimizer_step(self) -> None:
+        """No unit-norm constraint: the decoder is not renormalised."""
+
+    def _saved_tensors(self) -> dict[str, Tensor]:
+        return {**super()._saved_tensors(), "W_enc": self.W_enc, "b_enc": self.b_enc}
+
+    @torch.no_grad()
+    def _load_saved_tensors(self, tensors: dict[str, Tensor]) -> None:
+        super()._load_saved_tensors(tensors)
+        self.W_enc.copy_(tensors["W_enc"])
+        self.b_enc.copy_(tensors["b_enc"])
+
+
+__all__ = ["ReLUConfig", "ReLUSAE", "pad_rows", "padded_code"]
