@@ -124,7 +124,7 @@ def test_editing_extraction_reruns_it_and_everything_after(micro_copy):
 
 
 def test_editing_eval_tokens_spares_training_shards(micro_copy):
-    edit_config(micro_copy, lambda c: c["extract"].update(eval_tokens=8_192))
+    edit_config(micro_copy, lambda c: c["extract"].update(eval_tokens=16_384))
     jobs = planned_jobs(micro_copy)
     assert jobs["extract"] == 2 and "train" not in jobs and jobs["evaluate"] == 4
 

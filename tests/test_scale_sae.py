@@ -24,12 +24,6 @@ def _one_thread():
     torch.set_num_threads(old)
 
 
-@pytest.fixture
-def registered(monkeypatch):
-    """Make save/load dispatch find "scale" even before the registry entry exists."""
-    monkeypatch.setitem(registry.ARCHITECTURES, "scale", (ScaleSAE, ScaleConfig))
-
-
 def make_cfg(d=32, M=256, k=8, N=8, e=3, **kw):
     return ScaleConfig("scale", d, M, k, n_experts=N, active_experts=e, **kw)
 
@@ -269,7 +263,8 @@ def test_decoder_norm_hooks(norm):
 
 
 @pytest.mark.parametrize("lowpass", ["mean", "learned"])
-def test_save_load_roundtrip(lowpass, tmp_path, registered):
+def test_save_load_roundtrip(lowpass, tmp_path):
+    assert registry.ARCHITECTURES["scale"] == (ScaleSAE, ScaleConfig)
     sae, x = make_sae(lowpass=lowpass, hook="blocks.1.hook_resid_pre", model_id="tiny", seed=3,
                       expert_weighting="renorm_logits", decoder_norm="columns")
     out_dir = save_sae(sae, tmp_path / "sae")
@@ -334,8 +329,9 @@ def recovery(W_dec_MD, feats_FD):
     return float(cos.max(1).values.mean())
 
 
-# measured: see the report / docstring numbers below (THRESHOLD leaves a margin).
-THRESHOLD = 0.9
+# measured (N=4, e=2, M=1024, k=4, 500 steps of batch 512, Adam 3e-3, 1 thread, data+init
+# seeds 0-4): 0.960-0.967 in ~3 s (800 steps: 0.984-0.986); random init scores 0.54.
+THRESHOLD = 0.93
 
 
 def test_learns_ground_truth_features():
@@ -345,7 +341,7 @@ def test_learns_ground_truth_features():
     assert recovery(sae.W_dec, feats_FD) < 0.8  # random init does not pass
     sae.init_from_batch(sample(gen, feats_FD, 512))
     opt = torch.optim.Adam(sae.parameters(), lr=3e-3)
-    for _ in range(800):
+    for _ in range(500):
         opt.zero_grad()
         sum(sae(sample(gen, feats_FD, 512)).losses.values()).backward()
         sae.before_optimizer_step()

@@ -1,4 +1,4 @@
-"""SAE architectures of saepipe: TopK and Switch SAEs, registry and saved format.
+"""SAE architectures of saepipe: TopK, Switch and Scale SAEs, registry and saved format.
 
 Pure torch (+ safetensors); imports nothing from the rest of saepipe.
 See :mod:`saepipe.saes.base` for units (``act_norm_factor``) and the training protocol.
@@ -13,6 +13,7 @@ from .registry import (
     load_sae,
     save_sae,
 )
+from .scale import ScaleConfig, ScaleSAE
 from .switch import SwitchConfig, SwitchSAE
 from .topk import TopKConfig, TopKSAE
 
@@ -22,6 +23,8 @@ __all__ = [
     "SAE",
     "SAEConfig",
     "SAEOutput",
+    "ScaleConfig",
+    "ScaleSAE",
     "SwitchConfig",
     "SwitchSAE",
     "TopKConfig",

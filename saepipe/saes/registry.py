@@ -23,12 +23,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .base import METADATA_KEYS, SAE, SAEConfig
+from .scale import ScaleConfig, ScaleSAE
 from .switch import SwitchConfig, SwitchSAE
 from .topk import TopKConfig, TopKSAE
 
 ARCHITECTURES: dict[str, tuple[type[SAE], type[SAEConfig]]] = {
     "topk": (TopKSAE, TopKConfig),
     "switch": (SwitchSAE, SwitchConfig),
+    "scale": (ScaleSAE, ScaleConfig),
 }
 
 WEIGHTS_FILE = "sae.safetensors"

@@ -189,18 +189,22 @@ class ScaleSAE(SAE):
         B, e, n, N = x_n_BD.shape[0], cfg.active_experts, cfg.expert_width, cfg.n_experts
         kk = min(cfg.k, n)
         probs_BN, experts_BE, w_BE = self.route(x_n_BD)
-        # (token, expert) pairs p = b * e + j, sorted by expert; token of pair p is p // e
+        # (token, expert) pairs p = b * e + j, sorted by expert; token of pair p is p // e.
+        # index_select everywhere: its backward is an index_add (no sort, unlike x[idx]).
         expert_P = experts_BE.reshape(-1)
         order_P, inverse_P, counts_N = kernels.sort_by_expert(expert_P, N)
-        expert_sorted_P = expert_P[order_P]
-        x_sorted_PD = (x_n_BD - self.b_dec)[order_P // e]
+        expert_sorted_P = expert_P.index_select(0, order_P)
+        x_sorted_PD = (x_n_BD - self.b_dec).index_select(0, order_P // e)
         pre_Pn = kernels.grouped_mm(x_sorted_PD, self.W_hat(), counts_N)
-        pre_Pn = pre_Pn + self.b_enc.view(N, n)[expert_sorted_P]
-        z_Pn = pre_Pn * w_BE.reshape(-1)[order_P, None]  # w > 0: ReLU commutes, apply it last
-        vals_Pk, local_Pk = z_Pn.topk(kk, dim=1, sorted=False)
+        pre_Pn = pre_Pn + self.b_enc.view(N, n).index_select(0, expert_sorted_P)
+        # w_p > 0 is one scalar per pair: it cannot change the order inside a pair, so each
+        # pair's top-kk runs on the raw pre-activations and only kk values get weighted.
+        # Weights still act before the global TopK across the e pairs of a token.
+        pre_Pk, local_Pk = pre_Pn.topk(kk, dim=1, sorted=False)
+        vals_Pk = pre_Pk * w_BE.reshape(-1).index_select(0, order_P)[:, None]
         gidx_Pk = expert_sorted_P[:, None] * n + local_Pk
-        vals_BC = vals_Pk[inverse_P].reshape(B, e * kk)  # candidates per token
-        gidx_BC = gidx_Pk[inverse_P].reshape(B, e * kk)
+        vals_BC = vals_Pk.index_select(0, inverse_P).reshape(B, e * kk)  # candidates per token
+        gidx_BC = gidx_Pk.index_select(0, inverse_P).reshape(B, e * kk)
         top_BK, pos_BK = vals_BC.topk(cfg.k, dim=1, sorted=False)
         enc = Encoding(F.relu(top_BK), gidx_BC.gather(1, pos_BK), None, experts_BE[:, 0], probs_BN)
         return enc, {"experts_BE": experts_BE, "weights_BE": w_BE}
