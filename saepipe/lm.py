@@ -7,6 +7,7 @@ so a pretrained model only needs another loader here.
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import sys
 import time
@@ -144,8 +145,6 @@ def load_lm(model_dir: str | Path, device: torch.device | str = "cpu"):
 
 def model_id(model_dir: str | Path) -> str:
     """A readable id for metadata: the model directory's name plus a hash of its weights."""
-    import hashlib
-
     path = Path(model_dir) / "model.safetensors"
     digest = hashlib.sha256(path.read_bytes()).hexdigest()[:12]
     return f"{Path(model_dir).name}@{digest}"

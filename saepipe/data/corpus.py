@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import ast
 import hashlib
+import importlib.util
 import json
 import os
 import sys
 import sysconfig
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -60,7 +62,9 @@ def _docstrings(top: Path, min_chars: int) -> Iterator[tuple[str, str]]:
                 continue
             path = Path(root) / name
             try:
-                tree = ast.parse(path.read_text(encoding="utf-8"))
+                with warnings.catch_warnings():  # old escape sequences in third-party code
+                    warnings.simplefilter("ignore")
+                    tree = ast.parse(path.read_text(encoding="utf-8"))
             except (SyntaxError, UnicodeDecodeError, ValueError):
                 continue
             for node in ast.walk(tree):
@@ -77,7 +81,7 @@ def python_docs(packages: list[str], min_chars: int) -> list[dict]:
     docs = [{"id": f"pydoc:{k}", "text": v} for k, v in sorted(pydoc_data.topics.topics.items())]
     roots = [("stdlib", Path(sysconfig.get_paths()["stdlib"]))]
     for pkg in packages:
-        spec = __import__("importlib.util").util.find_spec(pkg)
+        spec = importlib.util.find_spec(pkg)
         if spec is None or not spec.submodule_search_locations:
             raise ValueError(
                 f"corpus.packages lists {pkg!r}, which is not an installed package; "

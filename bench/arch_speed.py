@@ -1,0 +1,160 @@
+"""Training-step speed of every registered SAE architecture at equal total width.
+
+    python bench/arch_speed.py                 # CPU preset (d=128, M=4096, N=16, batch 4096)
+    python bench/arch_speed.py --preset h200   # GPU preset (d=768, M=24576, N=32, k=32, batch 16384, bf16)
+
+One step = forward + backward + Adam + the SAE's decoder hooks, timed side by side in one
+run (median of --steps after --warmup). Two references are implemented HERE only, never in
+the library: `dense_topk` (dense encoder AND dense decode, the straightforward SAE) and
+`reference_switch` (the papers' code style: every expert's encoder computed densely, then
+masked to the routed expert). Ratios are against dense TopK (`topk`, our sparse decode)
+and against `reference_switch`. Results: a printed table and bench/results/arch_speed-*.json.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from saepipe.saes import ARCHITECTURES, build_sae  # noqa: E402
+
+PRESETS = {
+    "cpu": dict(d=128, M=4096, N=16, k=32, batch=4096, dtype="float32"),
+    "h200": dict(d=768, M=24576, N=32, k=32, batch=16384, dtype="bfloat16"),
+}
+
+
+class DenseTopK(nn.Module):
+    """Straightforward TopK SAE: dense encoder, dense [B, M] code, dense decode."""
+
+    def __init__(self, d, M, k):
+        super().__init__()
+        self.k = k
+        self.W_enc = nn.Parameter(torch.randn(d, M) / d**0.5)
+        self.b_enc = nn.Parameter(torch.zeros(M))
+        self.W_dec = nn.Parameter(self.W_enc.detach().t().clone())
+        self.b_dec = nn.Parameter(torch.zeros(d))
+
+    def forward(self, x):
+        pre = F.relu((x - self.b_dec) @ self.W_enc + self.b_enc)
+        vals, idx = pre.topk(self.k, dim=-1)
+        z = torch.zeros_like(pre).scatter(-1, idx, vals)
+        x_hat = z @ self.W_dec + self.b_dec
+        return {"mse": (x - x_hat).pow(2).mean()}
+
+
+class ReferenceSwitch(nn.Module):
+    """Switch SAE as the papers' reference code computes it: all M latents, then a mask."""
+
+    def __init__(self, d, M, k, N):
+        super().__init__()
+        self.k, self.N, self.n = k, N, M // N
+        self.W_enc = nn.Parameter(torch.randn(d, M) / d**0.5)
+        self.W_dec = nn.Parameter(self.W_enc.detach().t().clone())
+        self.b_dec = nn.Parameter(torch.zeros(d))
+        self.W_router = nn.Parameter(torch.randn(d, N) / d**0.5)
+        self.b_router = nn.Parameter(torch.zeros(d))
+
+    def forward(self, x):
+        p = torch.softmax((x - self.b_router) @ self.W_router, -1)
+        expert = p.argmax(-1)
+        pre = F.relu((x - self.b_dec) @ self.W_enc)                       # every expert, dense
+        owner = torch.arange(pre.shape[1], device=x.device) // self.n
+        pre = pre * (owner[None, :] == expert[:, None])                    # keep the routed one
+        vals, idx = pre.topk(self.k, dim=-1)
+        z = torch.zeros_like(pre).scatter(-1, idx, vals)
+        gate = p.gather(-1, expert[:, None])
+        x_hat = gate * (z @ self.W_dec) + self.b_dec
+        f = F.one_hot(expert, self.N).float().mean(0)
+        return {"mse": (x - x_hat).pow(2).mean(), "balance": self.N * (f * p.mean(0)).sum()}
+
+
+def library_configs(p: dict) -> dict[str, dict]:
+    """One config per registered architecture at total width M (Scale: e=2)."""
+    d, M, k, N = p["d"], p["M"], p["k"], p["N"]
+    extra = {"switch": {"n_experts": N}, "scale": {"n_experts": N, "active_experts": 2}}
+    return {arch: {"arch": arch, "d_in": d, "width": M, "k": k, **extra.get(arch, {})}
+            for arch in ARCHITECTURES}
+
+
+def time_steps(model, hooks: bool, x, steps: int, warmup: int, dtype) -> float:
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    autocast = torch.autocast(x.device.type, dtype=dtype, enabled=dtype != torch.float32)
+    times = []
+    for i in range(warmup + steps):
+        if x.is_cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with autocast:
+            out = model(x)
+            losses = out.losses if hasattr(out, "losses") else out
+            loss = sum(losses.values())
+        loss.backward()
+        if hooks:
+            model.before_optimizer_step()
+        opt.step()
+        if hooks:
+            model.after_optimizer_step()
+        opt.zero_grad(set_to_none=True)
+        if x.is_cuda:
+            torch.cuda.synchronize()
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", choices=PRESETS, default="cpu")
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+    p = PRESETS[args.preset]
+    device, dtype = torch.device(args.device), getattr(torch, p["dtype"])
+    torch.manual_seed(0)
+    x = torch.randn(p["batch"], p["d"], device=device)
+
+    models = {name: (build_sae(cfg).to(device), True) for name, cfg in library_configs(p).items()}
+    models["dense_topk"] = (DenseTopK(p["d"], p["M"], p["k"]).to(device), False)
+    models["reference_switch"] = (ReferenceSwitch(p["d"], p["M"], p["k"], p["N"]).to(device), False)
+    rows = []
+    for name, (model, hooks) in models.items():
+        sec = time_steps(model, hooks, x, args.steps, args.warmup, dtype)
+        rows.append({"arch": name, "ms_per_step": 1e3 * sec, "tokens_per_s": p["batch"] / sec})
+    by = {r["arch"]: r for r in rows}
+    for r in rows:
+        r["speedup_vs_topk"] = by["topk"]["ms_per_step"] / r["ms_per_step"]
+        r["speedup_vs_dense_topk"] = by["dense_topk"]["ms_per_step"] / r["ms_per_step"]
+        r["speedup_vs_reference_switch"] = by["reference_switch"]["ms_per_step"] / r["ms_per_step"]
+
+    dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    print(f"preset {args.preset} {p} on {dev_name}, torch {torch.__version__}, threads {torch.get_num_threads()}")
+    print(f"{'arch':<18}{'ms/step':>10}{'tokens/s':>12}{'vs topk':>9}{'vs dense':>10}{'vs ref-switch':>15}")
+    for r in rows:
+        print(f"{r['arch']:<18}{r['ms_per_step']:>10.1f}{r['tokens_per_s']:>12,.0f}{r['speedup_vs_topk']:>9.2f}"
+              f"{r['speedup_vs_dense_topk']:>10.2f}{r['speedup_vs_reference_switch']:>15.2f}")
+    out = args.out or REPO / f"bench/results/arch_speed-{dt.date.today()}-{args.preset}-{device.type}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({
+        "command": "python " + " ".join(sys.argv), "date": dt.datetime.now().isoformat(timespec="seconds"),
+        "device": dev_name, "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "preset": p, "rows": rows}, indent=2) + "\n")
+    print(f"written {out}")
+
+
+if __name__ == "__main__":
+    main()
