@@ -107,7 +107,7 @@ def train_lm(cfg: LMConfig, corpus_dir: str | Path, out_dir: str | Path) -> dict
         opt.step()
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
-        bar.set_postfix(loss=f"{loss.item():.3f}")
+        bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
     model.eval()
     eval_tokens = np.load(corpus_dir / "eval.npy")[:256]
     info = {

@@ -101,7 +101,7 @@ def train_sae(sae_fields: dict, cfg: TrainConfig, shards: list[str], out_dir: st
             }
             log.append(row)
             t_log, tokens_at_log = now, tokens
-            bar.set_postfix(loss=f"{row['loss']:.4f}", l0=f"{row['l0']:.1f}")
+            bar.set_postfix(loss=f"{row['loss']:.4f}", l0=f"{row['l0']:.1f}", refresh=False)
     bar.close()
     wall = time.time() - t0
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,4 @@
-"""SAE architectures of saepipe: TopK, Switch and Scale SAEs, registry and saved format.
+"""SAE architectures of saepipe: ReLU, TopK, BatchTopK, JumpReLU, Gated, Switch and Scale SAEs, registry and saved format.
 
 Pure torch (+ safetensors); imports nothing from the rest of saepipe.
 See :mod:`saepipe.saes.base` for units (``act_norm_factor``) and the training protocol.
@@ -13,11 +13,23 @@ from .registry import (
     load_sae,
     save_sae,
 )
+from .batchtopk import BatchTopKConfig, BatchTopKSAE
+from .gated import GatedConfig, GatedSAE
+from .jumprelu import JumpReLUConfig, JumpReLUSAE
+from .relu import ReLUConfig, ReLUSAE
 from .scale import ScaleConfig, ScaleSAE
 from .switch import SwitchConfig, SwitchSAE
 from .topk import TopKConfig, TopKSAE
 
 __all__ = [
+    "BatchTopKConfig",
+    "BatchTopKSAE",
+    "GatedConfig",
+    "GatedSAE",
+    "JumpReLUConfig",
+    "JumpReLUSAE",
+    "ReLUConfig",
+    "ReLUSAE",
     "ARCHITECTURES",
     "Encoding",
     "SAE",

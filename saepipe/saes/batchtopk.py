@@ -17,7 +17,8 @@ it is 0, i.e. eval-mode inference is a plain ReLU SAE. Call ``sae.eval()`` for i
 ``k`` = average active latents per token: exactly ``k * B`` entries are selected per training
 batch (fewer are > 0 only if the batch has fewer positive pre-activations); the FLOP estimate
 is ``2 d M + 2 d k``. The code is the padded ``(acts_BL, idx_BL)`` of :func:`relu.padded_code`
-(``L`` = max per-token L0 in the batch, padding has ``acts = 0``).
+(``L`` = max per-token L0 in the batch, padding has ``acts = 0``; if a batch has fewer than
+``k * B`` positive activations, the selected zeros stay in the code with ``acts = 0``).
 
 Everything else is the TopK SAE's (subclass): unit-norm decoder rows (renormalised after each
 step, parallel gradient removed), init, and Gao's AuxK on dead latents (``auxk``, ``k_aux``,
@@ -52,7 +53,8 @@ class BatchTopKConfig(TopKConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         if not 0 < self.threshold_momentum <= 1:
-            raise ValueError(f"threshold_momentum must be in (0, 1], got {self.threshold_momentum!r}")
+            raise ValueError(
+                f"threshold_momentum must be in (0, 1], got {self.threshold_momentum!r}")
 
 
 class BatchTopKSAE(TopKSAE):
@@ -97,7 +99,7 @@ class BatchTopKSAE(TopKSAE):
         pos_S = vals_S[vals_S > 0]
         if pos_S.numel() == 0:
             return
-        m = pos_S.min()
+        m = pos_S.min().to(self.threshold.dtype)
         if int(self.threshold_updates) == 0:
             self.threshold.copy_(m)
         else:

@@ -23,6 +23,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .base import METADATA_KEYS, SAE, SAEConfig
+from .batchtopk import BatchTopKConfig, BatchTopKSAE
+from .gated import GatedConfig, GatedSAE
+from .jumprelu import JumpReLUConfig, JumpReLUSAE
+from .relu import ReLUConfig, ReLUSAE
 from .scale import ScaleConfig, ScaleSAE
 from .switch import SwitchConfig, SwitchSAE
 from .topk import TopKConfig, TopKSAE
@@ -31,6 +35,10 @@ ARCHITECTURES: dict[str, tuple[type[SAE], type[SAEConfig]]] = {
     "topk": (TopKSAE, TopKConfig),
     "switch": (SwitchSAE, SwitchConfig),
     "scale": (ScaleSAE, ScaleConfig),
+    "relu": (ReLUSAE, ReLUConfig),
+    "batchtopk": (BatchTopKSAE, BatchTopKConfig),
+    "jumprelu": (JumpReLUSAE, JumpReLUConfig),
+    "gated": (GatedSAE, GatedConfig),
 }
 
 WEIGHTS_FILE = "sae.safetensors"

@@ -81,9 +81,9 @@ class ReLUConfig(SAEConfig):
     used for the FLOP estimate ``2 d M + 2 d k`` (sparse decode of k active latents).
     """
 
-    l1_coeff: float = 5.0  # lambda: L1 (x decoder row norm) coefficient, paper scale (see module)
-    l1_warmup_fraction: float = 0.05  # lambda ramps 0 -> l1_coeff over this fraction of training_tokens
-    l1_warmup_tokens: int | None = None  # explicit warm-up length in tokens (overrides the fraction)
+    l1_coeff: float = 5.0  # lambda of the decoder-norm-weighted L1, paper scale (see module)
+    l1_warmup_fraction: float = 0.05  # lambda ramps up over this fraction of training_tokens
+    l1_warmup_tokens: int | None = None  # explicit warm-up length in tokens (overrides fraction)
     dec_init_norm: float = 0.1  # initial L2 norm of every decoder row (random directions)
     dead_tokens: int = 10_000_000  # tokens without firing after which a latent counts as dead
 
@@ -94,7 +94,8 @@ class ReLUConfig(SAEConfig):
         if not self.l1_coeff >= 0:
             raise ValueError(f"l1_coeff must be >= 0, got {self.l1_coeff!r}")
         if not 0 <= self.l1_warmup_fraction <= 1:
-            raise ValueError(f"l1_warmup_fraction must be in [0, 1], got {self.l1_warmup_fraction!r}")
+            raise ValueError(
+                f"l1_warmup_fraction must be in [0, 1], got {self.l1_warmup_fraction!r}")
         if self.l1_warmup_tokens is not None and (
                 not isinstance(self.l1_warmup_tokens, int) or self.l1_warmup_tokens < 0):
             raise ValueError(f"l1_warmup_tokens must be an int >= 0 or None, got "
@@ -136,12 +137,12 @@ class ReLUSAE(SAE):
         self.b_enc.zero_()
         self.tokens_seen.zero_()
 
-    def l1_scale(self) -> float:
-        """Current warm-up factor of lambda in [0, 1] (1 in eval mode)."""
+    def l1_scale(self) -> Tensor | float:
+        """Current warm-up factor of lambda in [0, 1] (1 in eval mode); no host sync."""
         warm = self.cfg.warmup_tokens
         if not self.training or warm <= 0:
             return 1.0
-        return min(1.0, int(self.tokens_seen) / warm)
+        return (self.tokens_seen.float() / warm).clamp(max=1.0)
 
     def _encode_n(self, x_n_BD: Tensor) -> tuple[Encoding, dict[str, Tensor]]:
         f_BM = F.relu(torch.addmm(self.b_enc, x_n_BD - self.b_dec, self.W_enc))
