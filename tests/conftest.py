@@ -29,9 +29,19 @@ def micro_config() -> dict:
                         "match": {"baseline": "topk", "by": "flops"}},
         "switch_width": {"arch": "switch", "n_experts": 4, "k": [4],
                          "match": {"baseline": "topk", "by": "width"}},
+        "scale_flop": {"arch": "scale", "n_experts": 4, "active_experts": 2, "k": [4],
+                       "match": {"baseline": "topk", "by": "flops"}},
+        "batchtopk": {"arch": "batchtopk", "width": 128, "k": 4, "dead_tokens": 4096},
+        "relu": {"arch": "relu", "width": 128, "k": 16, "l1_coeff": 3.0},
+        "jumprelu": {"arch": "jumprelu", "width": 128, "k": 16, "threshold_init": 0.1},
+        "gated": {"arch": "gated", "width": 128, "k": 8, "l1_coeff": 5.0},
     }
     cfg["evaluate"].update(ce_tokens=2_048, ce_batch_size=16, batch_size=1024)
     return cfg
+
+
+MICRO_SAES = {"topk-k4", "topk-k8", "switch_flop-k4", "switch_width-k4", "scale_flop-k4",
+               "batchtopk", "relu", "jumprelu", "gated"}
 
 
 def copy_workflow(dest: Path, config: dict | None = None) -> Path:

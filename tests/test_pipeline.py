@@ -12,7 +12,9 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from conftest import copy_workflow, micro_config, snakemake, write_config
+from conftest import MICRO_SAES, copy_workflow, micro_config, snakemake, write_config
+
+N_SAES = len(MICRO_SAES)
 
 pytestmark = pytest.mark.slow
 
@@ -46,19 +48,22 @@ def edit_config(workdir, change) -> None:
 def test_outputs_complete_and_consistent(micro_run):
     table = pq.read_table(micro_run / "results/table.parquet").to_pylist()
     ids = {r["sae_id"] for r in table}
-    assert ids == {"topk-k4", "topk-k8", "switch_flop-k4", "switch_width-k4"}
+    assert ids == MICRO_SAES  # every architecture trains and evaluates in the pipeline
     for row in table:
         for key in ("mse", "l2_per_token", "fvu", "l0", "dead_fraction", "ce_loss_original",
                     "ce_loss_reconstructed", "ce_loss_zero", "loss_recovered", "delta_ce",
                     "flops_per_token"):
             assert row[key] is not None, (row["sae_id"], key)
-        assert row["l0"] <= row["k"] + 1e-6
+        if row["arch"] in ("topk", "switch", "scale"):
+            assert row["l0"] <= row["k"] + 1e-6
         assert row["ce_loss_original"] < row["ce_loss_zero"]
         assert 0 < row["fvu"] < 1.5
     by_id = {r["sae_id"]: r for r in table}
     # matched derivations: FLOP-matched Switch has N x the dense width, width-matched the same
     assert by_id["switch_flop-k4"]["width"] == 4 * by_id["topk-k4"]["width"]
     assert by_id["switch_width-k4"]["width"] == by_id["topk-k4"]["width"]
+    assert by_id["scale_flop-k4"]["width"] == 2 * by_id["topk-k4"]["width"]  # N/e = 4/2
+    assert by_id["scale_flop-k4"]["flops_per_token"] == pytest.approx(by_id["topk-k4"]["flops_per_token"], rel=0.05)
     png = (micro_run / "results/plots/frontier.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 10_000
 
@@ -119,14 +124,14 @@ def test_adding_a_point_runs_only_it(micro_copy):
 
 def test_editing_extraction_reruns_it_and_everything_after(micro_copy):
     edit_config(micro_copy, lambda c: c["extract"].update(batch_size=32))
-    assert planned_jobs(micro_copy) == {"extract": 3, "train": 4, "lm_baseline": 1, "evaluate": 4,
+    assert planned_jobs(micro_copy) == {"extract": 3, "train": N_SAES, "lm_baseline": 1, "evaluate": N_SAES,
                                         "aggregate": 1, "plot_frontier": 1, "all": 1}
 
 
 def test_editing_eval_tokens_spares_training_shards(micro_copy):
     edit_config(micro_copy, lambda c: c["extract"].update(eval_tokens=16_384))
     jobs = planned_jobs(micro_copy)
-    assert jobs["extract"] == 2 and "train" not in jobs and jobs["evaluate"] == 4
+    assert jobs["extract"] == 2 and "train" not in jobs and jobs["evaluate"] == N_SAES
 
 
 def test_library_code_change_reruns_dependent_stages(micro_copy):
@@ -136,7 +141,7 @@ def test_library_code_change_reruns_dependent_stages(micro_copy):
     topk = micro_copy / "saepipe/saes/topk.py"
     topk.write_text(topk.read_text() + "\n# edited\n")
     jobs = planned_jobs(micro_copy)
-    assert jobs["train"] == 4 and jobs["evaluate"] == 4 and "extract" not in jobs
+    assert jobs["train"] == N_SAES and jobs["evaluate"] == N_SAES and "extract" not in jobs
 
 
 # ---------------------------------------------------------------- config errors and bad input

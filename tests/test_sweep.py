@@ -3,6 +3,7 @@ import pytest
 import yaml
 
 from conftest import REPO
+from saepipe.saes import ARCHITECTURES
 from saepipe.sweep import SweepError, canonical, expand_sweep
 
 TRAIN = {"tokens": 1000, "batch_size": 10, "lr": 1e-3}
@@ -15,10 +16,11 @@ def _expand(sweep, d_in=64):
 def test_default_config_sweep():
     cfg = yaml.safe_load((REPO / "config.yaml").read_text())
     points = expand_sweep(cfg, cfg["lm"]["d_model"])
-    assert len(points) == 9
-    assert {p["sae"]["arch"] for p in points.values()} == {"topk", "switch"}
+    assert len(points) == 16
+    assert {p["sae"]["arch"] for p in points.values()} == set(ARCHITECTURES)  # one of each
     assert points["switch_flop-k16"]["sae"]["width"] == 8 * points["topk-k16"]["sae"]["width"]
     assert points["switch_width-k16"]["sae"]["width"] == points["topk-k16"]["sae"]["width"]
+    assert points["scale_flop-k16"]["sae"]["width"] == 4 * points["topk-k16"]["sae"]["width"]
 
 
 def test_grid_axes_ids_and_training_overrides():
