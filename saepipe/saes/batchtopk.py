@@ -16,7 +16,7 @@ it is 0, i.e. eval-mode inference is a plain ReLU SAE. Call ``sae.eval()`` for i
 
 ``k`` = average active latents per token: exactly ``k * B`` entries are selected per training
 batch (fewer are > 0 only if the batch has fewer positive pre-activations); the FLOP estimate
-is ``2 d M + 2 d k``. The code is the padded ``(acts_BL, idx_BL)`` of :func:`relu.padded_code`
+is ``2 d M + 2 d k``. The code is the padded ``(acts_BL, idx_BL)`` of :func:`kernels.padded_code`
 (``L`` = max per-token L0 in the batch, padding has ``acts = 0``; if a batch has fewer than
 ``k * B`` positive activations, the selected zeros stay in the code with ``acts = 0``).
 
@@ -34,8 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import kernels
 from .base import Encoding
-from .relu import pad_rows, padded_code
 from .topk import TopKConfig, TopKSAE
 
 
@@ -84,13 +84,13 @@ class BatchTopKSAE(TopKSAE):
             rows_S, cols_S = flat_S // M, flat_S % M
             vals_S = f_BM.reshape(-1)[flat_S]
             self._update_threshold(vals_S.detach())
-            acts_BL, idx_BL = pad_rows(rows_S, cols_S, vals_S, B)
+            acts_BL, idx_BL = kernels.pad_rows(rows_S, cols_S, vals_S, B)
             aux_mask_M, k_aux = self._auxk_selection()
             if k_aux:
                 vals_BA, idx_BA = pre_BM.masked_fill(~aux_mask_M, float("-inf")).topk(k_aux, dim=1)
                 extras = {"aux_vals_BA": vals_BA, "aux_idx_BA": idx_BA}
         else:
-            acts_BL, idx_BL = padded_code(f_BM, f_BM > self.threshold.clamp_min(0))
+            acts_BL, idx_BL = kernels.padded_code(f_BM, f_BM > self.threshold.clamp_min(0))
         return Encoding(acts_BL, idx_BL), extras
 
     @torch.no_grad()

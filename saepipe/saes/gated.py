@@ -29,7 +29,7 @@ latents on unit decoder rows (synthetic recovery test, l1_coeff 2: recovery 0.97
 
 Saved (SPEC §2): ``W_enc`` = W [d, M], ``b_enc`` = zeros [M] (the arch has no such bias),
 ``b_gate``, ``r_mag``, ``b_mag`` [M], ``W_dec``, ``b_dec``. Variable L0 -> the padded
-``(acts_BL, idx_BL)`` code of :func:`relu.padded_code`.
+``(acts_BL, idx_BL)`` code of :func:`kernels.padded_code`.
 """
 
 from __future__ import annotations
@@ -44,7 +44,6 @@ from torch import Tensor, nn
 
 from . import kernels
 from .base import SAE, Encoding, SAEConfig
-from .relu import padded_code
 
 
 @dataclass
@@ -102,7 +101,7 @@ class GatedSAE(SAE):
         p_BM = (x_n_BD - self.b_dec) @ self.W_enc
         pi_gate_BM = p_BM + self.b_gate
         mag_BM = torch.addcmul(self.b_mag, p_BM, self.r_mag.exp())
-        acts_BL, idx_BL = padded_code(mag_BM, (pi_gate_BM > 0) & (mag_BM > 0))
+        acts_BL, idx_BL = kernels.padded_code(mag_BM, (pi_gate_BM > 0) & (mag_BM > 0))
         return Encoding(acts_BL, idx_BL), {"pi_gate_BM": pi_gate_BM}
 
     def _aux_losses(
@@ -112,7 +111,7 @@ class GatedSAE(SAE):
         gate_BM = F.relu(extras["pi_gate_BM"])
         d = self.cfg.d_in
         l1 = gate_BM.sum(1).mean() * (self.cfg.l1_coeff / d)
-        g_acts_BL, g_idx_BL = padded_code(gate_BM, gate_BM > 0)
+        g_acts_BL, g_idx_BL = kernels.padded_code(gate_BM, gate_BM > 0)
         x_aux_BD = kernels.sparse_decode(g_idx_BL, g_acts_BL, self.W_dec.detach())
         aux = (x_n_BD - self.b_dec.detach() - x_aux_BD).pow(2).mean()
         return {"l1_gate": l1, "aux_gate": aux}

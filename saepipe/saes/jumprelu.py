@@ -36,7 +36,7 @@ spent collapsing that overshoot; the small default avoids it (synthetic recovery
 l0_coeff 0.3: recovery 0.82-0.84 at 0.05 vs 0.58 at 1.0). Keep ``threshold_init`` well below
 the initial pre-activation scale (~ enc_init_norm * ||x|| / sqrt(d)) or no latent ever fires.
 
-Variable L0 -> the padded ``(acts_BL, idx_BL)`` code of :func:`relu.padded_code`. When
+Variable L0 -> the padded ``(acts_BL, idx_BL)`` code of :func:`kernels.padded_code`. When
 autograd records (training), the code also holds the inactive entries inside the STE window
 (``theta - eps/2 < r <= theta``) with ``acts = 0``: the threshold's pseudo-derivative needs
 ``dL/df`` there too, and the sparse decode only yields it for entries in the code. They count
@@ -55,8 +55,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import kernels
 from .base import SAE, Encoding, SAEConfig
-from .relu import padded_code
 
 
 class _JumpReLU(torch.autograd.Function):
@@ -165,7 +165,7 @@ class JumpReLUSAE(SAE):
             # inactive side (f = 0): keep those entries in the code with value 0.
             code_BM = active_BM | ((r_BM.detach() - self.threshold.detach()).abs()
                                    < self.cfg.bandwidth / 2)
-        acts_BL, idx_BL = padded_code(f_BM, code_BM)
+        acts_BL, idx_BL = kernels.padded_code(f_BM, code_BM)
         return Encoding(acts_BL, idx_BL), {"r_BM": r_BM}
 
     def _aux_losses(

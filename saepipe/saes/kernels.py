@@ -8,6 +8,8 @@
 - :func:`grouped_mm` - one grouped matmul of token rows sorted by expert against per-expert
   weights (``torch.nn.functional.grouped_mm`` / ``torch._grouped_mm``), with a per-expert loop
   fallback for old torch or shapes the kernel cannot take (strides not 16-byte aligned).
+- :func:`pad_rows` / :func:`padded_code` - padded ``(acts_BL, idx_BL)`` code for variable-L0
+  architectures (L = max active latents of any row; padding acts 0, idx 0).
 - :func:`geometric_median` - Weiszfeld iterations (<= 100) for the data-dependent bias init.
 - :func:`normalise_rows_` / :func:`remove_parallel_grad_` - unit-norm decoder-row helpers.
 """
@@ -22,6 +24,8 @@ from torch import Tensor
 
 __all__ = [
     "sparse_decode",
+    "pad_rows",
+    "padded_code",
     "topk_linear",
     "grouped_mm",
     "grouped_mm_available",
@@ -218,3 +222,30 @@ def remove_parallel_grad_(W_MD: Tensor, eps: float = 1e-8) -> None:
         return
     u_MD = W_MD / W_MD.norm(dim=1, keepdim=True).clamp_min(eps)
     grad.sub_((grad * u_MD).sum(1, keepdim=True) * u_MD)
+
+
+def pad_rows(rows_S: Tensor, cols_S: Tensor, vals_S: Tensor, n_rows: int) -> tuple[Tensor, Tensor]:
+    """Scatter a row-sorted list of ``(row, col, value)`` entries into padded ``[B, L]`` tensors.
+
+    ``rows_S`` must be ascending. Returns ``(acts_BL, idx_BL)``, ``L = max entries per row``
+    (at least 1); padding has ``acts = 0`` (no gradient) and ``idx = 0``. Differentiable
+    w.r.t. ``vals_S``.
+    """
+    counts_B = torch.bincount(rows_S, minlength=n_rows)
+    L = max(1, int(counts_B.max())) if n_rows else 1  # one host sync
+    start_B = counts_B.cumsum(0) - counts_B
+    pos_S = torch.arange(rows_S.numel(), device=rows_S.device) - start_B[rows_S]
+    idx_BL = torch.zeros(n_rows, L, dtype=torch.long, device=rows_S.device)
+    idx_BL[rows_S, pos_S] = cols_S
+    acts_BL = vals_S.new_zeros(n_rows, L).index_put((rows_S, pos_S), vals_S)
+    return acts_BL, idx_BL
+
+
+def padded_code(values_BM: Tensor, mask_BM: Tensor) -> tuple[Tensor, Tensor]:
+    """Padded sparse code of ``values_BM`` restricted to ``mask_BM`` (see :func:`pad_rows`).
+
+    The active set is given by ``mask_BM`` (entries outside it are treated as 0); gradients
+    flow to ``values_BM`` at the masked entries only.
+    """
+    rows_S, cols_S = mask_BM.nonzero(as_tuple=True)  # row-major: rows ascending
+    return pad_rows(rows_S, cols_S, values_BM[rows_S, cols_S], values_BM.shape[0])

@@ -1,5 +1,5 @@
 """ReLU (L1) SAE, Anthropic April-2024 recipe (SPEC §1), and the padded sparse code shared by
-the variable-L0 architectures (ReLU, BatchTopK, JumpReLU, Gated).
+the variable-L0 architectures (ReLU, BatchTopK, JumpReLU, Gated) lives in kernels.py.
 
 Forward (normalised space, ``x_n = x * act_norm_factor``)::
 
@@ -26,7 +26,7 @@ Counting tokens rather than steps makes the schedule independent of the batch si
 nothing from the trainer. ``warmup_tokens == 0`` -> no warm-up. Eval mode uses the full
 ``l1_coeff`` (a loaded SAE's loss is reported with its final lambda).
 
-Variable L0 -> padded code: :func:`padded_code` returns ``(acts_BL, idx_BL)`` with
+Variable L0 -> padded code: :func:`kernels.padded_code` returns ``(acts_BL, idx_BL)`` with
 ``L = max_b L0_b`` (>= 1; one host sync per forward): row ``b`` holds its active latents
 (ascending index) and then padding entries with ``acts = 0`` and ``idx = 0``. Downstream
 consumers are exact: ``l0 = (acts_BK > 0).sum(-1)``; padding adds ``0 * W_dec[0]`` in the
@@ -44,33 +44,6 @@ from torch import Tensor, nn
 
 from . import kernels
 from .base import SAE, Encoding, SAEConfig
-
-
-def pad_rows(rows_S: Tensor, cols_S: Tensor, vals_S: Tensor, n_rows: int) -> tuple[Tensor, Tensor]:
-    """Scatter a row-sorted list of ``(row, col, value)`` entries into padded ``[B, L]`` tensors.
-
-    ``rows_S`` must be ascending. Returns ``(acts_BL, idx_BL)``, ``L = max entries per row``
-    (at least 1); padding has ``acts = 0`` (no gradient) and ``idx = 0``. Differentiable
-    w.r.t. ``vals_S``.
-    """
-    counts_B = torch.bincount(rows_S, minlength=n_rows)
-    L = max(1, int(counts_B.max())) if n_rows else 1  # one host sync
-    start_B = counts_B.cumsum(0) - counts_B
-    pos_S = torch.arange(rows_S.numel(), device=rows_S.device) - start_B[rows_S]
-    idx_BL = torch.zeros(n_rows, L, dtype=torch.long, device=rows_S.device)
-    idx_BL[rows_S, pos_S] = cols_S
-    acts_BL = vals_S.new_zeros(n_rows, L).index_put((rows_S, pos_S), vals_S)
-    return acts_BL, idx_BL
-
-
-def padded_code(values_BM: Tensor, mask_BM: Tensor) -> tuple[Tensor, Tensor]:
-    """Padded sparse code of ``values_BM`` restricted to ``mask_BM`` (see :func:`pad_rows`).
-
-    The active set is given by ``mask_BM`` (entries outside it are treated as 0); gradients
-    flow to ``values_BM`` at the masked entries only.
-    """
-    rows_S, cols_S = mask_BM.nonzero(as_tuple=True)  # row-major: rows ascending
-    return pad_rows(rows_S, cols_S, values_BM[rows_S, cols_S], values_BM.shape[0])
 
 
 @dataclass
@@ -146,7 +119,7 @@ class ReLUSAE(SAE):
 
     def _encode_n(self, x_n_BD: Tensor) -> tuple[Encoding, dict[str, Tensor]]:
         f_BM = F.relu(torch.addmm(self.b_enc, x_n_BD - self.b_dec, self.W_enc))
-        acts_BL, idx_BL = padded_code(f_BM, f_BM > 0)
+        acts_BL, idx_BL = kernels.padded_code(f_BM, f_BM > 0)
         return Encoding(acts_BL, idx_BL), {}
 
     def _aux_losses(
@@ -176,4 +149,4 @@ class ReLUSAE(SAE):
         self.b_enc.copy_(tensors["b_enc"])
 
 
-__all__ = ["ReLUConfig", "ReLUSAE", "pad_rows", "padded_code"]
+__all__ = ["ReLUConfig", "ReLUSAE"]
