@@ -391,25 +391,27 @@ def recovery(W_dec_MD, feats_FD):
 #   batchtopk k 4, AuxK      recovery 0.884-0.893   eval L0 3.7-3.8
 #   jumprelu  l0_coeff 0.5   recovery 0.836-0.851   eval L0 4.5-4.8
 #   gated     l1_coeff 2.5   recovery 0.941-0.957   eval L0 4.1-4.4
-# JumpReLU/BatchTopK/Gated are still improving at 400 steps (JumpReLU 0.89 at 800). Thresholds
-# leave margin for platform differences; the L0 bands apply to the L0-penalised archs.
+# JumpReLU/BatchTopK/Gated are still improving at 400 steps (JumpReLU 0.89 at 800). BatchTopK,
+# of the TopK family, must reach 0.9 like TopK: it trains 800 steps (measured 0.939-0.947 on
+# data seeds 1000-1001; 0.96 at 1200). Thresholds leave margin for platform differences; the
+# L0 bands apply to the L0-penalised archs.
 LEARN = [
-    ("relu", {"l1_coeff": 1.5, "training_tokens": 400 * 512}, 0.97, None),
-    ("batchtopk", {"dead_tokens": 50_000}, 0.85, None),
-    ("jumprelu", {"l0_coeff": 0.5}, 0.80, (2.5, 8.0)),
-    ("gated", {"l1_coeff": 2.5}, 0.90, (2.0, 8.0)),
+    ("relu", {"l1_coeff": 1.5, "training_tokens": 400 * 512}, 400, 0.97, None),
+    ("batchtopk", {"dead_tokens": 50_000}, 800, 0.90, None),
+    ("jumprelu", {"l0_coeff": 0.5}, 400, 0.80, (2.5, 8.0)),
+    ("gated", {"l1_coeff": 2.5}, 400, 0.90, (2.0, 8.0)),
 ]
 
 
-@pytest.mark.parametrize("arch,kw,threshold,l0_band", LEARN)
-def test_learns_ground_truth_features(arch, kw, threshold, l0_band):
+@pytest.mark.parametrize("arch,kw,steps,threshold,l0_band", LEARN)
+def test_learns_ground_truth_features(arch, kw, steps, threshold, l0_band):
     gen = torch.Generator().manual_seed(1000)  # != the SAE seed (ReLU's normal_ init would
     feats_FD = F.normalize(torch.randn(256, 32, generator=gen), dim=1)  # draw the same numbers)
     sae = build(arch, d=32, M=512, k=4, **kw)
     assert recovery(sae.W_dec, feats_FD) < 0.6  # random init does not pass
     sae.init_from_batch(sample(gen, feats_FD, 512))
     opt = torch.optim.Adam(sae.parameters(), lr=1e-2)
-    for _ in range(400):
+    for _ in range(steps):
         opt.zero_grad()
         sum(sae(sample(gen, feats_FD, 512)).losses.values()).backward()
         sae.before_optimizer_step()
