@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+from synthetic import recovery, sample
 from saepipe.saes import load_sae, registry, save_sae
 from saepipe.saes.batchtopk import BatchTopKConfig, BatchTopKSAE
 from saepipe.saes.gated import GatedConfig, GatedSAE
@@ -372,16 +373,6 @@ def test_config_validation_and_flops(arch):
 
 
 # ---- learning: recover ground-truth sparse features -----------------------------------------
-def sample(gen, feats_FD, B, active=3):
-    idx = torch.rand(B, feats_FD.shape[0], generator=gen).topk(active, dim=1).indices
-    mag = 1.0 + torch.rand(B, active, generator=gen)
-    return torch.einsum("bk,bkd->bd", mag, feats_FD[idx])
-
-
-def recovery(W_dec_MD, feats_FD):
-    """Mean over true features of the max cosine to any decoder row."""
-    cos = F.normalize(feats_FD, dim=1) @ F.normalize(W_dec_MD.detach(), dim=1).T
-    return float(cos.max(1).values.mean())
 
 
 # 256 unit features in d=32, 3 active per sample, magnitudes U(1, 2); width 512, batch 512,

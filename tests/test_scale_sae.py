@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+from synthetic import recovery, sample
 from saepipe.saes import SwitchConfig, SwitchSAE, load_sae, registry, save_sae
 from saepipe.saes.scale import ScaleConfig, ScaleSAE
 
@@ -317,16 +318,6 @@ def test_flops_config_errors_and_dead_stats():
 
 
 # ---- learning: recover ground-truth sparse features -----------------------------------------
-def sample(gen, feats_FD, B, active=3):
-    idx = torch.rand(B, feats_FD.shape[0], generator=gen).topk(active, dim=1).indices
-    mag = 1.0 + torch.rand(B, active, generator=gen)
-    return torch.einsum("bk,bkd->bd", mag, feats_FD[idx])
-
-
-def recovery(W_dec_MD, feats_FD):
-    """Mean over true features of the max cosine to any decoder row."""
-    cos = F.normalize(feats_FD, dim=1) @ F.normalize(W_dec_MD.detach(), dim=1).T
-    return float(cos.max(1).values.mean())
 
 
 # measured (N=4, e=2, M=1024, k=4, 500 steps of batch 512, Adam 3e-3, 1 thread, data+init

@@ -68,8 +68,12 @@ class SAEConfig:
             raise ValueError(f"{type(self).__name__} needs arch={self.ARCH!r}, got {self.arch!r}")
 
     def flops_per_token(self) -> int:
-        """Forward FLOPs per token (SPEC §1, multiply-add = 2 FLOPs)."""
-        raise NotImplementedError
+        """Forward FLOPs per token (SPEC §1, multiply-add = 2 FLOPs).
+
+        Default: the dense family, ``2 d M`` encoder + ``2 d k`` sparse decoder (for archs
+        whose L0 is measured, ``k`` is the expected L0). MoE archs override it.
+        """
+        return 2 * self.d_in * self.width + 2 * self.d_in * self.k
 
     def encoder_fraction(self) -> float:
         """Fraction of the M encoder rows computed per token (dense 1, Switch 1/N).

@@ -130,9 +130,6 @@ class JumpReLUConfig(SAEConfig):
         if self.dead_tokens < 0:
             raise ValueError(f"dead_tokens must be >= 0, got {self.dead_tokens!r}")
 
-    def flops_per_token(self) -> int:
-        """``2 d M`` encoder + ``2 d k`` sparse decoder (k = expected L0)."""
-        return 2 * self.d_in * self.width + 2 * self.d_in * self.k
 
 
 class JumpReLUSAE(SAE):

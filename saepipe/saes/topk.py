@@ -53,9 +53,6 @@ class TopKConfig(SAEConfig):
         if self.aux_coeff < 0:
             raise ValueError(f"aux_coeff must be >= 0, got {self.aux_coeff!r}")
 
-    def flops_per_token(self) -> int:
-        """``2 d M`` encoder + ``2 d k`` sparse decoder."""
-        return 2 * self.d_in * self.width + 2 * self.d_in * self.k
 
     @property
     def k_aux_effective(self) -> int:
