@@ -30,18 +30,13 @@ def plot_frontier(table_parquet: str, out_png: str) -> None:
     groups: dict[str, list[dict]] = {}
     for r in rows:
         groups.setdefault(r["group"], []).append(r)
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), constrained_layout=True)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5.6), constrained_layout=True)
     markers = "osD^v<>ph*"
     for ax, (col, ylabel, title) in zip(axes, PANELS):
         for i, (group, grows) in enumerate(sorted(groups.items())):
             grows = sorted(grows, key=lambda r: r["l0"])
             ax.plot([r["l0"] for r in grows], [r[col] for r in grows], marker=markers[i % len(markers)],
                     label=_label(group, grows), linewidth=1.8, markersize=6)
-            for r in grows:
-                if abs(r["l0"] - r["k"]) < 0.5:
-                    continue  # L0 is k itself: the x axis says it
-                ax.annotate(f"k={r['k']}", (r["l0"], r[col]), textcoords="offset points",
-                            xytext=(4, 4), fontsize=7, alpha=0.7)
         ax.set_xscale("log", base=2)
         ax.xaxis.set_major_formatter(ScalarFormatter())
         ax.set_xlabel("L0  (mean active latents per token, log scale)")
@@ -50,7 +45,8 @@ def plot_frontier(table_parquet: str, out_png: str) -> None:
         ax.grid(True, which="both", alpha=0.3)
         if col == "one_minus_lr":
             ax.set_yscale("log")
-    axes[0].legend(fontsize=8, loc="upper right")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncol=min(4, len(labels)), fontsize=8)
     fig.suptitle("Sparsity–reconstruction frontier (held-out tokens; lower is better)", fontsize=12)
     with atomic_path(out_png) as tmp:
         fig.savefig(tmp, dpi=130, format="png")
