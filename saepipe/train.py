@@ -80,8 +80,6 @@ def train_sae(sae_fields: dict, cfg: TrainConfig, shards: list[str], out_dir: st
             sae.init_from_batch(x_BD)
         out = sae(x_BD)
         loss = sum(out.losses.values())
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"loss became {loss.item()} at step {step}; lower train.lr")
         loss.backward()
         sae.before_optimizer_step()
         opt.step()
@@ -89,7 +87,9 @@ def train_sae(sae_fields: dict, cfg: TrainConfig, shards: list[str], out_dir: st
         opt.zero_grad(set_to_none=True)
         sched.step()
         bar.update()
-        if step % cfg.log_every == 0 or step == total - 1:
+        if step % cfg.log_every == 0 or step == total - 1:  # the only host syncs of the loop
+            if not math.isfinite(loss.item()):
+                raise FloatingPointError(f"loss became {loss.item()} at step {step}; lower train.lr")
             now, tokens = time.time(), (step + 1) * cfg.batch_size
             row = {
                 "step": step, "tokens": tokens, "lr": sched.get_last_lr()[0],
