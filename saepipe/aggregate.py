@@ -16,7 +16,7 @@ def sae_row(sae_dir: str | Path, metrics_json: str | Path, group: str) -> dict:
     run = config.pop("run", {})
     row.update({k: v for k, v in config.items() if not isinstance(v, (dict, list))})
     row.update({f"train_{k}": v for k, v in run.pop("train", {}).items()})
-    row.update(run)
+    row.update({k: v for k, v in run.items() if k not in ("wall_time_s", "train_tokens_per_s")})
     row.update(read_json(metrics_json))
     return row
 

@@ -36,7 +36,7 @@ def micro_config() -> dict:
         "jumprelu": {"arch": "jumprelu", "width": 128, "k": 16, "threshold_init": 0.1},
         "gated": {"arch": "gated", "width": 128, "k": 8, "l1_coeff": 5.0},
     }
-    cfg["evaluate"].update(ce_tokens=2_048, ce_batch_size=16, batch_size=1024)
+    cfg["evaluate"].update(ce_tokens=2_048, ce_batch_size=16, batch_size=1024, similarity_tokens=512)
     return cfg
 
 

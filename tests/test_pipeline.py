@@ -57,6 +57,15 @@ def test_outputs_complete_and_consistent(micro_run):
         if row["arch"] in ("topk", "switch", "scale"):
             assert row["l0"] <= row["k"] + 1e-6
         assert row["ce_loss_original"] < row["ce_loss_zero"]
+        for key in ("redundancy_09", "redundancy_08", "mean_max_cos", "activation_similarity",
+                    "expert_entropy_normalised", "train_tokens_per_s", "wall_time_s"):
+            assert row[key] is not None, (row["sae_id"], key)
+        assert row["expert_cdf"][-1] == pytest.approx(1.0)
+        assert sum(row["expert_counts"]) == row["n_tokens"]
+        moe = row["arch"] in ("switch", "scale")
+        assert (row["intra_expert_redundancy"] is not None) == moe
+        assert len(row["expert_counts"]) == (row["n_experts"] if moe else 1)
+        assert (row["omega"] is not None) == (row["arch"] == "scale")
         assert 0 < row["fvu"] < 1.5
     by_id = {r["sae_id"]: r for r in table}
     # matched derivations: FLOP-matched Switch has N x the dense width, width-matched the same

@@ -17,11 +17,13 @@ import torch
 
 from saepipe.data.shards import check_compatible, read_meta, read_shard
 from saepipe.devices import resolve_device
+from saepipe.evaluate.geometry import (ExpertUsage, activation_similarity, decoder_redundancy,
+                                       expert_specialization)
 from saepipe.io import read_json, write_json
 from saepipe.lm import ce_loss, load_lm
 from saepipe.saes import load_sae
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
 @dataclass
@@ -32,6 +34,8 @@ class EvalConfig:
     """Sequences per LM forward pass."""
     batch_size: int = 8192
     """Activations per SAE forward pass for the reconstruction metrics."""
+    similarity_tokens: int = 4096
+    """First eval tokens whose active-latent sets give the activation similarity (Scale A.4)."""
     device: str = "auto"
     """auto | cpu | cuda | cuda:N"""
 
@@ -54,6 +58,19 @@ class SAEMetrics:
     loss_recovered: float     # (CE_zero - CE_recon) / (CE_zero - CE_orig)
     delta_ce: float           # CE_recon - CE_orig
     flops_per_token: int      # forward FLOPs per token (SPEC §1)
+    redundancy_09: float      # fraction of decoder rows with max cosine to another row > 0.9
+    redundancy_08: float      # same at 0.8
+    mean_max_cos: float       # mean over decoder rows of the max cosine to another row
+    activation_similarity: float  # mean over token pairs of |S_i ∩ S_j| / k (Scale App. A.4)
+    expert_counts: list[int]  # eval tokens routed (top-1) to each expert; [n_tokens] if dense
+    expert_entropy: float     # entropy of the routing distribution (nats)
+    expert_entropy_normalised: float  # entropy / log N (1 = perfectly balanced)
+    expert_cdf: list[float]   # cumulative token share of experts sorted by descending count
+    intra_expert_redundancy: float | None  # MoE: mean over experts of within-expert redundancy_0.9
+    inter_expert_redundancy: float | None  # MoE: same on a random n-feature sample of the dictionary
+    omega: list[float] | None  # Scale: learned feature-scaling omega per expert
+    train_tokens_per_s: float | None  # from the training run (config.json "run")
+    wall_time_s: float | None         # training wall time (config.json "run")
     schema_version: int = SCHEMA_VERSION
 
 
@@ -99,8 +116,12 @@ def lm_baseline(cfg: EvalConfig, model_dir: str, shards: list[str], out_json: st
 
 
 @torch.no_grad()
-def reconstruction_stats(sae, shards: list[str], batch_size: int, device) -> dict:
-    """Streaming sums over the eval shards -> mse, l2_per_token, fvu, l0, dead_fraction."""
+def reconstruction_stats(sae, shards: list[str], batch_size: int, device,
+                         similarity_tokens: int = 4096) -> dict:
+    """Streaming sums over the eval shards -> mse, l2_per_token, fvu, l0, dead_fraction,
+    expert usage, and the activation similarity of the first `similarity_tokens` tokens."""
+    usage = ExpertUsage(getattr(sae.cfg, "n_experts", 1))
+    codes: list[tuple[torch.Tensor, torch.Tensor]] = []
     n, sse, sum_sq = 0, 0.0, 0.0
     sum_x = torch.zeros(sae.cfg.d_in, dtype=torch.float64, device=device)
     nnz = 0
@@ -116,13 +137,39 @@ def reconstruction_stats(sae, shards: list[str], batch_size: int, device) -> dic
             sum_x += x_BD.double().sum(0)
             nnz += active_BK.sum().item()
             fired[out.idx_BK[active_BK]] = True
+            usage.update(out.expert_B, n_tokens=len(x_BD))
+            if n < similarity_tokens:
+                codes.append((out.idx_BK[: similarity_tokens - n].cpu(), out.acts_BK[: similarity_tokens - n].cpu()))
             n += len(x_BD)
     total_var = sum_sq - (sum_x.pow(2).sum().item() / n)
     return {
         "n_tokens": n, "mse": sse / (n * sae.cfg.d_in), "l2_per_token": sse / n,
         "fvu": sse / total_var, "explained_variance": 1 - sse / total_var,
         "l0": nnz / n, "dead_fraction": 1 - fired.float().mean().item(),
+        "activation_similarity": activation_similarity(
+            torch.cat([c[0] for c in codes]), torch.cat([c[1] for c in codes]), sae.cfg.k),
+        **_usage_fields(usage),
     }
+
+
+def _usage_fields(usage: ExpertUsage) -> dict:
+    entropy, normalised = usage.entropy()
+    return {"expert_counts": usage.counts.tolist(), "expert_entropy": entropy,
+            "expert_entropy_normalised": normalised, "expert_cdf": usage.sorted_cdf()}
+
+
+@torch.no_grad()
+def dictionary_stats(sae) -> dict:
+    """Decoder geometry (redundancy, expert specialisation) and learned omega."""
+    W_dec_MD = sae.W_dec.detach()
+    red = decoder_redundancy(W_dec_MD, thresholds=(0.9, 0.8))
+    n_experts = getattr(sae.cfg, "n_experts", 1)
+    spec = expert_specialization(W_dec_MD, n_experts) if n_experts > 1 else {
+        "intra_expert_redundancy": None, "inter_expert_redundancy": None}
+    omega = getattr(sae, "omega", None)
+    return {"redundancy_09": red["redundancy_0.9"], "redundancy_08": red["redundancy_0.8"],
+            "mean_max_cos": red["mean_max_cos"], **spec,
+            "omega": None if omega is None else omega.detach().cpu().tolist()}
 
 
 def evaluate_sae(cfg: EvalConfig, sae_dir: str, model_dir: str, shards: list[str],
@@ -136,7 +183,9 @@ def evaluate_sae(cfg: EvalConfig, sae_dir: str, model_dir: str, shards: list[str
             f"SAE {sae_dir} was trained on {sae.cfg.model_id} / {sae.cfg.hook} but the eval "
             f"shards are {meta['model']} / {meta['hook']}; rerun the pipeline so both match"
         )
-    stats = reconstruction_stats(sae, shards, cfg.batch_size, device)
+    stats = reconstruction_stats(sae, shards, cfg.batch_size, device, cfg.similarity_tokens)
+    stats.update(dictionary_stats(sae))
+    run = read_json(Path(sae_dir) / "config.json").get("run", {})
     baseline = read_json(baseline_json)
     model = load_lm(model_dir, device)
     seqs = _eval_sequences(shards, cfg.ce_tokens)
@@ -148,6 +197,7 @@ def evaluate_sae(cfg: EvalConfig, sae_dir: str, model_dir: str, shards: list[str
         ce_loss_original=orig, ce_loss_reconstructed=recon, ce_loss_zero=zero,
         loss_recovered=(zero - recon) / (zero - orig), delta_ce=recon - orig,
         flops_per_token=int(sae.flops_per_token()),
+        train_tokens_per_s=run.get("train_tokens_per_s"), wall_time_s=run.get("wall_time_s"),
     )
     write_json(out_json, asdict(metrics))
     print(f"evaluate {metrics.sae_id}: l0 {metrics.l0:.1f}, fvu {metrics.fvu:.4f}, "
