@@ -17,6 +17,7 @@ sys.path.insert(0, workflow.basedir)
 os.environ["PYTHONPATH"] = os.pathsep.join([workflow.basedir, os.environ.get("PYTHONPATH", "")])
 
 from saepipe.codeversion import fingerprint
+from saepipe.plots.availability import scaling_ks, sweep_rows
 from saepipe.sweep import canonical, expand_sweep
 
 # Every SAE of the sweep: id -> {"group", "sae", "train"} (see saepipe/sweep.py).
@@ -25,6 +26,11 @@ SHARDS = {
     split: [f"{i:03d}" for i in range(math.ceil(config["extract"][f"{split}_tokens"] / config["extract"]["shard_tokens"]))]
     for split in ("train", "eval")
 }
+
+# Figures adapt to the sweep: a figure whose SAEs are not in the sweep is not built.
+FIGURES = ["results/plots/frontier.png"]
+if scaling_ks(sweep_rows(SAES)):
+    FIGURES.append("results/plots/scaling.png")
 
 report: "report/workflow.rst"
 
@@ -42,4 +48,4 @@ include: "rules/report.smk"
 rule all:
     input:
         "results/table.parquet",
-        "results/plots/frontier.png",
+        FIGURES,

@@ -8,7 +8,7 @@ rule aggregate:
     output:
         "results/table.parquet",
     params:
-        groups=canonical({sid: point["group"] for sid, point in SAES.items()}),
+        groups=canonical({sid: {"group": p["group"], **p["match"]} for sid, p in SAES.items()}),
         code=fingerprint("saepipe.aggregate"),
     log:
         "results/logs/aggregate.log",
@@ -35,3 +35,22 @@ rule plot_frontier:
         "results/benchmarks/plot_frontier.tsv",
     script:
         "../workflow_scripts/plot_frontier.py"
+
+
+rule plot_scaling:
+    input:
+        rules.aggregate.output,
+    output:
+        report(
+            "results/plots/scaling.png",
+            caption="../report/scaling.rst",
+            category="2. Compute scaling",
+        ),
+    params:
+        code=fingerprint("saepipe.plots.scaling"),
+    log:
+        "results/logs/plot_scaling.log",
+    benchmark:
+        "results/benchmarks/plot_scaling.tsv",
+    script:
+        "../workflow_scripts/plot_scaling.py"

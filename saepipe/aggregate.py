@@ -10,9 +10,11 @@ from saepipe.io import atomic_path, read_json
 
 
 
-def sae_row(sae_dir: str | Path, metrics_json: str | Path, group: str) -> dict:
+def sae_row(sae_dir: str | Path, metrics_json: str | Path, sweep: dict) -> dict:
+    """One table row; `sweep` = {"group": name, and for matched groups "baseline", "by"}."""
     config = read_json(Path(sae_dir) / "config.json")
-    row = {"sae_id": Path(sae_dir).name, "group": group}
+    row = {"sae_id": Path(sae_dir).name, "group": sweep["group"],
+           "match_baseline": sweep.get("baseline"), "match_by": sweep.get("by")}
     run = config.pop("run", {})
     row.update({k: v for k, v in config.items() if not isinstance(v, (dict, list))})
     row.update({f"train_{k}": v for k, v in run.pop("train", {}).items()})
@@ -21,8 +23,8 @@ def sae_row(sae_dir: str | Path, metrics_json: str | Path, group: str) -> dict:
     return row
 
 
-def aggregate(sae_dirs: list[str], metrics: list[str], groups: list[str], out_parquet: str) -> pa.Table:
-    rows = [sae_row(d, m, g) for d, m, g in zip(sae_dirs, metrics, groups)]
+def aggregate(sae_dirs: list[str], metrics: list[str], sweep: list[dict], out_parquet: str) -> pa.Table:
+    rows = [sae_row(d, m, g) for d, m, g in zip(sae_dirs, metrics, sweep)]
     columns = sorted({k for r in rows for k in r})
     # None where an architecture lacks a field (e.g. n_experts for TopK)
     table = pa.Table.from_pylist([{c: r.get(c) for c in columns} for r in rows])

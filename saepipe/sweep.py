@@ -86,7 +86,7 @@ def _apply_match(group: str, values: dict, match: dict, groups: dict, d_in: int)
 
 
 def expand_sweep(config: dict, d_in: int) -> dict[str, dict]:
-    """SAE id -> {"group", "sae", "train"} for every point of the sweep."""
+    """SAE id -> {"group", "sae", "train", "match"} for every point of the sweep."""
     defaults, groups = config["train"], config["sweep"]
     points: dict[str, dict] = {}
     for group, spec in groups.items():
@@ -111,5 +111,5 @@ def expand_sweep(config: dict, d_in: int) -> dict[str, dict]:
             train = {**defaults, **{k: v for k, v in values.items() if k in defaults}}
             if sid in points:
                 raise SweepError(f"two sweep points are both named {sid!r}")
-            points[sid] = {"group": group, "sae": sae, "train": train}
+            points[sid] = {"group": group, "sae": sae, "train": train, "match": match or {}}
     return points

@@ -52,6 +52,17 @@ def lr_factor(step: int, total: int, cfg: TrainConfig) -> float:
     return warm * decay
 
 
+def _routing_stats(sae, out) -> dict:
+    """MoE SAEs: this batch's routed-token count per expert; Scale: the learned omega."""
+    stats = {}
+    if out.expert_B is not None:
+        stats["expert_counts"] = torch.bincount(out.expert_B, minlength=sae.cfg.n_experts).tolist()
+    omega = getattr(sae, "omega", None)
+    if omega is not None:
+        stats["omega"] = omega.detach().cpu().tolist()
+    return stats
+
+
 def train_sae(sae_fields: dict, cfg: TrainConfig, shards: list[str], out_dir: str | Path) -> dict:
     """Train and save an SAE (sae.safetensors, config.json, train_log.jsonl) in `out_dir`."""
     out_dir = Path(out_dir)
@@ -99,6 +110,7 @@ def train_sae(sae_fields: dict, cfg: TrainConfig, shards: list[str], out_dir: st
                 "tokens_per_s": (tokens - tokens_at_log) / max(now - t_log, 1e-9),
                 "elapsed_s": now - t0,
             }
+            row.update(_routing_stats(sae, out))
             log.append(row)
             t_log, tokens_at_log = now, tokens
             bar.set_postfix(loss=f"{row['loss']:.4f}", l0=f"{row['l0']:.1f}", refresh=False)

@@ -15,6 +15,7 @@ import yaml
 from conftest import MICRO_SAES, copy_workflow, micro_config, snakemake, write_config
 
 N_SAES = len(MICRO_SAES)
+DOWNSTREAM = {"aggregate": 1, "plot_frontier": 1, "plot_scaling": 1, "all": 1}  # after any new metrics
 
 pytestmark = pytest.mark.slow
 
@@ -73,8 +74,9 @@ def test_outputs_complete_and_consistent(micro_run):
     assert by_id["switch_width-k4"]["width"] == by_id["topk-k4"]["width"]
     assert by_id["scale_flop-k4"]["width"] == 2 * by_id["topk-k4"]["width"]  # N/e = 4/2
     assert by_id["scale_flop-k4"]["flops_per_token"] == pytest.approx(by_id["topk-k4"]["flops_per_token"], rel=0.05)
-    png = (micro_run / "results/plots/frontier.png").read_bytes()
-    assert png.startswith(b"\x89PNG") and len(png) > 10_000
+    for figure in ("frontier", "scaling"):
+        png = (micro_run / f"results/plots/{figure}.png").read_bytes()
+        assert png.startswith(b"\x89PNG") and len(png) > 10_000
 
 
 def test_shards_metadata(micro_run):
@@ -95,6 +97,9 @@ def test_train_log_and_saved_format(micro_run):
     log = [json.loads(line) for line in (sae_dir / "train_log.jsonl").read_text().splitlines()]
     assert {"loss", "mse", "balance", "l0", "dead_fraction", "tokens_per_s"} <= set(log[0])
     assert log[-1]["mse"] < log[0]["mse"]
+    assert len(log[0]["expert_counts"]) == 4 and sum(log[0]["expert_counts"]) == 256
+    scale_log = (micro_run / "results/saes/scale_flop-k4/train_log.jsonl").read_text().splitlines()
+    assert len(json.loads(scale_log[-1])["omega"]) == 4
     config = json.loads((sae_dir / "config.json").read_text())
     assert config["arch"] == "switch" and config["hook"] == "blocks.1.hook_resid_pre"
     assert config["act_norm_factor"] > 0 and config["training_tokens"] == 16_384
@@ -104,6 +109,13 @@ def test_report_builds(micro_copy):
     snakemake(micro_copy, "--report", "report.html")
     html = (micro_copy / "report.html").read_text(errors="replace")
     assert "frontier.png" in html and "Sparsity-reconstruction frontier" in html
+    assert "scaling.png" in html
+
+
+def test_figures_adapt_to_the_sweep(micro_copy):
+    edit_config(micro_copy, lambda c: c.update(sweep={"topk": c["sweep"]["topk"]}))
+    jobs = planned_jobs(micro_copy)
+    assert "plot_frontier" in jobs and "plot_scaling" not in jobs
 
 
 # ---------------------------------------------------------------- what reruns after an edit
@@ -121,20 +133,20 @@ def test_reordered_yaml_keys_rerun_nothing(micro_copy):
 
 def test_editing_one_group_reruns_only_its_points(micro_copy):
     edit_config(micro_copy, lambda c: c["sweep"]["switch_width"].update(lr=0.002))
-    assert planned_jobs(micro_copy) == {"train": 1, "evaluate": 1, "aggregate": 1, "plot_frontier": 1, "all": 1}
+    assert planned_jobs(micro_copy) == {"train": 1, "evaluate": 1, **DOWNSTREAM}
     assert "results/saes/switch_width-k4/sae.safetensors" in planned_outputs(micro_copy)
 
 
 def test_adding_a_point_runs_only_it(micro_copy):
     edit_config(micro_copy, lambda c: c["sweep"]["topk"].update(k=[4, 8, 16]))
-    assert planned_jobs(micro_copy) == {"train": 1, "evaluate": 1, "aggregate": 1, "plot_frontier": 1, "all": 1}
+    assert planned_jobs(micro_copy) == {"train": 1, "evaluate": 1, **DOWNSTREAM}
     assert "results/saes/topk-k16/metrics.json" in planned_outputs(micro_copy)
 
 
 def test_editing_extraction_reruns_it_and_everything_after(micro_copy):
     edit_config(micro_copy, lambda c: c["extract"].update(batch_size=32))
-    assert planned_jobs(micro_copy) == {"extract": 3, "train": N_SAES, "lm_baseline": 1, "evaluate": N_SAES,
-                                        "aggregate": 1, "plot_frontier": 1, "all": 1}
+    assert planned_jobs(micro_copy) == {"extract": 3, "train": N_SAES, "lm_baseline": 1,
+                                        "evaluate": N_SAES, **DOWNSTREAM}
 
 
 def test_editing_eval_tokens_spares_training_shards(micro_copy):
