@@ -17,7 +17,7 @@ sys.path.insert(0, workflow.basedir)
 os.environ["PYTHONPATH"] = os.pathsep.join([workflow.basedir, os.environ.get("PYTHONPATH", "")])
 
 from saepipe.codeversion import fingerprint
-from saepipe.plots.availability import scaling_ks, sweep_rows
+from saepipe.plots.availability import moe_ids, scaling_ks, sweep_rows
 from saepipe.sweep import canonical, expand_sweep
 
 # Every SAE of the sweep: id -> {"group", "sae", "train"} (see saepipe/sweep.py).
@@ -28,9 +28,14 @@ SHARDS = {
 }
 
 # Figures adapt to the sweep: a figure whose SAEs are not in the sweep is not built.
-FIGURES = ["results/plots/frontier.png"]
-if scaling_ks(sweep_rows(SAES)):
+_rows = sweep_rows(SAES)
+FIGURES = [f"results/plots/{name}.png" for name in ("frontier", "redundancy", "activation_similarity")]
+if scaling_ks(_rows):
     FIGURES.append("results/plots/scaling.png")
+if moe_ids(_rows):
+    FIGURES += ["results/plots/expert_usage.png", "results/plots/expert_load.png"]
+if [sid for sid in moe_ids(_rows, {"scale"}) if SAES[sid]["sae"].get("feature_scaling", True)]:
+    FIGURES.append("results/plots/omega.png")
 
 report: "report/workflow.rst"
 

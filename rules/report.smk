@@ -54,3 +54,77 @@ rule plot_scaling:
         "results/benchmarks/plot_scaling.tsv",
     script:
         "../workflow_scripts/plot_scaling.py"
+
+
+def moe_logs(arch=("switch", "scale")):
+    return expand("results/saes/{sae}/train_log.jsonl", sae=moe_ids(sweep_rows(SAES), set(arch)))
+
+
+rule plot_redundancy:
+    input:
+        rules.aggregate.output,
+    output:
+        report("results/plots/redundancy.png", caption="../report/redundancy.rst",
+               category="3. Feature geometry"),
+    params:
+        code=fingerprint("saepipe.plots.moe"),
+    log:
+        "results/logs/plot_redundancy.log",
+    script:
+        "../workflow_scripts/plot_moe.py"
+
+
+rule plot_activation_similarity:
+    input:
+        rules.aggregate.output,
+    output:
+        report("results/plots/activation_similarity.png", caption="../report/activation_similarity.rst",
+               category="3. Feature geometry"),
+    params:
+        code=fingerprint("saepipe.plots.moe"),
+    log:
+        "results/logs/plot_activation_similarity.log",
+    script:
+        "../workflow_scripts/plot_moe.py"
+
+
+rule plot_expert_usage:
+    input:
+        rules.aggregate.output,
+    output:
+        report("results/plots/expert_usage.png", caption="../report/expert_usage.rst",
+               category="4. Experts"),
+    params:
+        code=fingerprint("saepipe.plots.moe"),
+    log:
+        "results/logs/plot_expert_usage.log",
+    script:
+        "../workflow_scripts/plot_moe.py"
+
+
+rule plot_expert_load:
+    input:
+        logs=moe_logs(),
+    output:
+        report("results/plots/expert_load.png", caption="../report/expert_load.rst",
+               category="4. Experts"),
+    params:
+        code=fingerprint("saepipe.plots.moe"),
+    log:
+        "results/logs/plot_expert_load.log",
+    script:
+        "../workflow_scripts/plot_moe.py"
+
+
+rule plot_omega:
+    input:
+        table=rules.aggregate.output,
+        logs=moe_logs(("scale",)),
+    output:
+        report("results/plots/omega.png", caption="../report/omega.rst", category="4. Experts"),
+    params:
+        code=fingerprint("saepipe.plots.moe"),
+    log:
+        "results/logs/plot_omega.log",
+    script:
+        "../workflow_scripts/plot_moe.py"

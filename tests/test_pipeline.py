@@ -15,7 +15,11 @@ import yaml
 from conftest import MICRO_SAES, copy_workflow, micro_config, snakemake, write_config
 
 N_SAES = len(MICRO_SAES)
-DOWNSTREAM = {"aggregate": 1, "plot_frontier": 1, "plot_scaling": 1, "all": 1}  # after any new metrics
+# what reruns after any metrics change: the table and every figure drawn from it
+DOWNSTREAM = {"aggregate": 1, "all": 1, **{f"plot_{f}": 1 for f in (
+    "frontier", "scaling", "redundancy", "activation_similarity", "expert_usage", "omega")}}
+FIGURES = ["frontier", "scaling", "redundancy", "activation_similarity", "expert_usage",
+           "expert_load", "omega"]
 
 pytestmark = pytest.mark.slow
 
@@ -74,7 +78,7 @@ def test_outputs_complete_and_consistent(micro_run):
     assert by_id["switch_width-k4"]["width"] == by_id["topk-k4"]["width"]
     assert by_id["scale_flop-k4"]["width"] == 2 * by_id["topk-k4"]["width"]  # N/e = 4/2
     assert by_id["scale_flop-k4"]["flops_per_token"] == pytest.approx(by_id["topk-k4"]["flops_per_token"], rel=0.05)
-    for figure in ("frontier", "scaling"):
+    for figure in FIGURES:
         png = (micro_run / f"results/plots/{figure}.png").read_bytes()
         assert png.startswith(b"\x89PNG") and len(png) > 10_000
 
@@ -109,13 +113,16 @@ def test_report_builds(micro_copy):
     snakemake(micro_copy, "--report", "report.html")
     html = (micro_copy / "report.html").read_text(errors="replace")
     assert "frontier.png" in html and "Sparsity-reconstruction frontier" in html
-    assert "scaling.png" in html
+    for figure in FIGURES:
+        assert f"{figure}.png" in html
 
 
 def test_figures_adapt_to_the_sweep(micro_copy):
     edit_config(micro_copy, lambda c: c.update(sweep={"topk": c["sweep"]["topk"]}))
     jobs = planned_jobs(micro_copy)
-    assert "plot_frontier" in jobs and "plot_scaling" not in jobs
+    assert "plot_frontier" in jobs and "plot_redundancy" in jobs
+    for moe_only in ("plot_scaling", "plot_expert_usage", "plot_expert_load", "plot_omega"):
+        assert moe_only not in jobs
 
 
 # ---------------------------------------------------------------- what reruns after an edit
@@ -133,7 +140,7 @@ def test_reordered_yaml_keys_rerun_nothing(micro_copy):
 
 def test_editing_one_group_reruns_only_its_points(micro_copy):
     edit_config(micro_copy, lambda c: c["sweep"]["switch_width"].update(lr=0.002))
-    assert planned_jobs(micro_copy) == {"train": 1, "evaluate": 1, **DOWNSTREAM}
+    assert planned_jobs(micro_copy) == {"train": 1, "evaluate": 1, "plot_expert_load": 1, **DOWNSTREAM}
     assert "results/saes/switch_width-k4/sae.safetensors" in planned_outputs(micro_copy)
 
 
@@ -146,7 +153,7 @@ def test_adding_a_point_runs_only_it(micro_copy):
 def test_editing_extraction_reruns_it_and_everything_after(micro_copy):
     edit_config(micro_copy, lambda c: c["extract"].update(batch_size=32))
     assert planned_jobs(micro_copy) == {"extract": 3, "train": N_SAES, "lm_baseline": 1,
-                                        "evaluate": N_SAES, **DOWNSTREAM}
+                                        "evaluate": N_SAES, "plot_expert_load": 1, **DOWNSTREAM}
 
 
 def test_editing_eval_tokens_spares_training_shards(micro_copy):
