@@ -17,7 +17,7 @@ sys.path.insert(0, workflow.basedir)
 os.environ["PYTHONPATH"] = os.pathsep.join([workflow.basedir, os.environ.get("PYTHONPATH", "")])
 
 from saepipe.codeversion import fingerprint
-from saepipe.plots.availability import moe_ids, scaling_ks, sweep_rows
+from saepipe.plots.availability import geometry_ids, moe_ids, scaling_ks, sweep_rows
 from saepipe.sweep import canonical, expand_sweep
 
 # Every SAE of the sweep: id -> {"group", "sae", "train"} (see saepipe/sweep.py).
@@ -33,7 +33,9 @@ FIGURES = [f"results/plots/{name}.png" for name in ("frontier", "redundancy", "a
 if scaling_ks(_rows):
     FIGURES.append("results/plots/scaling.png")
 if moe_ids(_rows):
-    FIGURES += ["results/plots/expert_usage.png", "results/plots/expert_load.png"]
+    FIGURES += [f"results/plots/{name}.png" for name in ("expert_usage", "expert_load")]
+if geometry_ids(_rows):
+    FIGURES += [f"results/plots/{name}.png" for name in ("feature_geometry", "tsne")]
 if [sid for sid in moe_ids(_rows, {"scale"}) if SAES[sid]["sae"].get("feature_scaling", True)]:
     FIGURES.append("results/plots/omega.png")
 

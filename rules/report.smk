@@ -128,3 +128,34 @@ rule plot_omega:
         "results/logs/plot_omega.log",
     script:
         "../workflow_scripts/plot_moe.py"
+
+
+def geometry_inputs(wildcards):
+    return expand("results/saes/{sae}/sae.safetensors", sae=geometry_ids(sweep_rows(SAES)))
+
+
+rule plot_feature_geometry:
+    input:
+        geometry_inputs,
+    output:
+        report("results/plots/feature_geometry.png", caption="../report/feature_geometry.rst",
+               category="3. Feature geometry"),
+    params:
+        code=fingerprint("saepipe.plots.geometry"),
+    log:
+        "results/logs/plot_feature_geometry.log",
+    script:
+        "../workflow_scripts/plot_geometry.py"
+
+
+rule plot_tsne:
+    input:
+        lambda wc: geometry_inputs(wc)[:1],
+    output:
+        report("results/plots/tsne.png", caption="../report/tsne.rst", category="3. Feature geometry"),
+    params:
+        code=fingerprint("saepipe.plots.geometry"),
+    log:
+        "results/logs/plot_tsne.log",
+    script:
+        "../workflow_scripts/plot_geometry.py"

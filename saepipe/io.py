@@ -20,6 +20,9 @@ def _tmp_sibling(path: Path, is_dir: bool) -> Path:
         return Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     fd, name = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(name, 0o666 & ~umask)  # mkstemp makes 0600; outputs get the usual permissions
     return Path(name)
 
 

@@ -19,7 +19,7 @@ N_SAES = len(MICRO_SAES)
 DOWNSTREAM = {"aggregate": 1, "all": 1, **{f"plot_{f}": 1 for f in (
     "frontier", "scaling", "redundancy", "activation_similarity", "expert_usage", "omega")}}
 FIGURES = ["frontier", "scaling", "redundancy", "activation_similarity", "expert_usage",
-           "expert_load", "omega"]
+           "expert_load", "omega", "feature_geometry", "tsne"]
 
 pytestmark = pytest.mark.slow
 
@@ -121,7 +121,8 @@ def test_figures_adapt_to_the_sweep(micro_copy):
     edit_config(micro_copy, lambda c: c.update(sweep={"topk": c["sweep"]["topk"]}))
     jobs = planned_jobs(micro_copy)
     assert "plot_frontier" in jobs and "plot_redundancy" in jobs
-    for moe_only in ("plot_scaling", "plot_expert_usage", "plot_expert_load", "plot_omega"):
+    for moe_only in ("plot_scaling", "plot_expert_usage", "plot_expert_load", "plot_omega",
+                     "plot_feature_geometry", "plot_tsne"):
         assert moe_only not in jobs
 
 
@@ -140,7 +141,8 @@ def test_reordered_yaml_keys_rerun_nothing(micro_copy):
 
 def test_editing_one_group_reruns_only_its_points(micro_copy):
     edit_config(micro_copy, lambda c: c["sweep"]["switch_width"].update(lr=0.002))
-    assert planned_jobs(micro_copy) == {"train": 1, "evaluate": 1, "plot_expert_load": 1, **DOWNSTREAM}
+    assert planned_jobs(micro_copy) == {"train": 1, "evaluate": 1, "plot_expert_load": 1,
+                                        "plot_feature_geometry": 1, **DOWNSTREAM}
     assert "results/saes/switch_width-k4/sae.safetensors" in planned_outputs(micro_copy)
 
 
@@ -153,7 +155,8 @@ def test_adding_a_point_runs_only_it(micro_copy):
 def test_editing_extraction_reruns_it_and_everything_after(micro_copy):
     edit_config(micro_copy, lambda c: c["extract"].update(batch_size=32))
     assert planned_jobs(micro_copy) == {"extract": 3, "train": N_SAES, "lm_baseline": 1,
-                                        "evaluate": N_SAES, "plot_expert_load": 1, **DOWNSTREAM}
+                                        "evaluate": N_SAES, "plot_expert_load": 1,
+                                        "plot_feature_geometry": 1, "plot_tsne": 1, **DOWNSTREAM}
 
 
 def test_editing_eval_tokens_spares_training_shards(micro_copy):

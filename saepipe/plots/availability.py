@@ -22,3 +22,13 @@ def scaling_ks(rows: list[dict]) -> list[int]:
 
 def moe_ids(rows: list[dict], arch: set[str] = MOE_ARCHS) -> list[str]:
     return sorted(r["sae_id"] for r in rows if r["arch"] in arch)
+
+
+def geometry_ids(rows: list[dict], limit: int = 4) -> list[str]:
+    """MoE SAEs shown in the feature-geometry figure: the largest-k SAE of each MoE group."""
+    best: dict[str, dict] = {}
+    for r in rows:
+        if r["arch"] in MOE_ARCHS and r.get("n_experts", 8) > 1:
+            if r["group"] not in best or r["k"] > best[r["group"]]["k"]:
+                best[r["group"]] = r
+    return sorted(r["sae_id"] for r in best.values())[:limit]
