@@ -206,8 +206,8 @@ def plot_expert_usage(table_parquet: str, out_png: str) -> None:
                     marker="o" if n <= 32 else None, markersize=3.5, lw=1.7, label=_detail(r))
         ax.set_xlim(0, 1)
         ax.set_ylim(0, 1.02)
-        ax.xaxis.set_major_formatter(PercentFormatter(1.0))
-        ax.yaxis.set_major_formatter(PercentFormatter(1.0))
+        ax.xaxis.set_major_formatter(PercentFormatter(1.0, decimals=1))
+        ax.yaxis.set_major_formatter(PercentFormatter(1.0, decimals=1))
         ax.set_xlabel("experts, sorted busiest first  (fraction of the N experts)")
         ax.set_ylabel("cumulative share of routed tokens (held-out)")
         ax.set_title("Sorted expert activation CDF  (diagonal = balanced)")
@@ -336,7 +336,7 @@ def plot_redundancy(table_parquet: str, out_png: str) -> None:
     ratios = ([4.8] if top else []) + ([spec_h] if spec else [])
     fig, axd = plt.subplot_mosaic(mosaic, figsize=(13 if len(top) == 2 else 9, sum(ratios) + 0.8),
                                   height_ratios=ratios, constrained_layout=True)
-    pct = PercentFormatter(1.0)
+    pct = PercentFormatter(1.0, decimals=1)
     if vs_k:
         ax = axd["k"]
         groups: dict[str, list[dict]] = {}
