@@ -14,8 +14,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 from matplotlib.ticker import ScalarFormatter  # noqa: E402
 
-from saepipe.io import atomic_path  # noqa: E402
-from saepipe.plots.style import group_styles  # noqa: E402
+from saepipe.plots.style import finish, group_styles  # noqa: E402
 
 COLUMNS = [
     ("l2_per_token", "‖x − x̂‖² per token"),
@@ -68,14 +67,4 @@ def plot_frontier(table_parquet: str, out_png: str) -> None:
             ax.grid(True, which="both", alpha=0.3)
             if col == "one_minus_lr":
                 ax.set_yscale("log")
-    handles, labels = [], []
-    for ax in axes[:, 0]:
-        for h, lab in zip(*ax.get_legend_handles_labels()):
-            if lab not in labels:
-                handles.append(h)
-                labels.append(lab)
-    fig.legend(handles, labels, loc="outside lower center", ncol=min(3, len(labels)), fontsize=8)
-    fig.suptitle("Sparsity–reconstruction frontier (held-out tokens; lower is better)", fontsize=12)
-    with atomic_path(out_png) as tmp:
-        fig.savefig(tmp, dpi=120, format="png")
-    plt.close(fig)
+    finish(fig, axes[:, 0], "Sparsity–reconstruction frontier (held-out tokens; lower is better)", out_png)

@@ -14,9 +14,8 @@ import pyarrow.parquet as pq  # noqa: E402
 
 from matplotlib.ticker import NullFormatter  # noqa: E402
 
-from saepipe.io import atomic_path  # noqa: E402
 from saepipe.plots.availability import FIXED_K_ARCHS, scaling_ks  # noqa: E402
-from saepipe.plots.style import group_styles  # noqa: E402
+from saepipe.plots.style import finish, group_styles  # noqa: E402
 
 
 
@@ -48,14 +47,4 @@ def plot_scaling(table_parquet: str, out_png: str) -> None:
         ax.set_title(f"k = {k}")
         ax.grid(True, which="both", alpha=0.3)
     axes[0][0].set_ylabel("‖x − x̂‖² per token (held-out)")
-    handles, labels = [], []
-    for ax in axes[0]:
-        for h, lab in zip(*ax.get_legend_handles_labels()):
-            if lab not in labels:
-                handles.append(h)
-                labels.append(lab)
-    fig.legend(handles, labels, loc="outside lower center", ncol=min(3, len(labels)), fontsize=8)
-    fig.suptitle("Reconstruction vs training compute at fixed k (lower-left is better)", fontsize=12)
-    with atomic_path(out_png) as tmp:
-        fig.savefig(tmp, dpi=120, format="png")
-    plt.close(fig)
+    finish(fig, axes[0], "Reconstruction vs training compute at fixed k (lower-left is better)", out_png)
