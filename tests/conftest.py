@@ -83,3 +83,14 @@ def micro_copy(micro_run, tmp_path) -> Path:
     dest = tmp_path / "wf"
     shutil.copytree(micro_run, dest, symlinks=True)
     return dest
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny torch ops: one thread avoids OpenMP thrashing on a busy 2-core machine."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from synthetic import recovery, sample
+from synthetic import recovery, sample, train
 from saepipe.saes import load_sae, registry, save_sae
 from saepipe.saes.batchtopk import BatchTopKConfig, BatchTopKSAE
 from saepipe.saes.gated import GatedConfig, GatedSAE
@@ -21,13 +21,7 @@ ARCHS = {"relu": (ReLUSAE, ReLUConfig), "batchtopk": (BatchTopKSAE, BatchTopKCon
          "jumprelu": (JumpReLUSAE, JumpReLUConfig), "gated": (GatedSAE, GatedConfig)}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny ops: one thread avoids OpenMP thrashing on a busy 2-core machine."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def build(arch, d=16, M=64, k=4, **kw):
@@ -401,13 +395,7 @@ def test_learns_ground_truth_features(arch, kw, steps, threshold, l0_band):
     sae = build(arch, d=32, M=512, k=4, **kw)
     assert recovery(sae.W_dec, feats_FD) < 0.6  # random init does not pass
     sae.init_from_batch(sample(gen, feats_FD, 512))
-    opt = torch.optim.Adam(sae.parameters(), lr=1e-2)
-    for _ in range(steps):
-        opt.zero_grad()
-        sum(sae(sample(gen, feats_FD, 512)).losses.values()).backward()
-        sae.before_optimizer_step()
-        opt.step()
-        sae.after_optimizer_step()
+    train(sae, gen, feats_FD, steps, lr=1e-2)
     assert recovery(sae.W_dec, feats_FD) >= threshold
     if l0_band is not None:
         sae.eval()

@@ -97,15 +97,6 @@ def test_specialization_exact_intra_and_seeded_inter():
     assert out["inter_expert_redundancy"] == pytest.approx(x / 4 if x >= 2 else 0.0)
 
 
-@pytest.fixture
-def one_thread():
-    """Many tiny ops: intra-op threads only add contention on a shared machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_specialization_inter_is_a_sample_without_replacement(one_thread):
     # Over many seeds the inter statistic averages to its exact hypergeometric expectation:
     # X ~ Hypergeom(16 rows, 4 of expert 0, 4 drawn); value = X/4 if X >= 2 else 0.

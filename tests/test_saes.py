@@ -10,19 +10,13 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from synthetic import recovery, sample
+from synthetic import recovery, sample, train
 from saepipe.saes import (ARCHITECTURES, SAE, Encoding, SAEOutput, SwitchConfig, TopKConfig,
                           build_sae, config_from_dict, load_sae, save_sae)
 from saepipe.saes import kernels
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny ops: one thread avoids OpenMP thrashing on a busy 2-core machine."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---- naive references (dense [B, M] encode + mask, dense decode) ---------------------------
@@ -274,13 +268,7 @@ def test_learns_ground_truth_features(cfg, steps, threshold):
     sae = build_sae({"d_in": 32, "k": 4, **cfg})
     assert recovery(sae.W_dec, feats_FD) < 0.8  # random init does not pass
     sae.init_from_batch(sample(gen, feats_FD, 512))
-    opt = torch.optim.Adam(sae.parameters(), lr=3e-3)
-    for _ in range(steps):
-        opt.zero_grad()
-        sum(sae(sample(gen, feats_FD, 512)).losses.values()).backward()
-        sae.before_optimizer_step()
-        opt.step()
-        sae.after_optimizer_step()
+    train(sae, gen, feats_FD, steps, lr=3e-3)
     assert recovery(sae.W_dec, feats_FD) >= threshold
 
 
@@ -293,13 +281,7 @@ def _train_with_dead_half(auxk: bool, steps: int = 300) -> float:
     sae.init_from_batch(sample(gen, feats_FD, 512))
     with torch.no_grad():
         sae.b_enc[1::2] = -1.0
-    opt = torch.optim.Adam(sae.parameters(), lr=3e-3)
-    for _ in range(steps):
-        opt.zero_grad()
-        sum(sae(sample(gen, feats_FD, 512)).losses.values()).backward()
-        sae.before_optimizer_step()
-        opt.step()
-        sae.after_optimizer_step()
+    train(sae, gen, feats_FD, steps, lr=3e-3)
     return sae.dead_fraction()
 
 

@@ -11,18 +11,12 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from synthetic import recovery, sample
+from synthetic import recovery, sample, train
 from saepipe.saes import SwitchConfig, SwitchSAE, load_sae, registry, save_sae
 from saepipe.saes.scale import ScaleConfig, ScaleSAE
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny ops: one thread avoids OpenMP thrashing on a busy 2-core machine."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_cfg(d=32, M=256, k=8, N=8, e=3, **kw):
@@ -331,11 +325,5 @@ def test_learns_ground_truth_features():
     sae = ScaleSAE(make_cfg(d=32, M=1024, k=4, N=4, e=2))
     assert recovery(sae.W_dec, feats_FD) < 0.8  # random init does not pass
     sae.init_from_batch(sample(gen, feats_FD, 512))
-    opt = torch.optim.Adam(sae.parameters(), lr=3e-3)
-    for _ in range(500):
-        opt.zero_grad()
-        sum(sae(sample(gen, feats_FD, 512)).losses.values()).backward()
-        sae.before_optimizer_step()
-        opt.step()
-        sae.after_optimizer_step()
+    train(sae, gen, feats_FD, 500, lr=3e-3)
     assert recovery(sae.W_dec, feats_FD) >= THRESHOLD
