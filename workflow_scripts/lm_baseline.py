@@ -5,8 +5,10 @@ from pathlib import Path
 from saepipe.devices import set_threads
 from saepipe.evaluate.metrics import EvalConfig, lm_baseline
 from saepipe.io import log_to
+from saepipe.lease import gpu_lease
 
-with log_to(snakemake.log[0]):  # noqa: F821 - injected by Snakemake
+# gpu_lease: this job's own GPU (or Slurm's, or the CPU) before torch touches CUDA
+with log_to(snakemake.log[0]), gpu_lease():  # noqa: F821 - injected by Snakemake
     set_threads(snakemake.threads)
     lm_baseline(EvalConfig(**json.loads(snakemake.params.cfg)), Path(snakemake.input.model).parent,
                 list(snakemake.input.shards), snakemake.output[0])
