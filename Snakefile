@@ -17,11 +17,14 @@ sys.path.insert(0, workflow.basedir)
 os.environ["PYTHONPATH"] = os.pathsep.join([workflow.basedir, os.environ.get("PYTHONPATH", "")])
 
 from saepipe.codeversion import fingerprint
+from saepipe.features.autointerp import endpoint_params
 from saepipe.plots.availability import geometry_ids, moe_ids, scaling_ks, sweep_rows
 from saepipe.sweep import canonical, expand_sweep
 
 # Every SAE of the sweep: id -> {"group", "sae", "train"} (see saepipe/sweep.py).
 SAES = expand_sweep(config, d_in=config["lm"]["d_model"])
+MAXACT = config.get("maxact", {})
+AUTOINTERP = endpoint_params(config.get("autointerp", {}))  # env overrides applied; errors early
 SHARDS = {
     split: [f"{i:03d}" for i in range(math.ceil(config["extract"][f"{split}_tokens"] / config["extract"]["shard_tokens"]))]
     for split in ("train", "eval")
@@ -38,6 +41,9 @@ if geometry_ids(_rows):
     FIGURES += [f"results/plots/{name}.png" for name in ("feature_geometry", "tsne")]
 if [sid for sid in moe_ids(_rows, {"scale"}) if SAES[sid]["sae"].get("feature_scaling", True)]:
     FIGURES.append("results/plots/omega.png")
+FIGURES.append("results/plots/features.html")
+if AUTOINTERP["enabled"]:
+    FIGURES.append("results/plots/autointerp.png")
 
 report: "report/workflow.rst"
 
@@ -50,6 +56,7 @@ wildcard_constraints:
 include: "rules/data.smk"
 include: "rules/sae.smk"
 include: "rules/report.smk"
+include: "rules/features.smk"
 
 
 rule all:

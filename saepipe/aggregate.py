@@ -9,9 +9,9 @@ import pyarrow.parquet as pq
 from saepipe.io import atomic_path, read_json
 
 
-
-def sae_row(sae_dir: str | Path, metrics_json: str | Path, sweep: dict) -> dict:
-    """One table row; `sweep` = {"group": name, and for matched groups "baseline", "by"}."""
+def sae_row(sae_dir: str | Path, metrics_json: str | Path, sweep: dict, extras: list[str] = ()) -> dict:
+    """One table row; `sweep` = {"group": name, and for matched groups "baseline", "by"};
+    `extras`: more JSON files of flat columns (e.g. autointerp.json) from this SAE's directory."""
     config = read_json(Path(sae_dir) / "config.json")
     row = {"sae_id": Path(sae_dir).name, "group": sweep["group"],
            "match_baseline": sweep.get("baseline"), "match_by": sweep.get("by")}
@@ -20,11 +20,18 @@ def sae_row(sae_dir: str | Path, metrics_json: str | Path, sweep: dict) -> dict:
     row.update({f"train_{k}": v for k, v in run.pop("train", {}).items()})
     row.update({k: v for k, v in run.items() if k not in ("wall_time_s", "train_tokens_per_s")})
     row.update(read_json(metrics_json))
+    for extra in extras:
+        row.update(read_json(extra))
     return row
 
 
-def aggregate(sae_dirs: list[str], metrics: list[str], sweep: list[dict], out_parquet: str) -> pa.Table:
-    rows = [sae_row(d, m, g) for d, m, g in zip(sae_dirs, metrics, sweep)]
+def aggregate(sae_dirs: list[str], metrics: list[str], sweep: list[dict], out_parquet: str,
+              extras: list[str] = ()) -> pa.Table:
+    """Write the table; `extras` are per-SAE JSON files, matched to SAEs by directory."""
+    by_dir: dict[Path, list[str]] = {}
+    for extra in extras:
+        by_dir.setdefault(Path(extra).parent, []).append(extra)
+    rows = [sae_row(d, m, g, by_dir.get(Path(d), [])) for d, m, g in zip(sae_dirs, metrics, sweep)]
     columns = sorted({k for r in rows for k in r})
     # None where an architecture lacks a field (e.g. n_experts for TopK)
     table = pa.Table.from_pylist([{c: r.get(c) for c in columns} for r in rows])

@@ -143,6 +143,14 @@ def load_lm(model_dir: str | Path, device: torch.device | str = "cpu"):
     return model.to(device).eval()
 
 
+def load_tokenizer(model_dir: str | Path):
+    """`decode(ids) -> str` with the tokenizer saved next to the model."""
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(Path(model_dir) / "tokenizer.json"))
+    return lambda ids: tokenizer.decode(list(ids), skip_special_tokens=False)
+
+
 def model_id(model_dir: str | Path) -> str:
     """A readable id for metadata: the model directory's name plus a hash of its weights."""
     path = Path(model_dir) / "model.safetensors"

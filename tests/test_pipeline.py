@@ -18,6 +18,8 @@ N_SAES = len(MICRO_SAES)
 # what reruns after any metrics change: the table and every figure drawn from it
 DOWNSTREAM = {"aggregate": 1, "all": 1, **{f"plot_{f}": 1 for f in (
     "frontier", "scaling", "redundancy", "activation_similarity", "expert_usage", "omega")}}
+# what reruns with one retrained SAE, besides the table and figures
+PER_SAE = {"train": 1, "evaluate": 1, "maxact": 1, "feature_report": 1}
 FIGURES = ["frontier", "scaling", "redundancy", "activation_similarity", "expert_usage",
            "expert_load", "omega", "feature_geometry", "tsne"]
 
@@ -109,12 +111,48 @@ def test_train_log_and_saved_format(micro_run):
     assert config["act_norm_factor"] > 0 and config["training_tokens"] == 16_384
 
 
+def test_feature_inspection_outputs(micro_run):
+    for sid in MICRO_SAES:
+        rows = pq.read_table(micro_run / f"results/saes/{sid}/maxact.parquet").to_pylist()
+        assert 1 <= len({r["feature"] for r in rows}) <= 8, sid
+        assert {r["kind"] for r in rows} == {"top", "random", "negative"}, sid
+        for r in rows:
+            assert r["token_acts"][r["marked"]] == pytest.approx(r["activation"], rel=1e-4, abs=1e-6)
+            assert (r["activation"] > 0) == (r["kind"] != "negative")
+        is_moe = sid.startswith(("switch", "scale"))
+        assert all((r["expert"] is not None) == is_moe for r in rows)
+    page = (micro_run / "results/plots/features.html").read_text()
+    assert all(f"{sid} (" in page for sid in MICRO_SAES)
+
+
 def test_report_builds(micro_copy):
     snakemake(micro_copy, "--report", "report.html")
     html = (micro_copy / "report.html").read_text(errors="replace")
     assert "frontier.png" in html and "Sparsity-reconstruction frontier" in html
     for figure in FIGURES:
         assert f"{figure}.png" in html
+    assert "features.html" in html and "Top-activating contexts" in html
+
+
+def test_autointerp_stage_with_a_stub_judge(micro_copy):
+    import judge_stub
+
+    server = judge_stub.start()
+    try:
+        edit_config(micro_copy, lambda c: c["autointerp"].update(
+            enabled=True, base_url=server.url, model="perfect", features=2))
+        assert planned_jobs(micro_copy) == {"autointerp": N_SAES, "aggregate": 1, "feature_report": 1,
+                                            "plot_autointerp": 1, **DOWNSTREAM}
+        snakemake(micro_copy, "--cores", "2")
+    finally:
+        server.shutdown()
+    assert len(server.requests) == 2 * 2 * N_SAES  # explain + detect, 2 features per SAE
+    table = pq.read_table(micro_copy / "results/table.parquet").to_pylist()
+    for row in table:
+        assert row["autointerp_model"] == "perfect" and row["autointerp_features"] == 2
+        assert 0 <= row["autointerp_accuracy"] <= 1
+    assert (micro_copy / "results/plots/autointerp.png").read_bytes().startswith(b"\x89PNG")
+    assert "explanation" in (micro_copy / "results/plots/features.html").read_text()
 
 
 def test_figures_adapt_to_the_sweep(micro_copy):
@@ -141,21 +179,22 @@ def test_reordered_yaml_keys_rerun_nothing(micro_copy):
 
 def test_editing_one_group_reruns_only_its_points(micro_copy):
     edit_config(micro_copy, lambda c: c["sweep"]["switch_width"].update(lr=0.002))
-    assert planned_jobs(micro_copy) == {"train": 1, "evaluate": 1, "plot_expert_load": 1,
-                                        "plot_feature_geometry": 1, **DOWNSTREAM}
+    assert planned_jobs(micro_copy) == {**PER_SAE, "plot_expert_load": 1, "plot_feature_geometry": 1,
+                                        **DOWNSTREAM}
     assert "results/saes/switch_width-k4/sae.safetensors" in planned_outputs(micro_copy)
 
 
 def test_adding_a_point_runs_only_it(micro_copy):
     edit_config(micro_copy, lambda c: c["sweep"]["topk"].update(k=[4, 8, 16]))
-    assert planned_jobs(micro_copy) == {"train": 1, "evaluate": 1, **DOWNSTREAM}
+    assert planned_jobs(micro_copy) == {**PER_SAE, **DOWNSTREAM}
     assert "results/saes/topk-k16/metrics.json" in planned_outputs(micro_copy)
 
 
 def test_editing_extraction_reruns_it_and_everything_after(micro_copy):
     edit_config(micro_copy, lambda c: c["extract"].update(batch_size=32))
     assert planned_jobs(micro_copy) == {"extract": 3, "train": N_SAES, "lm_baseline": 1,
-                                        "evaluate": N_SAES, "plot_expert_load": 1,
+                                        "evaluate": N_SAES, "maxact": N_SAES, "feature_report": 1,
+                                        "plot_expert_load": 1,
                                         "plot_feature_geometry": 1, "plot_tsne": 1, **DOWNSTREAM}
 
 
@@ -163,6 +202,12 @@ def test_editing_eval_tokens_spares_training_shards(micro_copy):
     edit_config(micro_copy, lambda c: c["extract"].update(eval_tokens=16_384))
     jobs = planned_jobs(micro_copy)
     assert jobs["extract"] == 2 and "train" not in jobs and jobs["evaluate"] == N_SAES
+    assert jobs["maxact"] == N_SAES
+
+
+def test_editing_maxact_reruns_only_feature_inspection(micro_copy):
+    edit_config(micro_copy, lambda c: c["maxact"].update(features=6))
+    assert planned_jobs(micro_copy) == {"maxact": N_SAES, "feature_report": 1, "all": 1}
 
 
 def test_library_code_change_reruns_dependent_stages(micro_copy):
@@ -172,7 +217,8 @@ def test_library_code_change_reruns_dependent_stages(micro_copy):
     topk = micro_copy / "saepipe/saes/topk.py"
     topk.write_text(topk.read_text() + "\n# edited\n")
     jobs = planned_jobs(micro_copy)
-    assert jobs["train"] == N_SAES and jobs["evaluate"] == N_SAES and "extract" not in jobs
+    assert jobs["train"] == N_SAES and jobs["evaluate"] == N_SAES and jobs["maxact"] == N_SAES
+    assert "extract" not in jobs
 
 
 # ---------------------------------------------------------------- config errors and bad input

@@ -9,4 +9,5 @@ with log_to(snakemake.log[0]):  # noqa: F821 - injected by Snakemake
     groups = json.loads(snakemake.params.groups)
     sae_dirs = [str(Path(p).parent) for p in snakemake.input.metrics]
     aggregate(sae_dirs, list(snakemake.input.metrics), [groups[Path(d).name] for d in sae_dirs],
-              snakemake.output[0])  # groups: sae id -> {"group", "baseline"?, "by"?}
+              snakemake.output[0],  # groups: sae id -> {"group", "baseline"?, "by"?}
+              extras=list(snakemake.input.extra))

@@ -1,0 +1,72 @@
+# Feature inspection: MaxAct contexts per SAE, optional LLM autointerp, one HTML page.
+
+
+rule maxact:
+    input:
+        weights=rules.train.output.weights,
+        config=rules.train.output.config,
+        tokenizer="results/lm/tokenizer.json",
+        shards=expand("results/activations/eval/{shard}.zarr", shard=SHARDS["eval"]),
+    output:
+        "results/saes/{sae}/maxact.parquet",
+    params:
+        cfg=canonical(MAXACT),
+        code=fingerprint("saepipe.features.maxact"),
+    threads: 1
+    resources:
+        gpu=1,
+        mem_mb=2000,
+    log:
+        "results/logs/maxact/{sae}.log",
+    benchmark:
+        "results/benchmarks/maxact/{sae}.tsv",
+    script:
+        "../workflow_scripts/maxact.py"
+
+
+rule autointerp:
+    input:
+        rules.maxact.output,
+    output:
+        table="results/saes/{sae}/autointerp.parquet",
+        summary="results/saes/{sae}/autointerp.json",
+    params:
+        cfg=canonical(AUTOINTERP),  # resolved endpoint and model, never the API key
+        code=fingerprint("saepipe.features.autointerp"),
+    threads: 1
+    log:
+        "results/logs/autointerp/{sae}.log",
+    benchmark:
+        "results/benchmarks/autointerp/{sae}.tsv",
+    script:
+        "../workflow_scripts/autointerp.py"
+
+
+rule feature_report:
+    input:
+        maxact=expand("results/saes/{sae}/maxact.parquet", sae=SAES),
+        autointerp=expand("results/saes/{sae}/autointerp.parquet", sae=SAES) if AUTOINTERP["enabled"] else [],
+    output:
+        report("results/plots/features.html", caption="../report/features.rst",
+               category="5. Feature inspection"),
+    params:
+        code=fingerprint("saepipe.features.report"),
+    log:
+        "results/logs/feature_report.log",
+    script:
+        "../workflow_scripts/feature_report.py"
+
+
+rule plot_autointerp:
+    input:
+        table=rules.aggregate.output,
+        verdicts=expand("results/saes/{sae}/autointerp.parquet", sae=SAES),
+    output:
+        report("results/plots/autointerp.png", caption="../report/autointerp.rst",
+               category="5. Feature inspection"),
+    params:
+        code=fingerprint("saepipe.plots.autointerp"),
+    log:
+        "results/logs/plot_autointerp.log",
+    script:
+        "../workflow_scripts/plot_autointerp.py"

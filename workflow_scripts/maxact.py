@@ -1,0 +1,14 @@
+"""Snakemake adapter: rule maxact -> saepipe.features.maxact.max_activating_examples (one SAE)."""
+import json
+from pathlib import Path
+
+from saepipe.devices import set_threads
+from saepipe.features.maxact import MaxActConfig, max_activating_examples
+from saepipe.io import log_to
+
+with log_to(snakemake.log[0]):  # noqa: F821 - injected by Snakemake
+    set_threads(snakemake.threads)
+    max_activating_examples(MaxActConfig(**json.loads(snakemake.params.cfg)),
+                            sae_dir=Path(snakemake.input.weights).parent,
+                            tokenizer_dir=Path(snakemake.input.tokenizer).parent,
+                            shards=list(snakemake.input.shards), out_parquet=snakemake.output[0])

@@ -1,0 +1,6 @@
+"""Snakemake adapter: rule plot_autointerp -> saepipe.plots.autointerp.plot_autointerp."""
+from saepipe.io import log_to
+from saepipe.plots.autointerp import plot_autointerp
+
+with log_to(snakemake.log[0]):  # noqa: F821 - injected by Snakemake
+    plot_autointerp(snakemake.input.table[0], list(snakemake.input.verdicts), snakemake.output[0])
