@@ -68,7 +68,7 @@ rule plot_redundancy:
         report("results/plots/redundancy.png", caption="../report/redundancy.rst",
                category="3. Feature geometry"),
     params:
-        code=fingerprint("saepipe.plots.moe"),
+        code=fingerprint("saepipe.plots.redundancy"),
     log:
         "results/logs/plot_redundancy.log",
     script:
@@ -82,7 +82,7 @@ rule plot_activation_similarity:
         report("results/plots/activation_similarity.png", caption="../report/activation_similarity.rst",
                category="3. Feature geometry"),
     params:
-        code=fingerprint("saepipe.plots.moe"),
+        code=fingerprint("saepipe.plots.redundancy"),
     log:
         "results/logs/plot_activation_similarity.log",
     script:
@@ -96,7 +96,7 @@ rule plot_expert_usage:
         report("results/plots/expert_usage.png", caption="../report/expert_usage.rst",
                category="4. Experts"),
     params:
-        code=fingerprint("saepipe.plots.moe"),
+        code=fingerprint("saepipe.plots.experts"),
     log:
         "results/logs/plot_expert_usage.log",
     script:
@@ -110,7 +110,7 @@ rule plot_expert_load:
         report("results/plots/expert_load.png", caption="../report/expert_load.rst",
                category="4. Experts"),
     params:
-        code=fingerprint("saepipe.plots.moe"),
+        code=fingerprint("saepipe.plots.experts"),
     log:
         "results/logs/plot_expert_load.log",
     script:
@@ -124,7 +124,7 @@ rule plot_omega:
     output:
         report("results/plots/omega.png", caption="../report/omega.rst", category="4. Experts"),
     params:
-        code=fingerprint("saepipe.plots.moe"),
+        code=fingerprint("saepipe.plots.omega"),
     log:
         "results/logs/plot_omega.log",
     script:

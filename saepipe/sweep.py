@@ -13,7 +13,8 @@
 
 Every point is {"sae": <architecture fields>, "train": <training fields>}; training
 fields not given in the group come from the top-level `train:` section. The SAE id is
-the group name plus `-<field><value>` for each grid axis, e.g. `topk-k16`.
+the group name plus `-<field><value>` for each grid axis, e.g. `topk-k16`, with short
+names for some fields (`ID_FIELD_NAMES`: `scale-e2` for active_experts, booleans as 0/1).
 A group gives one point's hyperparameters to all of its points: to change one point
 alone, give it a group of its own.
 
@@ -36,6 +37,14 @@ FLOP_TOLERANCE = 0.05  # relative; the router's 2dN FLOPs make exact equality im
 
 class SweepError(ValueError):
     pass
+
+
+# Short names of grid axes in SAE ids: `scale-e2` rather than `scale-active_experts2`.
+ID_FIELD_NAMES = {"active_experts": "e", "n_experts": "N", "feature_scaling": "fs", "width": "w"}
+
+
+def _id_value(v) -> str:
+    return str(int(v)) if isinstance(v, bool) else str(v)
 
 
 def arch_fields(arch: str) -> set[str]:
@@ -103,7 +112,7 @@ def expand_sweep(config: dict, d_in: int) -> dict[str, dict]:
         axes = {k: v for k, v in spec.items() if isinstance(v, list)}
         for combo in itertools.product(*axes.values()):
             values = {**spec, **dict(zip(axes, combo))}
-            sid = group + "".join(f"-{k}{v}" for k, v in zip(axes, combo))
+            sid = group + "".join(f"-{ID_FIELD_NAMES.get(k, k)}{_id_value(v)}" for k, v in zip(axes, combo))
             sae = {k: v for k, v in values.items() if k in arch_fields(arch)}
             if match:
                 sae = _apply_match(group, sae, match, groups, d_in)

@@ -37,6 +37,8 @@ def micro_config() -> dict:
         "gated": {"arch": "gated", "width": 128, "k": 8, "l1_coeff": 5.0},
     }
     cfg["evaluate"].update(ce_tokens=2_048, ce_batch_size=16, batch_size=1024, similarity_tokens=512)
+    cfg["maxact"].update(features=8, top_examples=5, random_examples=4, negative_examples=4, tokens=4_096,
+                         batch_size=1024)
     return cfg
 
 

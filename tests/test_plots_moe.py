@@ -1,4 +1,4 @@
-"""MoE figures (saepipe.plots.moe) on a synthetic sweep: dense, Switch and Scale SAEs."""
+"""MoE figures (saepipe.plots.experts / redundancy / omega) on a synthetic sweep: dense, Switch and Scale SAEs."""
 from __future__ import annotations
 
 import json
@@ -9,8 +9,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from saepipe.plots.moe import (plot_activation_similarity, plot_expert_load, plot_expert_usage,
-                               plot_omega, plot_redundancy)
+from saepipe.plots.experts import plot_expert_load, plot_expert_usage
+from saepipe.plots.omega import plot_omega
+from saepipe.plots.redundancy import plot_activation_similarity, plot_redundancy
 
 N_EXPERTS = 8
 BATCH = 1024

@@ -16,16 +16,23 @@ def _expand(sweep, d_in=64):
 def test_default_config_sweep():
     cfg = yaml.safe_load((REPO / "config.yaml").read_text())
     points = expand_sweep(cfg, cfg["lm"]["d_model"])
-    assert len(points) == 16
+    assert len(points) == 19
     assert {p["sae"]["arch"] for p in points.values()} == set(ARCHITECTURES)  # one of each
     assert points["switch_flop-k16"]["sae"]["width"] == 8 * points["topk-k16"]["sae"]["width"]
     assert points["switch_width-k16"]["sae"]["width"] == points["topk-k16"]["sae"]["width"]
     assert points["scale_flop-k16"]["sae"]["width"] == 4 * points["topk-k16"]["sae"]["width"]
+    # the Scale ablations: e in {1, 4} (short axis name in the id), feature scaling off
+    assert points["scale_e-e1"]["sae"]["width"] == 8 * points["topk-k16"]["sae"]["width"]
+    assert points["scale_e-e4"]["sae"]["width"] == 2 * points["topk-k16"]["sae"]["width"]
+    assert points["scale_nofs"]["sae"]["feature_scaling"] is False
 
 
 def test_grid_axes_ids_and_training_overrides():
     points = _expand({"t": {"arch": "topk", "width": 256, "k": [4, 8], "lr": [1e-3, 3e-3]}})
     assert sorted(points) == ["t-k4-lr0.001", "t-k4-lr0.003", "t-k8-lr0.001", "t-k8-lr0.003"]
+    scale = _expand({"s": {"arch": "scale", "width": 256, "n_experts": 4, "active_experts": [1, 2],
+                           "feature_scaling": [True, False], "k": 8}})
+    assert sorted(scale) == ["s-e1-fs0", "s-e1-fs1", "s-e2-fs0", "s-e2-fs1"]
     p = points["t-k8-lr0.003"]
     assert p["sae"] == {"arch": "topk", "width": 256, "k": 8}
     assert p["train"] == {**TRAIN, "lr": 3e-3}
