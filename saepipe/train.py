@@ -3,24 +3,43 @@
 The trainer knows nothing about architectures: the SAE returns a dict of named,
 already-weighted loss terms (reconstruction, AuxK, load balance, ...) which are summed
 and logged one by one; the SAE's own hooks handle init and decoder constraints.
+
+Preemption and resume: every `checkpoint_every_s` seconds, and at the step boundary
+after a SIGTERM (what Slurm sends before preempting or killing a job), the full training
+state is written atomically to `checkpoint.pt` (see `Checkpoint`); after a SIGTERM the
+trainer then raises `TrainingPreempted`. Rerunning the same job resumes from that
+checkpoint and ends with the same weights as an uninterrupted run (bitwise on CPU). A
+checkpoint written for different SAE fields, train settings, shards or trainer code is
+reported as stale and ignored. The checkpoint is deleted once the outputs are saved.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
+import signal
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from tqdm.auto import tqdm
 
+from saepipe.codeversion import fingerprint
 from saepipe.data.loader import ShardStream
 from saepipe.data.shards import check_compatible, mean_norm, read_meta
 from saepipe.devices import resolve_device
 from saepipe.io import atomic_path
 from saepipe.saes import build_sae, config_from_dict, save_sae
+
+CHECKPOINT_FILE = "checkpoint.pt"
+CHECKPOINT_FORMAT = 1
+RESUME_NEUTRAL = frozenset({"device", "checkpoint_every_s"})
+"""TrainConfig fields that may change between a checkpoint and the run resuming it."""
 
 
 @dataclass
@@ -43,6 +62,8 @@ class TrainConfig:
     """Shards mixed in the shuffle buffer (memory: about this many + 1 shards)."""
     device: str = "auto"
     """auto | cpu | cuda | cuda:N"""
+    checkpoint_every_s: float = 300.0
+    """Seconds between resume checkpoints (0: after every step); SIGTERM always writes one."""
 
 
 def lr_factor(step: int, total: int, cfg: TrainConfig) -> float:
@@ -63,9 +84,15 @@ def _routing_stats(sae, out) -> dict:
     return stats
 
 
-def train_sae(sae_fields: dict, cfg: TrainConfig, shards: list[str], out_dir: str | Path) -> dict:
-    """Train and save an SAE (sae.safetensors, config.json, train_log.jsonl) in `out_dir`."""
+def train_sae(sae_fields: dict, cfg: TrainConfig, shards: list[str], out_dir: str | Path,
+              checkpoint: str | Path | None = None) -> dict:
+    """Train and save an SAE (sae.safetensors, config.json, train_log.jsonl) in `out_dir`.
+
+    Resumes from `checkpoint` (default `out_dir/checkpoint.pt`) when it was written for
+    this same job, and deletes it once the outputs are saved. See the module docstring.
+    """
     out_dir = Path(out_dir)
+    ckpt_path = Path(checkpoint) if checkpoint else out_dir / CHECKPOINT_FILE
     metas = [read_meta(p) for p in shards]
     meta = check_compatible(metas, shards)
     d_in = meta["d_in"]
@@ -84,43 +111,178 @@ def train_sae(sae_fields: dict, cfg: TrainConfig, shards: list[str], out_dir: st
         raise ValueError(f"train.tokens ({cfg.tokens}) is smaller than one batch ({cfg.batch_size})")
     opt = torch.optim.Adam(sae.parameters(), lr=cfg.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, cfg))
-    log, t0, t_log, tokens_at_log = [], time.time(), time.time(), 0
-    bar = tqdm(total=total, desc=f"train {out_dir.name}", file=sys.stderr, mininterval=5)
-    for step, x_BD in enumerate(stream):
-        if step == 0:
-            sae.init_from_batch(x_BD)
-        out = sae(x_BD)
-        loss = sum(out.losses.values())
-        loss.backward()
-        sae.before_optimizer_step()
-        opt.step()
-        sae.after_optimizer_step()
-        opt.zero_grad(set_to_none=True)
-        sched.step()
-        bar.update()
-        if step % cfg.log_every == 0 or step == total - 1:  # the only host syncs of the loop
-            if not math.isfinite(loss.item()):
-                raise FloatingPointError(f"loss became {loss.item()} at step {step}; lower train.lr")
-            now, tokens = time.time(), (step + 1) * cfg.batch_size
-            row = {
-                "step": step, "tokens": tokens, "lr": sched.get_last_lr()[0],
-                "loss": loss.item(), **{k: v.item() for k, v in out.losses.items()},
-                "l0": (out.acts_BK > 0).sum(-1).float().mean().item(),
-                "dead_fraction": sae.dead_fraction(),
-                "tokens_per_s": (tokens - tokens_at_log) / max(now - t_log, 1e-9),
-                "elapsed_s": now - t0,
-            }
-            row.update(_routing_stats(sae, out))
-            log.append(row)
-            t_log, tokens_at_log = now, tokens
-            bar.set_postfix(loss=f"{row['loss']:.4f}", l0=f"{row['l0']:.1f}", refresh=False)
+    ckpt = Checkpoint(ckpt_path, _job_key(sae_fields, cfg, shards, metas), sae, opt, sched)
+    start, log, resumes, elapsed = ckpt.restore()
+    t0 = time.time() - elapsed
+    t_log, tokens_at_log, t_ckpt = time.time(), start * cfg.batch_size, time.monotonic()
+    bar = tqdm(total=total, initial=start, desc=f"train {out_dir.name}", file=sys.stderr, mininterval=5)
+    with _sigterm_flag() as sigterm:
+        for step, x_BD in enumerate(stream.batches(start), start):
+            if step == 0:
+                sae.init_from_batch(x_BD)
+            out = sae(x_BD)
+            loss = sum(out.losses.values())
+            loss.backward()
+            sae.before_optimizer_step()
+            opt.step()
+            sae.after_optimizer_step()
+            opt.zero_grad(set_to_none=True)
+            sched.step()
+            bar.update()
+            if step % cfg.log_every == 0 or step == total - 1:  # the only host syncs of the loop
+                ckpt.check_finite(loss, step, state=False)
+                now, tokens = time.time(), (step + 1) * cfg.batch_size
+                row = {
+                    "step": step, "tokens": tokens, "lr": sched.get_last_lr()[0],
+                    "loss": loss.item(), **{k: v.item() for k, v in out.losses.items()},
+                    "l0": (out.acts_BK > 0).sum(-1).float().mean().item(),
+                    "dead_fraction": sae.dead_fraction(),
+                    "tokens_per_s": (tokens - tokens_at_log) / max(now - t_log, 1e-9),
+                    "elapsed_s": now - t0,
+                }
+                row.update(_routing_stats(sae, out))
+                log.append(row)
+                t_log, tokens_at_log = now, tokens
+                bar.set_postfix(loss=f"{row['loss']:.4f}", l0=f"{row['l0']:.1f}", refresh=False)
+            due = time.monotonic() - t_ckpt >= cfg.checkpoint_every_s
+            if step + 1 < total and (due or sigterm.is_set()):
+                ckpt.check_finite(loss, step, state=True)
+                ckpt.save(step + 1, log, resumes, time.time() - t0)
+                t_ckpt = time.monotonic()
+                if sigterm.is_set():
+                    raise TrainingPreempted(
+                        f"train {out_dir.name}: SIGTERM received; {step + 1} of {total} steps done "
+                        f"and saved to {ckpt_path}. Rerun the same job to resume from there.")
     bar.close()
     wall = time.time() - t0
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_sae(sae, out_dir, run={"train": asdict(cfg), "wall_time_s": wall,
+    save_sae(sae, out_dir, run={"train": asdict(cfg), "wall_time_s": wall, "resumed_at_steps": resumes,
                                 "train_tokens_per_s": cfg.tokens / wall, "device": str(device)})
     with atomic_path(out_dir / "train_log.jsonl") as tmp:
         tmp.write_text("".join(json.dumps(r) + "\n" for r in log))
+    ckpt_path.unlink(missing_ok=True)
     print(f"train {out_dir.name}: {total} steps in {wall:.1f}s "
           f"({cfg.tokens / wall:,.0f} tok/s), final loss {log[-1]['loss']:.4f}", file=sys.stderr)
     return log[-1]
+
+
+class TrainingPreempted(RuntimeError):
+    """SIGTERM arrived during training; a checkpoint was saved and a rerun resumes from it."""
+
+
+@contextlib.contextmanager
+def _sigterm_flag() -> Iterator[threading.Event]:
+    """Inside, SIGTERM only sets the yielded flag; the loop acts on it at a step boundary."""
+    flag = threading.Event()
+    if threading.current_thread() is not threading.main_thread():  # signals reach only main
+        yield flag
+        return
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: flag.set())
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _job_key(sae_fields: dict, cfg: TrainConfig, shards: list[str], metas: list[dict]) -> dict:
+    """What a checkpoint must have been written for to be resumed (JSON-normalised)."""
+    train = {k: v for k, v in asdict(cfg).items() if k not in RESUME_NEUTRAL}
+    key = {"sae": sae_fields, "train": train, "code": fingerprint("saepipe.train"),
+           "shards": [{"path": str(p), **m} for p, m in zip(shards, metas)]}
+    return json.loads(json.dumps(key, sort_keys=True))
+
+
+def _key_diff(old: dict, new: dict) -> str:
+    """'train.lr: 0.001 -> 0.002, shards' style summary of what differs."""
+    diffs = []
+    for section in sorted(set(old) | set(new)):
+        a, b = old.get(section), new.get(section)
+        if isinstance(a, dict) and isinstance(b, dict):
+            diffs += [f"{section}.{k}: {a.get(k)!r} -> {b.get(k)!r}"
+                      for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+        elif a != b:
+            diffs.append(section)
+    return ", ".join(diffs)
+
+
+class Checkpoint:
+    """The resume state of one training job at `path`, written atomically.
+
+    Holds the SAE's parameters and buffers, the Adam and LR-schedule state, the torch RNG
+    (CPU and the training GPU), the log rows so far, the steps done and the wall time.
+    The data cursor needs no state: ShardStream.batches(step) rebuilds it from the seed.
+    """
+
+    def __init__(self, path: Path, key: dict, sae, opt, sched):
+        self.path, self.key, self.sae, self.opt, self.sched = path, key, sae, opt, sched
+        self.device = next(sae.parameters()).device
+        self.last_good: int | None = None  # steps done in the newest checkpoint on disk
+
+    def restore(self) -> tuple[int, list[dict], list[int], float]:
+        """Load a matching checkpoint into the SAE/optimizer/schedule/RNG.
+
+        Returns (steps done, log rows, steps at which earlier runs resumed, seconds spent);
+        (0, [], [], 0.0) without a usable checkpoint.
+        """
+        state = self._read()
+        if state is None:
+            return 0, [], [], 0.0
+        self.sae.load_state_dict(state["sae"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.sched.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"]["cpu"])
+        if "cuda" in state["rng"] and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
+        self.last_good = state["step"]
+        print(f"resuming from {self.path}: {state['step']} steps done", file=sys.stderr)
+        return state["step"], state["log"], state["resumes"] + [state["step"]], state["elapsed_s"]
+
+    def _read(self) -> dict | None:
+        if not self.path.exists():
+            return None
+        try:
+            state = torch.load(self.path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - any unreadable file means: start fresh
+            print(f"checkpoint {self.path} is unreadable ({e}); starting fresh", file=sys.stderr)
+            return None
+        if state.get("format") != CHECKPOINT_FORMAT or state.get("key") != self.key:
+            diff = _key_diff(state.get("key") or {}, self.key) or "checkpoint format"
+            print(f"checkpoint {self.path} is stale (written for a different job: {diff}); "
+                  "ignoring it and starting fresh", file=sys.stderr)
+            return None
+        return state
+
+    def save(self, step: int, log: list[dict], resumes: list[int], elapsed_s: float) -> None:
+        """Write the state after `step` steps; a kill mid-write leaves the previous file intact."""
+        rng = {"cpu": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        state = {"format": CHECKPOINT_FORMAT, "key": self.key, "step": step,
+                 "sae": self.sae.state_dict(), "optimizer": self.opt.state_dict(),
+                 "scheduler": self.sched.state_dict(), "rng": rng, "log": log,
+                 "resumes": resumes, "elapsed_s": elapsed_s}
+        with atomic_path(self.path) as tmp, open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        self.last_good = step
+
+    def check_finite(self, loss: torch.Tensor, step: int, state: bool) -> None:
+        """Raise FloatingPointError on a non-finite loss (and, if `state`, weights or Adam state).
+
+        Called before each save, so the checkpoint on disk is always a good one.
+        """
+        if not math.isfinite(loss.item()):
+            what = f"loss became {loss.item()}"
+        elif not state:
+            return
+        else:
+            opt_state = [t for s in self.opt.state.values() for t in s.values() if torch.is_tensor(t)]
+            tensors = [*self.sae.state_dict().values(), *opt_state]
+            if all(torch.isfinite(t).all() for t in tensors if t.is_floating_point()):
+                return
+            what = "the weights or optimizer state became non-finite"
+        kept = ("no checkpoint was written" if self.last_good is None else
+                f"the last good checkpoint ({self.last_good} steps done) is kept in {self.path}")
+        raise FloatingPointError(f"{what} at step {step}; lower train.lr and rerun (a changed "
+                                 f"config starts fresh); {kept}")

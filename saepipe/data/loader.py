@@ -1,9 +1,13 @@
-"""Streaming, shuffled batches of activations from Zarr shards.
+"""Streaming, shuffled batches of activations from Zarr shards, resumable at any step.
 
-Never holds more than about `buffer_shards` + 1 shards in memory: shards are visited in a
-random order each epoch, appended to a shuffle buffer, and once the buffer holds
-`buffer_shards` shards worth of rows it is permuted and all but one shard's worth is
-emitted as batches; the rest stays to be mixed with the next shard.
+The row order is a pure function of (shards, seed, buffer_shards): epoch e visits the
+shards in a random order drawn from (seed, e); consecutive groups of `buffer_shards`
+shards form a window whose rows are shuffled together with a permutation drawn from
+(seed, e, window). Batch s holds rows [s*B, (s+1)*B) of that endless sequence, so
+`batches(start)` continues an interrupted run exactly: it locates the window of row
+start*B from the shards' metadata (token_count) and reads nothing before it.
+
+Memory: one window (`buffer_shards` shards) plus the shard being read into it.
 """
 from __future__ import annotations
 
@@ -13,7 +17,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from saepipe.data.shards import read_shard
+from saepipe.data.shards import read_meta, read_shard
 
 
 class ShardStream:
@@ -24,41 +28,65 @@ class ShardStream:
         if not paths:
             raise ValueError("no activation shards given")
         self.paths = list(paths)
+        self.lengths = [int(read_meta(p)["token_count"]) for p in self.paths]
+        if not sum(self.lengths):
+            raise ValueError(f"the {len(self.paths)} activation shards hold no tokens")
         self.batch_size = batch_size
         self.total_tokens = total_tokens
         self.buffer_shards = max(1, buffer_shards)
-        self.rng = np.random.default_rng(seed)
+        self.seed = seed
         self.device = torch.device(device)
-        self.epochs = 0
 
     def __len__(self) -> int:
         return self.total_tokens // self.batch_size
 
-    def _rows(self) -> Iterator[np.ndarray]:
-        """Shuffled rows, endlessly, in chunks."""
-        while True:
-            buffer: list[np.ndarray] = []
-            order = self.rng.permutation(len(self.paths))
-            for i, idx in enumerate(order):
-                acts = read_shard(self.paths[idx]).acts_TD
-                buffer.append(acts)
-                if len(buffer) >= self.buffer_shards or i == len(order) - 1:
-                    rows = np.concatenate(buffer)
-                    rows = rows[self.rng.permutation(len(rows))]
-                    keep = 0 if i == len(order) - 1 else len(acts)
-                    yield rows[: len(rows) - keep]
-                    buffer = [rows[len(rows) - keep :]] if keep else []
-            self.epochs += 1
-
     def __iter__(self) -> Iterator[torch.Tensor]:
-        emitted, pending = 0, np.empty((0, 0), np.float16)
-        for chunk in self._rows():
-            pending = chunk if pending.size == 0 else np.concatenate([pending, chunk])
-            while len(pending) >= self.batch_size:
-                if emitted + self.batch_size > self.total_tokens:
-                    return
-                batch, pending = pending[: self.batch_size], pending[self.batch_size :]
-                emitted += self.batch_size
-                yield torch.from_numpy(batch).to(self.device, non_blocking=True).float()
-            if emitted + self.batch_size > self.total_tokens:
-                return
+        return self.batches(0)
+
+    def batches(self, start: int = 0) -> Iterator[torch.Tensor]:
+        """Batches number `start`, ..., len(self) - 1 (the same as a full pass would give)."""
+        windows = self._rows_from(start * self.batch_size)
+        rows, i = np.empty((0, 0), np.float16), 0
+        for _ in range(start, len(self)):
+            parts, need = [], self.batch_size
+            while need:
+                if i == len(rows):  # next window; copy the batch's head so the old one is freed
+                    parts, rows = [p.copy() for p in parts], None
+                    rows, i = next(windows), 0
+                parts.append(rows[i : i + need])
+                i, need = i + len(parts[-1]), need - len(parts[-1])
+            batch = parts[0] if len(parts) == 1 else np.concatenate(parts)
+            yield torch.from_numpy(batch).to(self.device, non_blocking=True).float()
+
+    def _rows_from(self, offset: int) -> Iterator[np.ndarray]:
+        """Shuffled rows from global row `offset` on, endlessly, one window at a time."""
+        epoch, skip = divmod(offset, sum(self.lengths))
+        while True:
+            order = np.random.default_rng([self.seed, epoch]).permutation(len(self.paths))
+            for w, first in enumerate(range(0, len(order), self.buffer_shards)):
+                window = order[first : first + self.buffer_shards]
+                n = sum(self.lengths[i] for i in window)
+                if skip >= n:  # already trained on: not read
+                    skip -= n
+                    continue
+                rows = self._read_window(window, n, np.random.default_rng([self.seed, epoch, w]))
+                yield rows[skip:]
+                del rows  # before the next window is read
+                skip = 0
+            epoch += 1
+
+    def _read_window(self, window: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+        """The window's `n` rows in an order drawn from `rng`, scattered into place shard by shard."""
+        dest = np.empty(n, np.int64)
+        dest[rng.permutation(n)] = np.arange(n)  # input row r goes to output row dest[r]
+        rows, at = None, 0
+        for i in window:
+            acts = read_shard(self.paths[i]).acts_TD
+            if len(acts) != self.lengths[i]:
+                raise ValueError(f"{self.paths[i]}: metadata says {self.lengths[i]} tokens but it "
+                                 f"holds {len(acts)}; the shard is damaged, delete it to re-extract")
+            if rows is None:
+                rows = np.empty((n, acts.shape[1]), acts.dtype)
+            rows[dest[at : at + len(acts)]] = acts
+            at += len(acts)
+        return rows
