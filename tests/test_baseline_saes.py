@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from synthetic import recovery, sample, train
-from saepipe.saes import load_sae, registry, save_sae
+from saepipe.saes import kernels, load_sae, registry, save_sae
 from saepipe.saes.batchtopk import BatchTopKConfig, BatchTopKSAE
 from saepipe.saes.gated import GatedConfig, GatedSAE
 from saepipe.saes.jumprelu import JumpReLUConfig, JumpReLUSAE
@@ -113,8 +113,11 @@ CASES = [("relu", {"l1_warmup_tokens": 1000}), ("batchtopk", {}), ("batchtopk", 
          ("jumprelu", {"bandwidth": 0.05, "l0_coeff": 0.3}), ("gated", {"l1_coeff": 0.5})]
 
 
+@pytest.mark.parametrize("decode", ["sparse", "dense"])
 @pytest.mark.parametrize("arch,kw", CASES)
-def test_efficient_matches_naive(arch, kw):
+def test_efficient_matches_naive(arch, kw, decode, monkeypatch):
+    # wide codes decode with a matmul, narrow ones with embedding_bag: both must be exact
+    monkeypatch.setattr(kernels, "DENSE_DECODE_MIN_FILL", 0.0 if decode == "dense" else float("inf"))
     torch.manual_seed(0)
     kw = dict(kw)
     eval_mode = kw.pop("eval", False)
@@ -161,6 +164,8 @@ def test_efficient_matches_naive(arch, kw):
         enc = sae.encode(x)
     torch.testing.assert_close(sae.decode(enc), out_eval.x_hat_BD)
     assert enc.acts_BK.shape[1] == max(1, int(l0_B.max()))  # no-grad code: no extra entries
+    if arch != "batchtopk":  # the variable-L0 archs carry the dense code when it is wide
+        assert (enc.dense_BM is not None) == (decode == "dense")
     assert (enc.idx_BK[enc.acts_BK == 0] == 0).all()
     if arch == "jumprelu":  # the STE reaches the threshold
         assert g_eff["threshold"].abs().max() > 0

@@ -111,6 +111,7 @@ class Encoding(NamedTuple):
     gate_B: Tensor | None = None  # Switch: p_{i*} (1 when heaviside); None for dense
     expert_B: Tensor | None = None  # Switch: routed expert per token
     probs_BN: Tensor | None = None  # Switch: router probabilities
+    dense_BM: Tensor | None = None  # variable-L0 archs: the same code dense, when that decodes faster
 
 
 class SAEOutput(NamedTuple):
@@ -215,7 +216,7 @@ class SAE(nn.Module):
     def _decode_n(self, enc: Encoding) -> Tensor:
         """``b_dec + gate * sum_j acts_j W_dec[idx_j]`` in normalised space (sparse)."""
         acts_BK = enc.acts_BK if enc.gate_B is None else enc.acts_BK * enc.gate_B[:, None]
-        return kernels.sparse_decode(enc.idx_BK, acts_BK, self.W_dec) + self.b_dec
+        return kernels.decode(enc.idx_BK, acts_BK, self.W_dec, enc.dense_BM) + self.b_dec
 
     def _aux_losses(
         self, x_n_BD: Tensor, x_hat_n_BD: Tensor, enc: Encoding, extras: dict[str, Tensor]

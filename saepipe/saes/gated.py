@@ -98,8 +98,8 @@ class GatedSAE(SAE):
         p_BM = (x_n_BD - self.b_dec) @ self.W_enc
         pi_gate_BM = p_BM + self.b_gate
         mag_BM = torch.addcmul(self.b_mag, p_BM, self.r_mag.exp())
-        acts_BL, idx_BL = kernels.padded_code(mag_BM, (pi_gate_BM > 0) & (mag_BM > 0))
-        return Encoding(acts_BL, idx_BL), {"pi_gate_BM": pi_gate_BM}
+        acts_BL, idx_BL, dense_BM = kernels.variable_code(mag_BM, (pi_gate_BM > 0) & (mag_BM > 0))
+        return Encoding(acts_BL, idx_BL, dense_BM=dense_BM), {"pi_gate_BM": pi_gate_BM}
 
     def _aux_losses(
         self, x_n_BD: Tensor, x_hat_n_BD: Tensor, enc: Encoding, extras: dict[str, Tensor]
@@ -108,8 +108,8 @@ class GatedSAE(SAE):
         gate_BM = F.relu(extras["pi_gate_BM"])
         d = self.cfg.d_in
         l1 = gate_BM.sum(1).mean() * (self.cfg.l1_coeff / d)
-        g_acts_BL, g_idx_BL = kernels.padded_code(gate_BM, gate_BM > 0)
-        x_aux_BD = kernels.sparse_decode(g_idx_BL, g_acts_BL, self.W_dec.detach())
+        g_acts_BL, g_idx_BL, g_dense_BM = kernels.variable_code(gate_BM, gate_BM > 0)
+        x_aux_BD = kernels.decode(g_idx_BL, g_acts_BL, self.W_dec.detach(), g_dense_BM)
         aux = (x_n_BD - self.b_dec.detach() - x_aux_BD).pow(2).mean()
         return {"l1_gate": l1, "aux_gate": aux}
 

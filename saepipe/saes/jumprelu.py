@@ -162,8 +162,8 @@ class JumpReLUSAE(SAE):
             # inactive side (f = 0): keep those entries in the code with value 0.
             code_BM = active_BM | ((r_BM.detach() - self.threshold.detach()).abs()
                                    < self.cfg.bandwidth / 2)
-        acts_BL, idx_BL = kernels.padded_code(f_BM, code_BM)
-        return Encoding(acts_BL, idx_BL), {"r_BM": r_BM}
+        acts_BL, idx_BL, dense_BM = kernels.variable_code(f_BM, code_BM)
+        return Encoding(acts_BL, idx_BL, dense_BM=dense_BM), {"r_BM": r_BM}
 
     def _aux_losses(
         self, x_n_BD: Tensor, x_hat_n_BD: Tensor, enc: Encoding, extras: dict[str, Tensor]

@@ -26,6 +26,8 @@ __all__ = [
     "sparse_decode",
     "pad_rows",
     "padded_code",
+    "variable_code",
+    "decode",
     "topk_linear",
     "grouped_mm",
     "grouped_mm_available",
@@ -239,6 +241,27 @@ def pad_rows(rows_S: Tensor, cols_S: Tensor, vals_S: Tensor, n_rows: int) -> tup
     idx_BL[rows_S, pos_S] = cols_S
     acts_BL = vals_S.new_zeros(n_rows, L).index_put((rows_S, pos_S), vals_S)
     return acts_BL, idx_BL
+
+
+# A padded code at least this fraction of M wide is decoded as a dense [B, M] @ [M, d]
+# matmul: embedding_bag (and its backward) only wins while the code is narrow. Measured on
+# CPU (d=128, M=1024, B=1024): a ReLU SAE step with L = 561 takes 281 ms sparse.
+DENSE_DECODE_MIN_FILL = 1 / 32
+
+
+def variable_code(values_BM: Tensor, mask_BM: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+    """:func:`padded_code` plus, when the code is wide (L >= M * DENSE_DECODE_MIN_FILL), the
+    dense masked code ``values * mask`` for :func:`decode`; else None. Same gradients."""
+    acts_BL, idx_BL = padded_code(values_BM, mask_BM)
+    wide = acts_BL.shape[1] >= values_BM.shape[1] * DENSE_DECODE_MIN_FILL
+    return acts_BL, idx_BL, (values_BM * mask_BM) if wide else None
+
+
+def decode(idx_BK: Tensor, acts_BK: Tensor, W_dec_MD: Tensor, dense_BM: Tensor | None = None) -> Tensor:
+    """``sum_j acts_j W_dec[idx_j]``: a matmul when a dense code is given, else sparse."""
+    if dense_BM is not None:
+        return dense_BM @ W_dec_MD
+    return sparse_decode(idx_BK, acts_BK, W_dec_MD)
 
 
 def padded_code(values_BM: Tensor, mask_BM: Tensor) -> tuple[Tensor, Tensor]:

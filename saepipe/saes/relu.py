@@ -116,8 +116,8 @@ class ReLUSAE(SAE):
 
     def _encode_n(self, x_n_BD: Tensor) -> tuple[Encoding, dict[str, Tensor]]:
         f_BM = F.relu(torch.addmm(self.b_enc, x_n_BD - self.b_dec, self.W_enc))
-        acts_BL, idx_BL = kernels.padded_code(f_BM, f_BM > 0)
-        return Encoding(acts_BL, idx_BL), {}
+        acts_BL, idx_BL, dense_BM = kernels.variable_code(f_BM, f_BM > 0)
+        return Encoding(acts_BL, idx_BL, dense_BM=dense_BM), {}
 
     def _aux_losses(
         self, x_n_BD: Tensor, x_hat_n_BD: Tensor, enc: Encoding, extras: dict[str, Tensor]
