@@ -41,7 +41,7 @@ if geometry_ids(_rows):
     FIGURES += [f"results/plots/{name}.png" for name in ("feature_geometry", "tsne")]
 if [sid for sid in moe_ids(_rows, {"scale"}) if SAES[sid]["sae"].get("feature_scaling", True)]:
     FIGURES.append("results/plots/omega.png")
-FIGURES.append("results/plots/features.html")
+FIGURES += ["results/plots/metrics.html", "results/plots/features.html"]
 if AUTOINTERP["enabled"]:
     FIGURES.append("results/plots/autointerp.png")
 

@@ -19,6 +19,19 @@ rule aggregate:
         "../workflow_scripts/aggregate.py"
 
 
+rule metrics_table:
+    input:
+        rules.aggregate.output,
+    output:
+        report("results/plots/metrics.html", caption="../report/metrics.rst", category="0. Metrics"),
+    params:
+        code=fingerprint("saepipe.plots.metrics_table"),
+    log:
+        "results/logs/metrics_table.log",
+    script:
+        "../workflow_scripts/metrics_table.py"
+
+
 rule plot_frontier:
     input:
         rules.aggregate.output,

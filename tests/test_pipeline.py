@@ -16,7 +16,7 @@ from conftest import MICRO_SAES, copy_workflow, micro_config, snakemake, write_c
 
 N_SAES = len(MICRO_SAES)
 # what reruns after any metrics change: the table and every figure drawn from it
-DOWNSTREAM = {"aggregate": 1, "all": 1, **{f"plot_{f}": 1 for f in (
+DOWNSTREAM = {"aggregate": 1, "all": 1, "metrics_table": 1, **{f"plot_{f}": 1 for f in (
     "frontier", "scaling", "redundancy", "activation_similarity", "expert_usage", "omega")}}
 # what reruns with one retrained SAE, besides the table and figures
 PER_SAE = {"train": 1, "evaluate": 1, "maxact": 1, "feature_report": 1}
@@ -132,6 +132,16 @@ def test_report_builds(micro_copy):
     for figure in FIGURES:
         assert f"{figure}.png" in html
     assert "features.html" in html and "Top-activating contexts" in html
+    assert "metrics.html" in html
+
+
+def test_metrics_page_lists_every_sae(micro_run):
+    page = (micro_run / "results/plots/metrics.html").read_text()
+    for sid in MICRO_SAES:
+        assert f"<td>{sid}</td>" in page
+    for header in ("L0", "FVU", "loss recovered", "redund. &gt;0.9", "act. similarity", "routing entropy",
+                   "mean ω", "FLOPs/token", "train tok/s"):
+        assert f"<th>{header}</th>" in page, header
 
 
 def test_autointerp_stage_with_a_stub_judge(micro_copy):

@@ -11,21 +11,14 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from saepipe.io import atomic_path
+from saepipe.htmlpage import write_page
 
 STYLE = """
-body { font-family: system-ui, sans-serif; font-size: 13px; margin: 1em; color: #222; }
-h1 { font-size: 18px; } summary { font-size: 14px; font-weight: 600; cursor: pointer; margin: .6em 0; }
-table { border-collapse: collapse; width: 100%; margin-bottom: 1em; }
-th, td { border-bottom: 1px solid #ddd; padding: 4px 6px; text-align: left; vertical-align: top; }
-th { background: #f4f4f4; position: sticky; top: 0; }
-td.num { text-align: right; white-space: nowrap; font-variant-numeric: tabular-nums; width: 1%; }
 div.ctx { font-family: ui-monospace, monospace; font-size: 12px; white-space: pre;
           overflow-x: hidden; text-overflow: ellipsis; margin: 1px 0; line-height: 1.5; }
 div.label { color: #888; font-size: 11px; margin-top: 3px; }
 span.tok { border-radius: 2px; } span.mark { outline: 1.5px solid #c0392b; }
 span.act { color: #888; font-size: 11px; } span.nl { color: #aaa; }
-p.note { color: #555; max-width: 60em; }
 """
 
 
@@ -89,12 +82,8 @@ def feature_report(maxact_parquets: list[str], out_html: str | Path, autointerp_
         sections.append(
             f"<details><summary>{html.escape(sae_id)} ({len(by_feature)} features)</summary>"
             f"<table><tr>{''.join(f'<th>{h}</th>' for h in head)}</tr>{body}</table></details>")
-    page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>saepipe: feature inspection</title>"
-            f"<style>{STYLE}</style></head><body><h1>Top-activating contexts (MaxAct)</h1>"
-            "<p class='note'>Features sampled uniformly among those that fire on the held-out tokens; "
+    note = ("Features sampled uniformly among those that fire on the held-out tokens; "
             "contexts from the eval shards. Activations are in the SAE's normalised units; "
             "freq. = share of tokens on which the feature fires. Click an SAE to expand it. "
-            "Every example, with token ids, is in results/saes/&lt;sae&gt;/maxact.parquet.</p>"
-            + "".join(sections) + "</body></html>")
-    with atomic_path(out_html) as tmp:
-        tmp.write_text(page, encoding="utf-8")
+            "Every example, with token ids, is in results/saes/&lt;sae&gt;/maxact.parquet.")
+    write_page(out_html, "Top-activating contexts (MaxAct)", "".join(sections), note, STYLE)
