@@ -161,8 +161,9 @@ def train_sae(sae_fields: dict, cfg: TrainConfig, shards: list[str], out_dir: st
     with atomic_path(out_dir / "train_log.jsonl") as tmp:
         tmp.write_text("".join(json.dumps(r) + "\n" for r in log))
     ckpt_path.unlink(missing_ok=True)
-    print(f"train {out_dir.name}: {total} steps in {wall:.1f}s "
-          f"({cfg.tokens / wall:,.0f} tok/s), final loss {log[-1]['loss']:.4f}", file=sys.stderr)
+    resumed = f", resumed after step(s) {resumes}" if resumes else ""
+    print(f"train {out_dir.name}: {total} steps in {wall:.1f}s ({cfg.tokens / wall:,.0f} tok/s)"
+          f"{resumed}, final loss {log[-1]['loss']:.4f}", file=sys.stderr)
     return log[-1]
 
 

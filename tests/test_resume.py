@@ -106,7 +106,8 @@ def test_sigterm_checkpoints_and_rerun_resumes_bitwise(arch, shards, tmp_path, c
 
     capsys.readouterr()
     train_sae(SAES[arch], CFG, shards, out)  # the rerun (here in the test's own process)
-    assert "resuming from" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "resuming from" in err and "24 steps done" in err and "resumed after step(s) [24]" in err
     assert not (out / "checkpoint.pt").exists()
     _assert_same_run(out, tmp_path / "ref")
     assert json.loads((out / "config.json").read_text())["run"]["resumed_at_steps"] == [24]
