@@ -20,6 +20,7 @@ from saepipe.codeversion import fingerprint
 from saepipe.features.autointerp import endpoint_params
 from saepipe.plots.availability import geometry_ids, moe_ids, scaling_ks, sweep_rows
 from saepipe.sweep import canonical, expand_sweep
+from saepipe.train import split_runtime
 
 # Every SAE of the sweep: id -> {"group", "sae", "train"} (see saepipe/sweep.py).
 SAES = expand_sweep(config, d_in=config["lm"]["d_model"])

@@ -10,7 +10,7 @@ rule train:
         log="results/saes/{sae}/train_log.jsonl",
     params:
         sae=lambda wc: canonical(SAES[wc.sae]["sae"]),
-        train=lambda wc: canonical(SAES[wc.sae]["train"]),
+        train=lambda wc: canonical(split_runtime(SAES[wc.sae]["train"])[0]),  # runtime fields: from config
         code=fingerprint("saepipe.train"),
     threads: 1
     resources:

@@ -66,6 +66,18 @@ class TrainConfig:
     """Seconds between resume checkpoints (0: after every step); SIGTERM always writes one."""
 
 
+
+# TrainConfig fields that cannot change the trained weights: kept out of the Snakemake
+# params (editing them reruns nothing) and read from the top-level `train:` section.
+RUNTIME_FIELDS = ("checkpoint_every_s",)
+
+
+def split_runtime(fields: dict) -> tuple[dict, dict]:
+    """(fields that define the result, runtime-only fields) of a train config dict."""
+    return ({k: v for k, v in fields.items() if k not in RUNTIME_FIELDS},
+            {k: v for k, v in fields.items() if k in RUNTIME_FIELDS})
+
+
 def lr_factor(step: int, total: int, cfg: TrainConfig) -> float:
     warm = min(1.0, (step + 1) / max(1, cfg.warmup_steps))
     decay_start = total * (1 - cfg.decay_fraction)

@@ -187,6 +187,11 @@ def test_reordered_yaml_keys_rerun_nothing(micro_copy):
     assert planned_jobs(micro_copy) == {}
 
 
+def test_runtime_only_train_fields_rerun_nothing(micro_copy):
+    edit_config(micro_copy, lambda c: c["train"].update(checkpoint_every_s=5.0))
+    assert planned_jobs(micro_copy) == {}
+
+
 def test_editing_one_group_reruns_only_its_points(micro_copy):
     edit_config(micro_copy, lambda c: c["sweep"]["switch_width"].update(lr=0.002))
     assert planned_jobs(micro_copy) == {**PER_SAE, "plot_expert_load": 1, "plot_feature_geometry": 1,
