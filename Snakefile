@@ -18,12 +18,13 @@ os.environ["PYTHONPATH"] = os.pathsep.join([workflow.basedir, os.environ.get("PY
 
 from saepipe.codeversion import fingerprint
 from saepipe.features.autointerp import endpoint_params
+from saepipe.lm import d_model
 from saepipe.plots.availability import geometry_ids, moe_ids, scaling_ks, sweep_rows
 from saepipe.sweep import canonical, expand_sweep
 from saepipe.train import split_runtime
 
 # Every SAE of the sweep: id -> {"group", "sae", "train"} (see saepipe/sweep.py).
-SAES = expand_sweep(config, d_in=config["lm"]["d_model"])
+SAES = expand_sweep(config, d_in=d_model(config))  # native lm.d_model or model.d_model
 MAXACT = config.get("maxact", {})
 AUTOINTERP = endpoint_params(config.get("autointerp", {}))  # env overrides applied; errors early
 SHARDS = {

@@ -1,4 +1,18 @@
 # Data stages: corpus -> language model -> activation shards (one job per shard).
+# `model.source: pretrained` (optional `model:` section): the corpus uses the model's own
+# tokenizer and the `lm` rule trains nothing; it only checks the model and writes its
+# descriptor (results/lm/model.json) and tokenizer files, the model directory of every
+# later stage (see saepipe/lm.py).
+
+from dataclasses import asdict
+
+from saepipe.lm import model_config
+
+MODEL = model_config(config)
+PRETRAINED = MODEL.source == "pretrained"
+if not PRETRAINED and "lm" not in config:
+    raise ValueError("config.yaml has no `lm` section: the default native model needs one "
+                     "(or set model.source: pretrained)")
 
 
 def extract_slice(split):
@@ -17,6 +31,7 @@ rule corpus:
         stats="results/corpus/corpus.json",
     params:
         cfg=canonical(config["corpus"]),
+        tokenizer=canonical({"name_or_path": MODEL.name_or_path, "revision": MODEL.revision} if PRETRAINED else None),
         code=fingerprint("saepipe.data.corpus"),
     threads: 8  # capped by --cores
     resources:
@@ -29,31 +44,53 @@ rule corpus:
         "../workflow_scripts/corpus.py"
 
 
-rule lm:
-    input:
-        rules.corpus.output,
-    output:
-        weights="results/lm/model.safetensors",
-        info="results/lm/model.json",
-        tokenizer="results/lm/tokenizer.json",
-    params:
-        cfg=canonical(config["lm"]),
-        code=fingerprint("saepipe.lm"),
-    threads: 8  # capped by --cores
-    resources:
-        mem_mb=3000,
-    log:
-        "results/logs/lm.log",
-    benchmark:
-        "results/benchmarks/lm.tsv",
-    script:
-        "../workflow_scripts/lm.py"
+if not PRETRAINED:
+
+    rule lm:
+        input:
+            rules.corpus.output,
+        output:
+            weights="results/lm/model.safetensors",
+            info="results/lm/model.json",
+            tokenizer="results/lm/tokenizer.json",
+        params:
+            cfg=canonical(config["lm"]),
+            model=canonical(None),
+            code=fingerprint("saepipe.lm"),
+        threads: 8  # capped by --cores
+        resources:
+            mem_mb=3000,
+        log:
+            "results/logs/lm.log",
+        benchmark:
+            "results/benchmarks/lm.tsv",
+        script:
+            "../workflow_scripts/lm.py"
+
+else:
+
+    rule lm:  # pretrained: no training; `weights` is the descriptor later rules depend on
+        output:
+            weights="results/lm/model.json",
+            tokenizer="results/lm/tokenizer.json",
+        params:
+            cfg=canonical(None),
+            model=canonical(asdict(MODEL)),
+            code=fingerprint("saepipe.lm"),
+        threads: 8
+        resources:
+            mem_mb=3000,
+        log:
+            "results/logs/lm.log",
+        benchmark:
+            "results/benchmarks/lm.tsv",
+        script:
+            "../workflow_scripts/lm.py"
 
 
 rule extract:
     input:
         model=rules.lm.output.weights,
-        info=rules.lm.output.info,
         corpus=rules.corpus.output.stats,
         tokens="results/corpus/{split}.npy",
     output:

@@ -1,9 +1,18 @@
 """The language model whose activations the SAEs learn, through TransformerLens 4.x.
 
-The embedded default is a small TL-native transformer (`TransformerBridge.boot_native`),
-trained briefly on the corpus by the `lm` stage and saved as `model.safetensors` plus
-`model.json`. Everything downstream goes through `load_lm`, `capture` and `ce_loss`,
-so a pretrained model only needs another loader here.
+Two sources, chosen by the optional `model:` section of config.yaml (`ModelConfig`):
+
+- `native` (the default, no `model:` section needed): a small TL-native transformer
+  (`TransformerBridge.boot_native`), trained briefly on the corpus by the `lm` stage and
+  saved as `model.safetensors` plus `model.json` (`"kind": "native"`).
+- `pretrained`: any Hugging Face causal LM that TransformerLens 4.x supports, by hub name
+  (`gpt2`) or local directory (`save_pretrained` output), loaded with
+  `TransformerBridge.boot_transformers` and its own tokenizer (`AutoTokenizer`). Nothing is
+  trained: the `lm` stage only checks the model and writes `model.json` (`"kind":
+  "pretrained"`, name, dtype, width, id) plus the tokenizer files into the model directory.
+
+Every later stage receives that model directory and goes through `load_lm`,
+`load_tokenizer`, `model_id`, `capture` and `ce_loss`, which handle both kinds.
 """
 from __future__ import annotations
 
@@ -21,6 +30,51 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from saepipe.io import atomic_path, read_json, write_json
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class ModelConfig:
+    """The optional `model:` section: which language model the SAEs are trained on."""
+
+    source: str = "native"
+    """`native`: the small TL-native model trained by the `lm` stage (section `lm`).
+    `pretrained`: a Hugging Face model (`name_or_path`), loaded through TransformerLens 4.x
+    `TransformerBridge.boot_transformers`; the `lm` stage then trains nothing."""
+    name_or_path: str | None = None
+    """pretrained only: a hub name (`gpt2`, `EleutherAI/pythia-70m`) or a local directory
+    holding `config.json`, the weights and the tokenizer files. Hub names need the hub or a
+    filled HF cache (set HF_HUB_OFFLINE=1 on machines without network)."""
+    d_model: int | None = None
+    """pretrained only: the residual width (GPT-2 small: 768). Stated in the config so the
+    sweep (FLOP matching needs d) expands without loading the model; the `lm` stage checks it
+    against the real model."""
+    dtype: str = "float32"
+    """pretrained only: float32 | float16 | bfloat16, the dtype the model runs in during
+    extraction and evaluation (activations are always stored as float16)."""
+    revision: str | None = None
+    """pretrained only: a hub revision (branch, tag or commit); None = the default branch."""
+
+    def __post_init__(self):
+        if self.source not in ("native", "pretrained"):
+            raise ValueError(f"model.source must be native or pretrained, not {self.source!r}")
+        if self.source == "pretrained" and not (self.name_or_path and self.d_model):
+            raise ValueError("model.source: pretrained needs model.name_or_path (a hub name or a "
+                             "local directory) and model.d_model (its residual width, e.g. 768 for gpt2)")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"model.dtype must be one of {sorted(DTYPES)}, not {self.dtype!r}")
+
+
+def model_config(config: dict) -> ModelConfig:
+    """The `model:` section of a whole config (absent: the native default)."""
+    return ModelConfig(**(config.get("model") or {}))
+
+
+def d_model(config: dict) -> int:
+    """Residual width of the configured model (the SAEs' d_in), known without loading it."""
+    cfg = model_config(config)
+    return cfg.d_model if cfg.source == "pretrained" else int(config["lm"]["d_model"])
 
 
 @dataclass
@@ -132,19 +186,110 @@ def train_lm(cfg: LMConfig, corpus_dir: str | Path, out_dir: str | Path) -> dict
     return info
 
 
-def load_lm(model_dir: str | Path, device: torch.device | str = "cpu"):
-    """Load a model saved by `train_lm` as a TransformerBridge in eval mode."""
-    from transformer_lens.model_bridge.sources.native import boot
+def _boot_pretrained(name_or_path: str, dtype: str, revision: str | None, device, tokenizer=None):
+    from transformer_lens.model_bridge import TransformerBridge
 
+    try:
+        return TransformerBridge.boot_transformers(
+            name_or_path, device=device, dtype=DTYPES[dtype], revision=revision, tokenizer=tokenizer)
+    except OSError as err:  # not on disk, not in the HF cache, no network
+        raise OSError(
+            f"could not load the pretrained model {name_or_path!r}: {err}\nmodel.name_or_path must be a "
+            "local directory with config.json and weights, or a hub name available in the Hugging Face "
+            "cache (download it once on a machine with network: `huggingface-cli download <name>`)"
+        ) from err
+
+
+def load_hf_tokenizer(name_or_path: str | Path, revision: str | None = None):
+    """The model's own fast tokenizer (`AutoTokenizer`); errors clearly if it has none."""
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(name_or_path), revision=revision)
+    except OSError as err:
+        raise OSError(f"could not load the tokenizer of {name_or_path!r}: {err}") from err
+    if not tok.is_fast:
+        raise ValueError(f"the tokenizer of {name_or_path!r} has no fast (tokenizers) version; "
+                         "saepipe needs one (tokenizer.json) to tokenise and decode")
+    return tok
+
+
+def _weights_digest(directory: Path) -> str:
+    """sha256 over a local model directory's weight files (name and bytes), 12 hex digits."""
+    files = sorted(p for p in directory.iterdir()
+                   if p.suffix in (".safetensors", ".bin", ".pt", ".pth") and p.is_file())
+    if not files:
+        raise FileNotFoundError(f"no weight files (*.safetensors, *.bin) in {directory}")
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(path.name.encode())
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 24), b""):
+                digest.update(block)
+    return digest.hexdigest()[:12]
+
+
+def _pretrained_id(cfg: ModelConfig) -> str:
+    """`<name>@<12 hex>`: the hash of a local directory's weights, or the hub snapshot's commit."""
+    path = Path(cfg.name_or_path)
+    if path.is_dir():
+        return f"{path.resolve().name}@{_weights_digest(path)}"
+    from huggingface_hub import snapshot_download
+
+    snapshot = Path(snapshot_download(cfg.name_or_path, revision=cfg.revision, allow_patterns=["config.json"]))
+    return f"{cfg.name_or_path}@{snapshot.name[:12]}"
+
+
+def prepare_pretrained(cfg: ModelConfig, out_dir: str | Path) -> dict:
+    """The `lm` stage for `model.source: pretrained`: no training. Loads the model once
+    (checking that it exists, that TransformerLens supports it and that `model.d_model` is
+    right), then writes `model.json` and the tokenizer files (`save_pretrained`, which
+    includes `tokenizer.json`) into `out_dir`, the model directory of every later stage."""
+    out_dir = Path(out_dir)
+    tokenizer = load_hf_tokenizer(cfg.name_or_path, cfg.revision)
+    model = _boot_pretrained(cfg.name_or_path, cfg.dtype, cfg.revision, "cpu", tokenizer)
+    if model.cfg.d_model != cfg.d_model:
+        raise ValueError(f"model.d_model is {cfg.d_model} but {cfg.name_or_path!r} has d_model "
+                         f"{model.cfg.d_model}; set model.d_model: {model.cfg.d_model} in the config")
+    info = {
+        "kind": "pretrained",
+        "name_or_path": str(Path(cfg.name_or_path).resolve()) if Path(cfg.name_or_path).is_dir() else cfg.name_or_path,
+        "revision": cfg.revision,
+        "dtype": cfg.dtype,
+        "d_model": int(model.cfg.d_model),
+        "n_layers": int(model.cfg.n_layers),
+        "n_ctx": int(model.cfg.n_ctx),
+        "d_vocab": int(model.cfg.d_vocab),
+        "model_id": _pretrained_id(cfg),
+        "tokenizer": "tokenizer.json",
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer.save_pretrained(str(out_dir))
+    write_json(out_dir / "model.json", info)
+    print(f"lm: pretrained {info['model_id']} (d_model {info['d_model']}, {info['n_layers']} layers, "
+          f"{cfg.dtype}); nothing trained", file=sys.stderr)
+    return info
+
+
+def load_lm(model_dir: str | Path, device: torch.device | str = "cpu"):
+    """The model of a model directory (written by the `lm` stage) as a TransformerBridge in
+    eval mode: the native model's saved weights, or the pretrained model `model.json` names."""
     model_dir = Path(model_dir)
     info = read_json(model_dir / "model.json")
+    if info.get("kind") == "pretrained":
+        tokenizer = load_hf_tokenizer(model_dir)
+        model = _boot_pretrained(info["name_or_path"], info["dtype"], info.get("revision"), device, tokenizer)
+        return model.eval()
+    from transformer_lens.model_bridge.sources.native import boot
+
     model = boot(_bridge_config(info["arch"]))
     model.load_state_dict(load_file(str(model_dir / "model.safetensors")))
     return model.to(device).eval()
 
 
 def load_tokenizer(model_dir: str | Path):
-    """`decode(ids) -> str` with the tokenizer saved next to the model."""
+    """`decode(ids) -> str` with the tokenizer of a model directory (either kind): its
+    `tokenizer.json` (written by the corpus stage or by `save_pretrained`)."""
     from tokenizers import Tokenizer
 
     tokenizer = Tokenizer.from_file(str(Path(model_dir) / "tokenizer.json"))
@@ -152,7 +297,11 @@ def load_tokenizer(model_dir: str | Path):
 
 
 def model_id(model_dir: str | Path) -> str:
-    """A readable id for metadata: the model directory's name plus a hash of its weights."""
+    """A readable id for shard metadata: for the native model the directory's name plus a hash
+    of its weights; for a pretrained one the id `prepare_pretrained` recorded."""
+    info = read_json(Path(model_dir) / "model.json")
+    if info.get("kind") == "pretrained":
+        return info["model_id"]
     path = Path(model_dir) / "model.safetensors"
     digest = hashlib.sha256(path.read_bytes()).hexdigest()[:12]
     return f"{Path(model_dir).name}@{digest}"

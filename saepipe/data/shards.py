@@ -8,6 +8,12 @@ Layout of `<split>/<index>.zarr`:
                d_in, seq_len, split, index, ...)
 fp16 activations barely compress, so chunks are stored raw; each inner chunk is >= 1 MB
 and a whole shard is read with one slice per array (SPEC §4).
+
+Integrity: every chunk carries a crc32c checksum and every chunk file is written (even one
+equal to the fill value), so a flipped byte, a truncated chunk and a deleted chunk are all
+detected when the shard is read (`ShardError`, naming the shard and the command that
+regenerates it), as are unreadable metadata and a row count that disagrees with it.
+Shards of another model, hook, dtype or width are refused by `check_compatible`.
 """
 from __future__ import annotations
 
@@ -22,6 +28,22 @@ from zarr.codecs import BytesCodec, Crc32cCodec
 from saepipe.io import atomic_path
 
 CHUNK_BYTES = 4 << 20  # inner chunk size target
+ARRAYS = ("acts", "tokens", "positions")
+
+
+class ShardError(ValueError):
+    """A shard that cannot be trusted: damaged, incomplete or from another run."""
+
+
+def regenerate_hint(paths) -> str:
+    """The command that rebuilds the given shards (paths as the pipeline names them)."""
+    return "snakemake --forcerun " + " ".join(str(p) for p in paths)
+
+
+def _damaged(path, what: str, err: Exception | None = None) -> ShardError:
+    cause = f" ({type(err).__name__}: {err})" if err is not None else ""
+    return ShardError(f"activation shard {path} is damaged: {what}{cause}. Regenerate it with: "
+                      f"{regenerate_hint([path])}")
 
 
 @dataclass
@@ -38,6 +60,7 @@ def _array(group, name: str, data: np.ndarray) -> None:
     arr = group.create_array(
         name, shape=data.shape, dtype=data.dtype, chunks=(rows, *data.shape[1:]),
         serializer=BytesCodec(), compressors=[Crc32cCodec()],
+        config={"write_empty_chunks": True},  # a missing chunk file then always means damage
     )
     arr[...] = data
 
@@ -55,34 +78,86 @@ def write_shard(path: str | os.PathLike, acts_TD: np.ndarray, tokens_T: np.ndarr
         group.attrs.update(meta)
 
 
+def _open(path) -> zarr.Group:
+    if not Path(path).is_dir():
+        raise FileNotFoundError(f"activation shard {path} does not exist; build it with: "
+                                f"{regenerate_hint([path])}")
+    try:
+        group = zarr.open_group(str(path), mode="r")
+        missing = [name for name in ARRAYS if name not in group]
+    except Exception as err:  # unreadable or invalid zarr.json
+        raise _damaged(path, "its Zarr metadata cannot be read", err) from err
+    if missing:
+        raise _damaged(path, f"array(s) {missing} are missing")
+    return group
+
+
 def read_meta(path: str | os.PathLike) -> dict:
-    return dict(zarr.open_group(str(path), mode="r").attrs)
+    """The shard's metadata (its group attributes); `ShardError` if the shard is unreadable."""
+    return dict(_open(path).attrs)
+
+
+def _read_array(path, group, name: str) -> np.ndarray:
+    arr = group[name]
+    if arr.nchunks_initialized != arr.nchunks:
+        raise _damaged(path, f"{name} has {arr.nchunks - arr.nchunks_initialized} of its "
+                             f"{arr.nchunks} chunk files missing")
+    try:
+        data = arr[...]
+    except Exception as err:  # crc32c mismatch, truncated chunk, undecodable bytes
+        raise _damaged(path, f"a chunk of {name} fails its checksum or is truncated", err) from err
+    expected = group.attrs.get("token_count")
+    if expected is not None and len(data) != expected:
+        raise _damaged(path, f"{name} has {len(data)} rows but the metadata says token_count={expected}")
+    return data
 
 
 def read_shard(path: str | os.PathLike, with_acts: bool = True) -> Shard:
-    """Read a whole shard into memory (one shard: tens of MB by design)."""
-    group = zarr.open_group(str(path), mode="r")
+    """Read a whole shard into memory (one shard: tens of MB by design), checking every chunk."""
+    group = _open(path)
     return Shard(
-        acts_TD=group["acts"][...] if with_acts else np.empty((0, 0), np.float16),
-        tokens_T=group["tokens"][...],
-        positions_T=group["positions"][...],
+        acts_TD=_read_array(path, group, "acts") if with_acts else np.empty((0, 0), np.float16),
+        tokens_T=_read_array(path, group, "tokens"),
+        positions_T=_read_array(path, group, "positions"),
         meta=dict(group.attrs),
     )
 
 
+def verify_shard(path: str | os.PathLike) -> dict:
+    """Read every chunk of a shard (checksums, completeness, row counts); returns its metadata."""
+    return read_shard(path).meta
+
+
+COMPATIBILITY_KEYS = ("model", "hook", "dtype", "d_in")
+
+
 def check_compatible(metas: list[dict], paths: list[str | os.PathLike]) -> dict:
-    """All shards must come from one model, hook, dtype and width; returns the first meta."""
-    keys = ("model", "hook", "dtype", "d_in")
+    """All shards must come from one model, hook, dtype and width (`COMPATIBILITY_KEYS`);
+    returns the first meta. Called by training, evaluation and MaxAct on their shards."""
     first = metas[0]
-    for meta, path in zip(metas, paths):
-        diff = {k: (first.get(k), meta.get(k)) for k in keys if meta.get(k) != first.get(k)}
-        if diff:
-            raise ValueError(
-                f"shard {path} does not match {paths[0]}: "
-                + ", ".join(f"{k} {a!r} != {b!r}" for k, (a, b) in diff.items())
-                + ". Regenerate the stale shards (snakemake --forcerun extract)."
-            )
+    for key in COMPATIBILITY_KEYS:
+        if any(key not in meta for meta in metas):
+            bad = [str(p) for p, m in zip(paths, metas) if key not in m]
+            raise ShardError(f"shard(s) {', '.join(bad)} have no {key!r} in their metadata (not written "
+                             f"by saepipe's extract stage); rebuild them with: {regenerate_hint(bad)}")
+    stale = [(path, meta) for path, meta in zip(paths, metas)
+             if any(meta[k] != first[k] for k in COMPATIBILITY_KEYS)]
+    if stale:
+        path, meta = stale[0]
+        diff = ", ".join(f"{k} {meta[k]!r} (expected {first[k]!r})" for k in COMPATIBILITY_KEYS
+                         if meta[k] != first[k])
+        raise ShardError(
+            f"shard {path} does not match {paths[0]}: {diff}; {len(stale)} of {len(paths)} shards "
+            "differ. They come from another model, hook or dtype (an older run?). Delete or "
+            f"regenerate the stale shards: {regenerate_hint(p for p, _ in stale)}"
+        )
     return first
+
+
+def keep_mask(positions: np.ndarray, exclude_positions) -> np.ndarray:
+    """Boolean mask of the rows whose sequence position is not in `exclude_positions`
+    (the shard metadata's `exclude_positions`, e.g. GPT-2's BOS position 0)."""
+    return ~np.isin(np.asarray(positions), np.asarray(list(exclude_positions or []), dtype=np.int64))
 
 
 def mean_norm(metas: list[dict]) -> float:
