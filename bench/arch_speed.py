@@ -4,8 +4,8 @@
     python bench/arch_speed.py --preset h200   # GPU preset (d=768, M=24576, N=32, k=32, batch 16384, bf16)
 
 One step = forward + backward + Adam + the SAE's decoder hooks, timed side by side in one
-run (median of --steps after --warmup). Two references are implemented HERE only, never in
-the library: `dense_topk` (dense encoder AND dense decode, the straightforward SAE) and
+run (median of --steps after --warmup). Two references (bench/_common.py, never in
+the library): `dense_topk` (dense encoder AND dense decode, the straightforward SAE) and
 `reference_switch` (the papers' code style: every expert's encoder computed densely, then
 masked to the routed expert). Ratios are against dense TopK (`topk`, our sparse decode)
 and against `reference_switch`. Results: a printed table and bench/results/arch_speed-*.json.
@@ -16,17 +16,15 @@ import argparse
 import datetime as dt
 import json
 import platform
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+sys.path[:0] = [str(REPO), str(REPO / "bench")]
+
+from _common import DenseTopK, ReferenceSwitch, time_steps  # noqa: E402
 
 from saepipe.saes import ARCHITECTURES, build_sae  # noqa: E402
 
@@ -36,83 +34,12 @@ PRESETS = {
 }
 
 
-class DenseTopK(nn.Module):
-    """Straightforward TopK SAE: dense encoder, dense [B, M] code, dense decode."""
-
-    def __init__(self, d, M, k):
-        super().__init__()
-        self.k = k
-        self.W_enc = nn.Parameter(torch.randn(d, M) / d**0.5)
-        self.b_enc = nn.Parameter(torch.zeros(M))
-        self.W_dec = nn.Parameter(self.W_enc.detach().t().clone())
-        self.b_dec = nn.Parameter(torch.zeros(d))
-
-    def forward(self, x):
-        pre = F.relu((x - self.b_dec) @ self.W_enc + self.b_enc)
-        vals, idx = pre.topk(self.k, dim=-1)
-        z = torch.zeros_like(pre).scatter(-1, idx, vals)
-        x_hat = z @ self.W_dec + self.b_dec
-        return {"mse": (x - x_hat).pow(2).mean()}
-
-
-class ReferenceSwitch(nn.Module):
-    """Switch SAE as the papers' reference code computes it: all M latents, then a mask."""
-
-    def __init__(self, d, M, k, N):
-        super().__init__()
-        self.k, self.N, self.n = k, N, M // N
-        self.W_enc = nn.Parameter(torch.randn(d, M) / d**0.5)
-        self.W_dec = nn.Parameter(self.W_enc.detach().t().clone())
-        self.b_dec = nn.Parameter(torch.zeros(d))
-        self.W_router = nn.Parameter(torch.randn(d, N) / d**0.5)
-        self.b_router = nn.Parameter(torch.zeros(d))
-
-    def forward(self, x):
-        p = torch.softmax((x - self.b_router) @ self.W_router, -1)
-        expert = p.argmax(-1)
-        pre = F.relu((x - self.b_dec) @ self.W_enc)                       # every expert, dense
-        owner = torch.arange(pre.shape[1], device=x.device) // self.n
-        pre = pre * (owner[None, :] == expert[:, None])                    # keep the routed one
-        vals, idx = pre.topk(self.k, dim=-1)
-        z = torch.zeros_like(pre).scatter(-1, idx, vals)
-        gate = p.gather(-1, expert[:, None])
-        x_hat = gate * (z @ self.W_dec) + self.b_dec
-        f = F.one_hot(expert, self.N).float().mean(0)
-        return {"mse": (x - x_hat).pow(2).mean(), "balance": self.N * (f * p.mean(0)).sum()}
-
-
 def library_configs(p: dict) -> dict[str, dict]:
     """One config per registered architecture at total width M (Scale: e=2)."""
     d, M, k, N = p["d"], p["M"], p["k"], p["N"]
     extra = {"switch": {"n_experts": N}, "scale": {"n_experts": N, "active_experts": 2}}
     return {arch: {"arch": arch, "d_in": d, "width": M, "k": k, **extra.get(arch, {})}
             for arch in ARCHITECTURES}
-
-
-def time_steps(model, hooks: bool, x, steps: int, warmup: int, dtype) -> float:
-    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
-    autocast = torch.autocast(x.device.type, dtype=dtype, enabled=dtype != torch.float32)
-    times = []
-    for i in range(warmup + steps):
-        if x.is_cuda:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        with autocast:
-            out = model(x)
-            losses = out.losses if hasattr(out, "losses") else out
-            loss = sum(losses.values())
-        loss.backward()
-        if hooks:
-            model.before_optimizer_step()
-        opt.step()
-        if hooks:
-            model.after_optimizer_step()
-        opt.zero_grad(set_to_none=True)
-        if x.is_cuda:
-            torch.cuda.synchronize()
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -128,12 +55,12 @@ def main() -> None:
     torch.manual_seed(0)
     x = torch.randn(p["batch"], p["d"], device=device)
 
-    models = {name: (build_sae(cfg).to(device), True) for name, cfg in library_configs(p).items()}
-    models["dense_topk"] = (DenseTopK(p["d"], p["M"], p["k"]).to(device), False)
-    models["reference_switch"] = (ReferenceSwitch(p["d"], p["M"], p["k"], p["N"]).to(device), False)
+    models = {name: build_sae(cfg).to(device) for name, cfg in library_configs(p).items()}
+    models["dense_topk"] = DenseTopK(p["d"], p["M"], p["k"]).to(device)
+    models["reference_switch"] = ReferenceSwitch(p["d"], p["M"], p["k"], p["N"]).to(device)
     rows = []
-    for name, (model, hooks) in models.items():
-        sec = time_steps(model, hooks, x, args.steps, args.warmup, dtype)
+    for name, model in models.items():
+        sec = time_steps(model, x, args.steps, args.warmup, None if dtype == torch.float32 else dtype)
         rows.append({"arch": name, "ms_per_step": 1e3 * sec, "tokens_per_s": p["batch"] / sec})
     by = {r["arch"]: r for r in rows}
     for r in rows:

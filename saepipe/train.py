@@ -22,7 +22,7 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Iterator
 
@@ -30,15 +30,21 @@ import torch
 from tqdm.auto import tqdm
 
 from saepipe.codeversion import fingerprint
-from saepipe.data.loader import ShardStream
-from saepipe.data.shards import check_compatible, mean_norm, read_meta
 from saepipe.devices import resolve_device
 from saepipe.io import atomic_path
 from saepipe.saes import build_sae, config_from_dict, save_sae
 
+try:  # the shards need zarr 3; without it train_step/make_optimizer (benchmarks) still import
+    from saepipe.data.loader import ShardStream
+    from saepipe.data.shards import check_compatible, mean_norm, read_meta
+except ImportError as err:
+    _DATA_LAYER_ERROR: ImportError | None = err
+else:
+    _DATA_LAYER_ERROR = None
+
 CHECKPOINT_FILE = "checkpoint.pt"
 CHECKPOINT_FORMAT = 1
-RESUME_NEUTRAL = frozenset({"device", "checkpoint_every_s"})
+RESUME_NEUTRAL = frozenset({"device", "checkpoint_every_s", "prefetch_windows", "device_cache_gb"})
 """TrainConfig fields that may change between a checkpoint and the run resuming it."""
 
 
@@ -46,8 +52,9 @@ RESUME_NEUTRAL = frozenset({"device", "checkpoint_every_s"})
 class TrainConfig:
     tokens: int = 2_000_000
     """Training tokens (several epochs over the shards if they hold fewer)."""
-    batch_size: int = 1024
-    """Activations per optimizer step."""
+    batch_size: int | str = "auto"
+    """Activations per optimizer step; "auto": 1024 on the CPU, 16384 on a GPU (GPUs need
+    large batches to approach their peak; see bench/train_throughput.py)."""
     lr: float = 5e-4
     """Adam learning rate after warm-up."""
     warmup_steps: int = 50
@@ -59,17 +66,50 @@ class TrainConfig:
     log_every: int = 25
     """Steps between two rows of train_log.jsonl."""
     buffer_shards: int = 2
-    """Shards mixed in the shuffle buffer (memory: about this many + 1 shards)."""
+    """Shards mixed in the shuffle buffer (memory: about (prefetch_windows + 1) x this + 1 shards)."""
     device: str = "auto"
     """auto | cpu | cuda | cuda:N"""
+    precision: str = "auto"
+    """Matmul precision: "fp32", or "bf16" (autocast; weights, Adam and losses stay fp32);
+    "auto": bf16 on a GPU, fp32 on the CPU (where resumed runs are then bitwise identical)."""
     checkpoint_every_s: float = 300.0
     """Seconds between resume checkpoints (0: after every step); SIGTERM always writes one."""
+    prefetch_windows: int = 1
+    """Shuffle windows read ahead by a background thread (0: read when needed); same batches."""
+    device_cache_gb: float | str = "auto"
+    """Keep all training activations on the device when they fit in this many GB (fp16) and
+    sample batches there (same batches as streaming); 0: never; "auto": 0 on the CPU, a
+    quarter of the GPU's memory on a GPU."""
+
+    def __post_init__(self) -> None:
+        if self.batch_size != "auto" and not (isinstance(self.batch_size, int) and self.batch_size > 0):
+            raise ValueError(f"train.batch_size must be a positive int or 'auto', got {self.batch_size!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"train.precision must be one of {list(PRECISIONS)}, got {self.precision!r}")
+        if not (isinstance(self.prefetch_windows, int) and self.prefetch_windows >= 0):
+            raise ValueError(f"train.prefetch_windows must be an int >= 0, got {self.prefetch_windows!r}")
+        if self.device_cache_gb != "auto" and not (isinstance(self.device_cache_gb, (int, float))
+                                                   and self.device_cache_gb >= 0):
+            raise ValueError(f"train.device_cache_gb must be a number >= 0 or 'auto', got {self.device_cache_gb!r}")
+
+    def resolved(self, device: torch.device) -> "TrainConfig":
+        """This config with every "auto" replaced by its value on `device`."""
+        gpu = device.type == "cuda"
+        batch = self.batch_size if self.batch_size != "auto" else (GPU_BATCH_SIZE if gpu else CPU_BATCH_SIZE)
+        precision = self.precision if self.precision != "auto" else ("bf16" if gpu else "fp32")
+        cache = self.device_cache_gb
+        if cache == "auto":
+            cache = round(torch.cuda.get_device_properties(device).total_memory / 4 / 2**30, 1) if gpu else 0.0
+        return replace(self, batch_size=batch, precision=precision, device_cache_gb=float(cache))
 
 
+PRECISIONS = ("auto", "fp32", "bf16")
+CPU_BATCH_SIZE, GPU_BATCH_SIZE = 1024, 16384
+"""train.batch_size "auto" on the CPU and on a GPU."""
 
 # TrainConfig fields that cannot change the trained weights: kept out of the Snakemake
 # params (editing them reruns nothing) and read from the top-level `train:` section.
-RUNTIME_FIELDS = ("checkpoint_every_s",)
+RUNTIME_FIELDS = ("checkpoint_every_s", "prefetch_windows", "device_cache_gb")
 
 
 def split_runtime(fields: dict) -> tuple[dict, dict]:
@@ -96,6 +136,32 @@ def _routing_stats(sae, out) -> dict:
     return stats
 
 
+AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16}
+
+
+def make_optimizer(sae: torch.nn.Module, lr: float) -> torch.optim.Adam:
+    """Adam over the SAE's parameters; the fused kernel on CUDA (one launch for all of them)."""
+    fused = next(sae.parameters()).device.type == "cuda"
+    return torch.optim.Adam(sae.parameters(), lr=lr, fused=fused or None)
+
+
+def train_step(sae, opt: torch.optim.Optimizer, x_BD: torch.Tensor, autocast: torch.dtype | None):
+    """One optimizer step of the protocol in saepipe/saes/base.py; returns (SAEOutput, loss).
+
+    With `autocast` (e.g. torch.bfloat16) the forward runs under torch.autocast: matmuls in
+    that dtype, parameters, gradients, Adam state and the losses in float32.
+    """
+    with torch.autocast(x_BD.device.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+        out = sae(x_BD)
+        loss = sum(out.losses.values())
+    loss.backward()
+    sae.before_optimizer_step()
+    opt.step()
+    sae.after_optimizer_step()
+    opt.zero_grad(set_to_none=True)
+    return out, loss
+
+
 def train_sae(sae_fields: dict, cfg: TrainConfig, shards: list[str], out_dir: str | Path,
               checkpoint: str | Path | None = None) -> dict:
     """Train and save an SAE (sae.safetensors, config.json, train_log.jsonl) in `out_dir`.
@@ -103,6 +169,9 @@ def train_sae(sae_fields: dict, cfg: TrainConfig, shards: list[str], out_dir: st
     Resumes from `checkpoint` (default `out_dir/checkpoint.pt`) when it was written for
     this same job, and deletes it once the outputs are saved. See the module docstring.
     """
+    if _DATA_LAYER_ERROR is not None:
+        raise ImportError(f"training reads Zarr v3 shards: {_DATA_LAYER_ERROR}; install saepipe's "
+                          "dependencies (pip install -c constraints.txt -e .)") from _DATA_LAYER_ERROR
     out_dir = Path(out_dir)
     ckpt_path = Path(checkpoint) if checkpoint else out_dir / CHECKPOINT_FILE
     metas = [read_meta(p) for p in shards]
@@ -114,31 +183,34 @@ def train_sae(sae_fields: dict, cfg: TrainConfig, shards: list[str], out_dir: st
         "seed": cfg.seed,
     })
     device = resolve_device(cfg.device)
+    cfg = cfg.resolved(device)
     torch.manual_seed(cfg.seed)
     sae = build_sae(sae_cfg).to(device)
-    stream = ShardStream(shards, cfg.batch_size, cfg.tokens, seed=cfg.seed,
-                         buffer_shards=cfg.buffer_shards, device=device)
+    stream = ShardStream(shards, cfg.batch_size, cfg.tokens, seed=cfg.seed, buffer_shards=cfg.buffer_shards,
+                         device=device, prefetch=cfg.prefetch_windows, cache_bytes=cfg.device_cache_gb * 2**30)
     total = len(stream)
     if total == 0:
         raise ValueError(f"train.tokens ({cfg.tokens}) is smaller than one batch ({cfg.batch_size})")
-    opt = torch.optim.Adam(sae.parameters(), lr=cfg.lr)
+    if total < cfg.warmup_steps:
+        print(f"train {out_dir.name}: warning: only {total} steps (tokens {cfg.tokens:,} / batch "
+              f"{cfg.batch_size:,}) but warmup_steps is {cfg.warmup_steps}: the learning rate never "
+              "reaches train.lr; raise train.tokens or lower train.batch_size / warmup_steps", file=sys.stderr)
+    opt = make_optimizer(sae, cfg.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, cfg))
+    autocast = AUTOCAST_DTYPES[cfg.precision]
     ckpt = Checkpoint(ckpt_path, _job_key(sae_fields, cfg, shards, metas), sae, opt, sched)
     start, log, resumes, elapsed = ckpt.restore()
     t0 = time.time() - elapsed
     t_log, tokens_at_log, t_ckpt = time.time(), start * cfg.batch_size, time.monotonic()
     bar = tqdm(total=total, initial=start, desc=f"train {out_dir.name}", file=sys.stderr, mininterval=5)
+    print(f"train {out_dir.name}: {device}, batch {cfg.batch_size}, {cfg.precision}, "
+          + ("activations cached on the device" if stream.cached else
+             f"streaming {len(shards)} shards (prefetch {cfg.prefetch_windows})"), file=sys.stderr)
     with _sigterm_flag() as sigterm:
         for step, x_BD in enumerate(stream.batches(start), start):
             if step == 0:
                 sae.init_from_batch(x_BD)
-            out = sae(x_BD)
-            loss = sum(out.losses.values())
-            loss.backward()
-            sae.before_optimizer_step()
-            opt.step()
-            sae.after_optimizer_step()
-            opt.zero_grad(set_to_none=True)
+            out, loss = train_step(sae, opt, x_BD, autocast)
             sched.step()
             bar.update()
             if step % cfg.log_every == 0 or step == total - 1:  # the only host syncs of the loop

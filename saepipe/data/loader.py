@@ -5,37 +5,89 @@ shards in a random order drawn from (seed, e); consecutive groups of `buffer_sha
 shards form a window whose rows are shuffled together with a permutation drawn from
 (seed, e, window). Batch s holds rows [s*B, (s+1)*B) of that endless sequence, so
 `batches(start)` continues an interrupted run exactly: it locates the window of row
-start*B from the shards' metadata (token_count) and reads nothing before it.
+start*B from the shards' metadata (token_count) and reads nothing before it (nor any
+window after the last batch).
 
-Memory: one window (`buffer_shards` shards) plus the shard being read into it.
+Feeding the accelerator (none of these change the batches, bit for bit):
+- prefetch: a background thread reads and shuffles the next window while the current one
+  is trained on (`prefetch` windows ahead; 0 reads in the consumer's thread);
+- pinned memory: on CUDA windows are assembled in page-locked memory and batches are
+  copied with non_blocking=True;
+- device cache: when all shards fit in `cache_bytes`, they are loaded once onto the device
+  (fp16) and each batch is an index_select there with the same permutation.
+
+Integrity: every shard is checked for NaN/inf activations when it is loaded (one
+vectorised pass per shard, not per step); a bad row raises NonFiniteActivations naming
+the shard and the row.
+
+Memory (streaming): the current window plus, with prefetch, the next window being built,
+i.e. about (prefetch + 1) * buffer_shards shards plus the shard being read.
 """
 from __future__ import annotations
 
 import os
-from typing import Iterator
+import queue
+import threading
+from typing import Callable, Iterator, TypeVar
 
 import numpy as np
 import torch
 
 from saepipe.data.shards import read_meta, read_shard
 
+T = TypeVar("T")
+
+
+class NonFiniteActivations(ValueError):
+    """A shard holds NaN or inf activations (training would silently diverge on them)."""
+
+
+def check_finite(acts_TD: np.ndarray, path: str | os.PathLike) -> None:
+    """Raise NonFiniteActivations naming `path` and the first bad row, if any value is NaN/inf."""
+    if acts_TD.dtype == np.float16:  # exponent bits all set <=> inf or NaN; ~3x faster than isfinite
+        bad_TD = (acts_TD.view(np.uint16) & 0x7C00) == 0x7C00
+    else:
+        bad_TD = ~np.isfinite(acts_TD)
+    rows = np.flatnonzero(bad_TD.any(axis=1))
+    if len(rows):
+        r = int(rows[0])
+        more = f" (and {len(rows) - 1} more rows)" if len(rows) > 1 else ""
+        raise NonFiniteActivations(
+            f"{path}: row {r} of {len(acts_TD)} holds non-finite activations "
+            f"({acts_TD[r][~np.isfinite(acts_TD[r].astype(np.float32))][:3].tolist()}, ...){more}. "
+            "The model produced NaN/inf at the hook (e.g. fp16 overflow); fix the extraction "
+            "(extract in float32, or another hook/model), delete the shard and rerun to re-extract it.")
+
 
 class ShardStream:
-    """Yields float32 [batch_size, d] tensors (raw units) for `total_tokens` tokens."""
+    """Yields float32 [batch_size, d] tensors (raw units) on `device` for `total_tokens` tokens.
+
+    `prefetch`: windows read ahead in a background thread (0: none). `cache_bytes`: when
+    the shards' activations (fp16) fit in this many bytes they are kept on `device` and
+    sampled there (0: never). Neither changes the batches.
+    """
 
     def __init__(self, paths: list[str | os.PathLike], batch_size: int, total_tokens: int,
-                 seed: int = 0, buffer_shards: int = 2, device: torch.device | str = "cpu"):
+                 seed: int = 0, buffer_shards: int = 2, device: torch.device | str = "cpu",
+                 prefetch: int = 1, cache_bytes: float = 0):
         if not paths:
             raise ValueError("no activation shards given")
         self.paths = list(paths)
-        self.lengths = [int(read_meta(p)["token_count"]) for p in self.paths]
+        metas = [read_meta(p) for p in self.paths]
+        self.lengths = [int(m["token_count"]) for m in metas]
         if not sum(self.lengths):
             raise ValueError(f"the {len(self.paths)} activation shards hold no tokens")
+        self.d_in = metas[0].get("d_in")
+        self.starts = np.concatenate([[0], np.cumsum(self.lengths)[:-1]]).astype(np.int64)
         self.batch_size = batch_size
         self.total_tokens = total_tokens
         self.buffer_shards = max(1, buffer_shards)
         self.seed = seed
         self.device = torch.device(device)
+        self.prefetch = max(0, int(prefetch))
+        self.cache_bytes = cache_bytes
+        self.pin = self.device.type == "cuda"
+        self._cache: torch.Tensor | None = None  # [sum(lengths), d] fp16 on device
 
     def __len__(self) -> int:
         return self.total_tokens // self.batch_size
@@ -43,25 +95,50 @@ class ShardStream:
     def __iter__(self) -> Iterator[torch.Tensor]:
         return self.batches(0)
 
+    @property
+    def data_bytes(self) -> int | None:
+        """Size of all shards' activations in fp16 (None when the metadata has no d_in)."""
+        return None if self.d_in is None else 2 * sum(self.lengths) * int(self.d_in)
+
+    @property
+    def cached(self) -> bool:
+        """True when every shard fits in `cache_bytes` and batches are sampled on the device."""
+        return bool(self.cache_bytes) and self.data_bytes is not None and self.data_bytes <= self.cache_bytes
+
     def batches(self, start: int = 0) -> Iterator[torch.Tensor]:
         """Batches number `start`, ..., len(self) - 1 (the same as a full pass would give)."""
-        windows = self._rows_from(start * self.batch_size)
-        rows, i = np.empty((0, 0), np.float16), 0
-        for _ in range(start, len(self)):
+        count = len(self) - start
+        if count <= 0:
+            return
+        plan = self._plan(start * self.batch_size, count * self.batch_size)
+        if self.cached:
+            cache = self._load_cache()
+            windows = (torch.from_numpy(self._window_sources(*w)).to(self.device) for w in plan)
+            yield from self._assemble(windows, count, lambda idx: cache.index_select(0, idx).float())
+        else:
+            windows = _ahead((self._read_window(*w) for w in plan), self.prefetch)
+            yield from self._assemble(windows, count,
+                                      lambda rows: rows.to(self.device, non_blocking=self.pin).float())
+
+    def _assemble(self, windows: Iterator[torch.Tensor], count: int,
+                  to_batch: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[torch.Tensor]:
+        """`count` batches of consecutive rows of the windows (rows, or cache indices)."""
+        rows, i = None, 0
+        for _ in range(count):
             parts, need = [], self.batch_size
             while need:
-                if i == len(rows):  # next window; copy the batch's head so the old one is freed
-                    parts, rows = [p.copy() for p in parts], None
+                if rows is None or i == len(rows):  # next window; copy the batch's head so the old one is freed
+                    parts, rows = [p.clone() for p in parts], None
                     rows, i = next(windows), 0
                 parts.append(rows[i : i + need])
                 i, need = i + len(parts[-1]), need - len(parts[-1])
-            batch = parts[0] if len(parts) == 1 else np.concatenate(parts)
-            yield torch.from_numpy(batch).to(self.device, non_blocking=True).float()
+            yield to_batch(parts[0] if len(parts) == 1 else torch.cat(parts))
 
-    def _rows_from(self, offset: int) -> Iterator[np.ndarray]:
-        """Shuffled rows from global row `offset` on, endlessly, one window at a time."""
+    def _plan(self, offset: int, n_rows: int) -> Iterator[tuple[np.ndarray, np.ndarray, int, int]]:
+        """(shards, permutation, first row, end row) of each window holding rows
+        [offset, offset + n_rows) of the endless shuffled sequence; nothing is read here."""
         epoch, skip = divmod(offset, sum(self.lengths))
-        while True:
+        while n_rows > 0:
             order = np.random.default_rng([self.seed, epoch]).permutation(len(self.paths))
             for w, first in enumerate(range(0, len(order), self.buffer_shards)):
                 window = order[first : first + self.buffer_shards]
@@ -69,24 +146,92 @@ class ShardStream:
                 if skip >= n:  # already trained on: not read
                     skip -= n
                     continue
-                rows = self._read_window(window, n, np.random.default_rng([self.seed, epoch, w]))
-                yield rows[skip:]
-                del rows  # before the next window is read
+                perm = np.random.default_rng([self.seed, epoch, w]).permutation(n)
+                end = min(n, skip + n_rows)
+                yield window, perm, skip, end
+                n_rows -= end - skip
                 skip = 0
+                if n_rows <= 0:
+                    return
             epoch += 1
 
-    def _read_window(self, window: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
-        """The window's `n` rows in an order drawn from `rng`, scattered into place shard by shard."""
+    def _read_window(self, window: np.ndarray, perm: np.ndarray, first: int, end: int) -> torch.Tensor:
+        """Rows [first, end) of the window's rows in the order `perm` (output row j = input
+        row perm[j]), scattered into place shard by shard; page-locked on CUDA."""
+        n = len(perm)
         dest = np.empty(n, np.int64)
-        dest[rng.permutation(n)] = np.arange(n)  # input row r goes to output row dest[r]
+        dest[perm] = np.arange(n)  # input row r goes to output row dest[r]
         rows, at = None, 0
         for i in window:
-            acts = read_shard(self.paths[i]).acts_TD
-            if len(acts) != self.lengths[i]:
-                raise ValueError(f"{self.paths[i]}: metadata says {self.lengths[i]} tokens but it "
-                                 f"holds {len(acts)}; the shard is damaged, delete it to re-extract")
+            acts = self._read_acts(i)
             if rows is None:
-                rows = np.empty((n, acts.shape[1]), acts.dtype)
-            rows[dest[at : at + len(acts)]] = acts
+                rows = torch.empty((n, acts.shape[1]), dtype=torch.from_numpy(acts[:0]).dtype, pin_memory=self.pin)
+                rows_np = rows.numpy()
+            rows_np[dest[at : at + len(acts)]] = acts
             at += len(acts)
-        return rows
+        return rows[first:end]
+
+    def _window_sources(self, window: np.ndarray, perm: np.ndarray, first: int, end: int) -> np.ndarray:
+        """Cache rows of the same rows as `_read_window` (cache row of input row perm[j])."""
+        src = np.concatenate([np.arange(self.starts[i], self.starts[i] + self.lengths[i]) for i in window])
+        return src[perm[first:end]]
+
+    def _read_acts(self, i: int) -> np.ndarray:
+        """Shard i's activations, checked against its metadata and for NaN/inf."""
+        acts = read_shard(self.paths[i]).acts_TD
+        if len(acts) != self.lengths[i]:
+            raise ValueError(f"{self.paths[i]}: metadata says {self.lengths[i]} tokens but it "
+                             f"holds {len(acts)}; the shard is damaged, delete it to re-extract")
+        check_finite(acts, self.paths[i])
+        return acts
+
+    def _load_cache(self) -> torch.Tensor:
+        """Every shard's activations on the device, once (fp16, shard i at rows starts[i]:)."""
+        if self._cache is None:
+            cache = torch.empty((sum(self.lengths), int(self.d_in)), dtype=torch.float16, device=self.device)
+            for i, start in enumerate(self.starts):
+                cache[start : start + self.lengths[i]] = torch.from_numpy(self._read_acts(i)).to(self.device)
+            self._cache = cache
+        return self._cache
+
+
+def _ahead(items: Iterator[T], depth: int) -> Iterator[T]:
+    """The items of `items`, computed in a background thread up to `depth` items ahead.
+
+    Same items in the same order; an exception raised while producing one is re-raised
+    here when that item is due. Closing this generator stops the thread.
+    """
+    if depth <= 0:
+        yield from items
+        return
+    done, slots, stop = object(), threading.Semaphore(depth), threading.Event()
+    q: queue.SimpleQueue = queue.SimpleQueue()
+
+    def produce() -> None:
+        try:
+            while True:
+                while not slots.acquire(timeout=0.1):  # wait until the consumer takes one
+                    if stop.is_set():
+                        return
+                if stop.is_set():
+                    return
+                item = next(items, done)
+                q.put((item, None))
+                if item is done:
+                    return
+        except BaseException as err:  # noqa: BLE001 - handed to the consumer
+            q.put((None, err))
+
+    thread = threading.Thread(target=produce, name="ShardStream-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item, err = q.get()
+            if err is not None:
+                raise err
+            if item is done:
+                return
+            slots.release()  # the producer may start on the next item while this one is used
+            yield item
+    finally:
+        stop.set()

@@ -151,7 +151,11 @@ def grouped_mm(
     Uses the native kernel (``offs = cumsum(counts)`` as int32) when present and the strides
     are 16-byte aligned; otherwise a per-expert Python loop (old torch / odd shapes only).
     """
-    if W_NDn.dtype != x_TD.dtype:  # e.g. autocast produced a lower-precision input
+    device_type = x_TD.device.type
+    if torch.is_autocast_enabled(device_type):  # grouped_mm is not on autocast's op list
+        dtype = torch.get_autocast_dtype(device_type)
+        x_TD, W_NDn = x_TD.to(dtype), W_NDn.to(dtype)
+    elif W_NDn.dtype != x_TD.dtype:  # e.g. autocast produced a lower-precision input
         W_NDn = W_NDn.to(x_TD.dtype)
     x_TD = x_TD.contiguous()
     if not force_fallback and _GROUPED_MM is not None and _aligned(x_TD) and _aligned(W_NDn):

@@ -1,0 +1,101 @@
+"""Shared by the benchmarks: straightforward reference SAEs (never used by the library) and
+the training-step timer.
+
+- `DenseTopK`: dense encoder, dense [B, M] code, dense decode (what one writes first).
+- `ReferenceSwitch`: the papers' reference-code style: every expert's encoder computed
+  densely, then masked to the routed expert.
+
+Both follow the trainer's protocol (`out.losses`, `before_optimizer_step`,
+`after_optimizer_step`) with the same unit-norm decoder maintenance as the library, so a
+benchmark step does the same work for them as for the library SAEs.
+- `time_steps`: median seconds of the trainer's own step (saepipe.train.train_step: forward
+  under autocast, backward, decoder hooks, Adam, fused on CUDA).
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from saepipe.saes import kernels
+from saepipe.train import make_optimizer, train_step
+
+
+class Out(NamedTuple):
+    losses: dict[str, torch.Tensor]
+
+
+class _UnitNormDecoder(nn.Module):
+    """Unit-norm decoder rows: the gradient's parallel part removed, rows renormalised."""
+
+    def before_optimizer_step(self) -> None:
+        kernels.remove_parallel_grad_(self.W_dec)
+
+    def after_optimizer_step(self) -> None:
+        kernels.normalise_rows_(self.W_dec.data)
+
+
+class DenseTopK(_UnitNormDecoder):
+    """Straightforward TopK SAE: dense encoder, dense [B, M] code, dense decode."""
+
+    def __init__(self, d: int, M: int, k: int):
+        super().__init__()
+        self.k = k
+        self.W_enc = nn.Parameter(torch.randn(d, M) / d**0.5)
+        self.b_enc = nn.Parameter(torch.zeros(M))
+        self.W_dec = nn.Parameter(self.W_enc.detach().t().clone())
+        self.b_dec = nn.Parameter(torch.zeros(d))
+
+    def forward(self, x: torch.Tensor) -> Out:
+        pre = F.relu((x - self.b_dec) @ self.W_enc + self.b_enc)
+        vals, idx = pre.topk(self.k, dim=-1)
+        z = torch.zeros_like(pre).scatter(-1, idx, vals)
+        x_hat = z @ self.W_dec + self.b_dec
+        return Out({"mse": (x - x_hat).float().pow(2).mean()})
+
+
+class ReferenceSwitch(_UnitNormDecoder):
+    """Switch SAE as the papers' reference code computes it: all M latents, then a mask."""
+
+    def __init__(self, d: int, M: int, k: int, N: int):
+        super().__init__()
+        self.k, self.N, self.n = k, N, M // N
+        self.W_enc = nn.Parameter(torch.randn(d, M) / d**0.5)
+        self.W_dec = nn.Parameter(self.W_enc.detach().t().clone())
+        self.b_dec = nn.Parameter(torch.zeros(d))
+        self.W_router = nn.Parameter(torch.randn(d, N) / d**0.5)
+        self.b_router = nn.Parameter(torch.zeros(d))
+
+    def forward(self, x: torch.Tensor) -> Out:
+        p = torch.softmax((x - self.b_router) @ self.W_router, -1)
+        expert = p.argmax(-1)
+        pre = F.relu((x - self.b_dec) @ self.W_enc)                       # every expert, dense
+        owner = torch.arange(pre.shape[1], device=x.device) // self.n
+        pre = pre * (owner[None, :] == expert[:, None])                    # keep the routed one
+        vals, idx = pre.topk(self.k, dim=-1)
+        z = torch.zeros_like(pre).scatter(-1, idx, vals)
+        gate = p.gather(-1, expert[:, None])
+        x_hat = gate * (z @ self.W_dec) + self.b_dec
+        f = F.one_hot(expert, self.N).float().mean(0)
+        return Out({"mse": (x - x_hat).float().pow(2).mean(), "balance": self.N * (f * p.mean(0)).sum()})
+
+
+def time_steps(model: nn.Module, x: torch.Tensor, steps: int, warmup: int,
+               autocast: torch.dtype | None) -> float:
+    """Median wall seconds of one full training step (incl. optimizer) over `steps` after `warmup`."""
+    opt = make_optimizer(model, 1e-4)
+    times = []
+    for i in range(warmup + steps):
+        if x.is_cuda:
+            torch.cuda.synchronize(x.device)
+        t0 = time.perf_counter()
+        train_step(model, opt, x, autocast)
+        if x.is_cuda:
+            torch.cuda.synchronize(x.device)
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
