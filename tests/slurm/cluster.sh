@@ -70,7 +70,8 @@ write_config() {
     MYSQL_PORT=$(free_port)
     mkdir -p "$DIR"/{etc,run,log,bin,dev,munge,spool/ctld,spool/d,mysql}
     for i in 0 1; do  # fake GPUs: character devices like /dev/null
-        [[ -e "$DIR/dev/fakegpu$i" ]] || mknod "$DIR/dev/fakegpu$i" c 1 3
+        [[ -c "$DIR/dev/fakegpu$i" ]] || mknod "$DIR/dev/fakegpu$i" c 1 3 \
+            || die "mknod failed: the fake GPUs need device files (CAP_MKNOD; plain files do not work)"
     done
     cat > "$CONF" <<EOF
 ClusterName=saepipe-test
@@ -149,6 +150,7 @@ start_mariadb() {
     mariadbd --user=root --datadir="$DIR/mysql/data" --socket="$sock" --port="$MYSQL_PORT" \
         --bind-address=127.0.0.1 --skip-name-resolve --pid-file="$DIR/run/mariadbd.pid" \
         --log-error="$DIR/log/mariadbd.log" --innodb-buffer-pool-size=64M </dev/null >/dev/null 2>&1 &
+    echo $! > "$DIR/run/mariadbd.pid"  # at once, so that stop finds it even if start fails
     wait_for 60 mariadbd mariadb --socket="$sock" -e "select 1"
     mariadb --socket="$sock" <<EOF
 CREATE DATABASE IF NOT EXISTS slurm_acct_db;
@@ -183,15 +185,16 @@ stop() {
     if [[ -x "$DIR/bin/scancel" && -e "$DIR/run/slurmctld.pid" ]]; then
         "$DIR/bin/scancel" --user=root >/dev/null 2>&1 || true  # this test cluster's jobs only
     fi
-    for daemon in $DAEMONS; do
-        local pidfile="$DIR/run/$daemon.pid" pid
-        [[ -s "$pidfile" ]] || continue
-        pid=$(cat "$pidfile")
-        if kill "$pid" 2>/dev/null; then
-            for _ in $(seq 40); do kill -0 "$pid" 2>/dev/null || break; sleep 0.25; done
-            kill -9 "$pid" 2>/dev/null || true
-        fi
-        rm -f "$pidfile"
+    local pids=() daemon pid
+    for daemon in $DAEMONS; do  # all at once: each takes about 2 s to shut down
+        [[ -s "$DIR/run/$daemon.pid" ]] || continue
+        pid=$(cat "$DIR/run/$daemon.pid")
+        kill "$pid" 2>/dev/null && pids+=("$pid")
+        rm -f "$DIR/run/$daemon.pid"
+    done
+    for pid in "${pids[@]}"; do
+        for _ in $(seq 40); do kill -0 "$pid" 2>/dev/null || break; sleep 0.25; done
+        kill -9 "$pid" 2>/dev/null || true
     done
 }
 
