@@ -175,15 +175,22 @@ def train_lm(cfg: LMConfig, corpus_dir: str | Path, out_dir: str | Path) -> dict
         "uniform_loss": math.log(corpus["vocab_size"]),
         "seconds": time.time() - t0,
     }
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out_dir / "model.safetensors") as tmp:
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
+    save_native(model, out_dir, info)
     with atomic_path(out_dir / "tokenizer.json") as tmp:
         tmp.write_bytes((corpus_dir / "tokenizer.json").read_bytes())
-    write_json(out_dir / "model.json", info)
     print(f"lm: loss {info['train_loss_first']:.2f} -> {info['train_loss_last']:.2f}, "
           f"eval {info['eval_loss']:.2f} (uniform {info['uniform_loss']:.2f})", file=sys.stderr)
     return info
+
+
+def save_native(model, out_dir: str | Path, info: dict) -> None:
+    """Write a native model directory: `model.safetensors` and `model.json` (`info`, which
+    holds at least `"kind": "native"` and the `arch` that `build_native` returned)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out_dir / "model.safetensors") as tmp:
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
+    write_json(out_dir / "model.json", info)
 
 
 def _boot_pretrained(name_or_path: str, dtype: str, revision: str | None, device, tokenizer=None):
