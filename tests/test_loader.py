@@ -16,17 +16,18 @@ from saepipe.data.shards import write_shard
 from saepipe.train import TrainConfig, train_sae
 
 
-def _shard(path, start, n, d=8, bad_row=None):
-    """Row r holds the id start + r as (id // 1000, id % 1000) plus noise; exact in fp16."""
+def _shard(path, start, n, d=8, bad_row=None, **meta):
+    """Row r holds the id start + r as (id // 1000, id % 1000) plus noise; exact in fp16.
+    Sequences of 10 tokens (position = r % 10)."""
     rng = np.random.default_rng(start)
     acts = rng.standard_normal((n, d)).astype(np.float16)
     value = np.arange(start, start + n)
     acts[:, 0], acts[:, 1] = value // 1000, value % 1000
     if bad_row is not None:
         acts[bad_row, 3] = np.nan
-    write_shard(path, acts, np.zeros(n, np.int32), np.arange(n, dtype=np.int32),
+    write_shard(path, acts, np.zeros(n, np.int32), np.arange(n, dtype=np.int32) % 10,
                 {"model": "m", "hook": "h", "dtype": "float16", "d_in": d, "token_count": n,
-                 "mean_norm": float(np.sqrt(d))})
+                 "mean_norm": float(np.sqrt(d)), "seq_len": 10, **meta})
     return str(path)
 
 
@@ -64,11 +65,11 @@ def test_cache_only_when_everything_fits(shards):
 
 def test_closing_the_stream_stops_the_prefetch_thread(shards):
     def prefetchers():
-        return [t for t in threading.enumerate() if t.name == "ShardStream-prefetch"]
+        return [t for t in threading.enumerate() if t.name.startswith("ShardStream-")]
     before = len(prefetchers())
     gen = ShardStream(shards, 64, 40 * 64, prefetch=1).batches(0)
     next(gen)
-    assert len(prefetchers()) == before + 1
+    assert len(prefetchers()) == before + 2  # the window and the batch thread
     gen.close()
     deadline = time.monotonic() + 10
     while len(prefetchers()) > before and time.monotonic() < deadline:
@@ -80,14 +81,30 @@ def test_closing_the_stream_stops_the_prefetch_thread(shards):
 def test_nan_row_is_refused_naming_shard_and_row(tmp_path, how):
     paths = [_shard(tmp_path / "good.zarr", 0, 300), _shard(tmp_path / "bad.zarr", 1000, 300, bad_row=123)]
     stream = ShardStream(paths, 50, 600, seed=0, buffer_shards=1, **how)
-    with pytest.raises(NonFiniteActivations, match=r"bad\.zarr: row 123 of 300 holds non-finite"):
+    with pytest.raises(NonFiniteActivations, match=r"bad\.zarr: row 123 holds non-finite"):
         list(stream)
+
+
+def test_excluded_positions_are_not_trained_on(tmp_path):
+    """exclude_positions [0, 3]: 8 of every 10 rows; a NaN at an excluded row is harmless,
+    one at a kept row is named by its row in the shard."""
+    paths = [_shard(tmp_path / f"{i}.zarr", 1000 * i, 300, bad_row=130 if i else None,
+                    exclude_positions=[0, 3]) for i in range(3)]
+    stream = ShardStream(paths, 40, 3 * 240, seed=1, buffer_shards=2, prefetch=1)
+    assert stream.lengths == [240] * 3
+    ids = [i for b in stream for i in _ids(b)]
+    assert sorted(ids) == [1000 * s + r for s in range(3) for r in range(300) if r % 10 not in (0, 3)]
+    assert all(torch.equal(a, b) for a, b in zip(ShardStream(paths, 40, 720, seed=1, buffer_shards=2).batches(9),
+                                                 list(stream)[9:], strict=True))
+    paths[1] = _shard(tmp_path / "bad.zarr", 1000, 300, bad_row=131, exclude_positions=[0, 3])
+    with pytest.raises(NonFiniteActivations, match=r"bad\.zarr: row 131 holds"):
+        list(ShardStream(paths, 40, 720, seed=1, buffer_shards=2))
 
 
 def test_training_refuses_a_shard_with_a_nan_row(tmp_path, one_thread):
     paths = [_shard(tmp_path / "a.zarr", 0, 256), _shard(tmp_path / "b.zarr", 1000, 256, bad_row=7)]
     cfg = TrainConfig(tokens=512, batch_size=64, device="cpu", checkpoint_every_s=1e9)
-    with pytest.raises(NonFiniteActivations, match=r"b\.zarr: row 7 of 256 .*re-extract"):
+    with pytest.raises(NonFiniteActivations, match=r"b\.zarr: row 7 holds non-finite.*re-extract"):
         train_sae({"arch": "topk", "width": 32, "k": 4}, cfg, paths, tmp_path / "out")
     assert not (tmp_path / "out" / "sae.safetensors").exists()
 

@@ -8,9 +8,14 @@ shards form a window whose rows are shuffled together with a permutation drawn f
 start*B from the shards' metadata (token_count) and reads nothing before it (nor any
 window after the last batch).
 
+Rows at the sequence positions a shard's metadata lists in `exclude_positions` (e.g.
+GPT-2's BOS) are left out; the row counts come from the metadata (token_count, seq_len).
+
 Feeding the accelerator (none of these change the batches, bit for bit):
 - prefetch: a background thread reads and shuffles the next window while the current one
-  is trained on (`prefetch` windows ahead; 0 reads in the consumer's thread);
+  is trained on (`prefetch` windows ahead), and a second one cuts, converts (fp16 ->
+  fp32) and moves the next batches to the device, so the training loop only takes them
+  (prefetch 0: everything in the consumer's thread);
 - pinned memory: on CUDA windows are assembled in page-locked memory and batches are
   copied with non_blocking=True;
 - device cache: when all shards fit in `cache_bytes`, they are loaded once onto the device
@@ -33,17 +38,20 @@ from typing import Callable, Iterator, TypeVar
 import numpy as np
 import torch
 
-from saepipe.data.shards import read_meta, read_shard
+from saepipe.data.shards import keep_mask, read_meta, read_shard
 
 T = TypeVar("T")
+BATCHES_AHEAD = 4
+"""Batches prepared ahead by the batch thread when prefetching."""
 
 
 class NonFiniteActivations(ValueError):
     """A shard holds NaN or inf activations (training would silently diverge on them)."""
 
 
-def check_finite(acts_TD: np.ndarray, path: str | os.PathLike) -> None:
-    """Raise NonFiniteActivations naming `path` and the first bad row, if any value is NaN/inf."""
+def check_finite(acts_TD: np.ndarray, path: str | os.PathLike, row_ids: np.ndarray | None = None) -> None:
+    """Raise NonFiniteActivations naming `path` and the first bad row (its number in the
+    shard: `row_ids[r]` when given), if any value is NaN/inf."""
     if acts_TD.dtype == np.float16:  # exponent bits all set <=> inf or NaN; ~3x faster than isfinite
         bad_TD = (acts_TD.view(np.uint16) & 0x7C00) == 0x7C00
     else:
@@ -52,8 +60,9 @@ def check_finite(acts_TD: np.ndarray, path: str | os.PathLike) -> None:
     if len(rows):
         r = int(rows[0])
         more = f" (and {len(rows) - 1} more rows)" if len(rows) > 1 else ""
+        row = r if row_ids is None else int(row_ids[r])
         raise NonFiniteActivations(
-            f"{path}: row {r} of {len(acts_TD)} holds non-finite activations "
+            f"{path}: row {row} holds non-finite activations "
             f"({acts_TD[r][~np.isfinite(acts_TD[r].astype(np.float32))][:3].tolist()}, ...){more}. "
             "The model produced NaN/inf at the hook (e.g. fp16 overflow); fix the extraction "
             "(extract in float32, or another hook/model), delete the shard and rerun to re-extract it.")
@@ -74,7 +83,8 @@ class ShardStream:
             raise ValueError("no activation shards given")
         self.paths = list(paths)
         metas = [read_meta(p) for p in self.paths]
-        self.lengths = [int(m["token_count"]) for m in metas]
+        self.excluded = [list(m.get("exclude_positions") or []) for m in metas]
+        self.lengths = [_kept_rows(m) for m in metas]
         if not sum(self.lengths):
             raise ValueError(f"the {len(self.paths)} activation shards hold no tokens")
         self.d_in = metas[0].get("d_in")
@@ -114,11 +124,18 @@ class ShardStream:
         if self.cached:
             cache = self._load_cache()
             windows = (torch.from_numpy(self._window_sources(*w)).to(self.device) for w in plan)
-            yield from self._assemble(windows, count, lambda idx: cache.index_select(0, idx).float())
+            batches = self._assemble(windows, count, lambda idx: cache.index_select(0, idx).float())
         else:
-            windows = _ahead((self._read_window(*w) for w in plan), self.prefetch)
-            yield from self._assemble(windows, count,
-                                      lambda rows: rows.to(self.device, non_blocking=self.pin).float())
+            windows = _ahead((self._read_window(*w) for w in plan), self.prefetch, "ShardStream-windows")
+            batches = self._assemble(windows, count, self._to_device)
+        yield from _ahead(batches, BATCHES_AHEAD if self.prefetch else 0, "ShardStream-batches")
+
+    def _to_device(self, rows: torch.Tensor) -> torch.Tensor:
+        """A float32 batch on the device from fp16 rows (CPU: numpy's single-threaded
+        conversion, which does not compete with the training's torch threads)."""
+        if self.device.type == "cpu":
+            return torch.from_numpy(rows.numpy().astype(np.float32))
+        return rows.to(self.device, non_blocking=self.pin).float()
 
     def _assemble(self, windows: Iterator[torch.Tensor], count: int,
                   to_batch: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[torch.Tensor]:
@@ -177,12 +194,16 @@ class ShardStream:
         return src[perm[first:end]]
 
     def _read_acts(self, i: int) -> np.ndarray:
-        """Shard i's activations, checked against its metadata and for NaN/inf."""
-        acts = read_shard(self.paths[i]).acts_TD
+        """Shard i's activations at the kept positions, checked against its metadata and for NaN/inf."""
+        shard = read_shard(self.paths[i])
+        acts, row_ids = shard.acts_TD, None
+        if self.excluded[i]:
+            row_ids = np.flatnonzero(keep_mask(shard.positions_T, self.excluded[i]))
+            acts = acts[row_ids]
         if len(acts) != self.lengths[i]:
-            raise ValueError(f"{self.paths[i]}: metadata says {self.lengths[i]} tokens but it "
+            raise ValueError(f"{self.paths[i]}: metadata says {self.lengths[i]} training rows but it "
                              f"holds {len(acts)}; the shard is damaged, delete it to re-extract")
-        check_finite(acts, self.paths[i])
+        check_finite(acts, self.paths[i], row_ids)
         return acts
 
     def _load_cache(self) -> torch.Tensor:
@@ -195,7 +216,16 @@ class ShardStream:
         return self._cache
 
 
-def _ahead(items: Iterator[T], depth: int) -> Iterator[T]:
+def _kept_rows(meta: dict) -> int:
+    """Rows of a shard that are trained on: all but the `exclude_positions` of each sequence."""
+    n = int(meta["token_count"])
+    if not meta.get("exclude_positions"):
+        return n
+    seq_len = int(meta["seq_len"])
+    return n // seq_len * int(keep_mask(np.arange(seq_len), meta["exclude_positions"]).sum())
+
+
+def _ahead(items: Iterator[T], depth: int, name: str = "ShardStream-prefetch") -> Iterator[T]:
     """The items of `items`, computed in a background thread up to `depth` items ahead.
 
     Same items in the same order; an exception raised while producing one is re-raised
@@ -221,8 +251,10 @@ def _ahead(items: Iterator[T], depth: int) -> Iterator[T]:
                     return
         except BaseException as err:  # noqa: BLE001 - handed to the consumer
             q.put((None, err))
+        finally:  # stops an upstream _ahead's thread too
+            getattr(items, "close", lambda: None)()
 
-    thread = threading.Thread(target=produce, name="ShardStream-prefetch", daemon=True)
+    thread = threading.Thread(target=produce, name=name, daemon=True)
     thread.start()
     try:
         while True:
