@@ -55,8 +55,8 @@ PRESETS = {
     # smoke test only (seconds)
     "tiny": dict(d=32, M=512, k=8, batch=512, switch_experts=8, scale=[(8, 2)], steps=2, warmup=1,
                  loader_shards=2, shard_tokens=4096, matmul_n=512),
-    "cpu": dict(d=128, M=4096, k=32, batch=4096, switch_experts=16, scale=[(32, 2), (64, 4)], steps=5,
-                warmup=2, loader_shards=4, shard_tokens=65536, matmul_n=2048),
+    "cpu": dict(d=128, M=4096, k=32, batch=4096, switch_experts=16, scale=[(32, 2), (64, 4)], steps=3,
+                warmup=1, loader_shards=4, shard_tokens=65536, matmul_n=2048),
     "h200": dict(d=768, M=24576, k=32, batch=16384, switch_experts=32, scale=[(64, 2), (128, 4)], steps=20,
                  warmup=5, loader_shards=4, shard_tokens=131072, matmul_n=8192),
 }
@@ -79,16 +79,15 @@ def arch_configs(p: dict) -> dict[str, dict]:
 
 
 def matmul_peak(device: torch.device, dtype: torch.dtype, n: int, reps: int) -> float:
-    """Best FLOP/s of an n x n x n torch.mm in `dtype` on `device`."""
+    """FLOP/s of `reps` back-to-back n x n x n torch.mm in `dtype` on `device` (after one warm-up)."""
     a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
-    best = float("inf")
-    for _ in range(reps + 1):  # the first one warms up
-        _sync(device)
-        t0 = time.perf_counter()
+    a @ b
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(reps):
         a @ b
-        _sync(device)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best
+    _sync(device)
+    return reps * 2 * n**3 / (time.perf_counter() - t0)
 
 
 def _sync(device: torch.device) -> None:
@@ -205,7 +204,8 @@ def markdown(result: dict) -> str:
     dev, mem = result["device"], "GPU max allocated" if result["device_type"] == "cuda" else "RSS growth"
     lines = [f"# Training throughput, {result['date']}", "",
              f"Command: `{result['command']}`", "",
-             f"Device: {dev} ({result['device_type']}, torch {result['torch']}, {result['threads']} threads); "
+             f"Device: {dev} ({result['device_type']}, torch {result['torch']}, {result['threads']} threads, "
+             f"{result['cpu_count']} cores, load average {result['load_average_at_start']} at start); "
              f"precision {result['precision']}; dense matmul peak measured {result['peak_tflops']:.3g} TFLOP/s "
              f"({result['peak_dtype']} torch.mm) = the roofline"
              + (f"; datasheet {result['nominal_tflops']} TFLOP/s" if result.get("nominal_tflops") else "") + ".",
@@ -236,15 +236,20 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--steps", type=int, help="timed steps per architecture (default: the preset's)")
     ap.add_argument("--warmup", type=int, help="untimed steps first (default: the preset's)")
+    ap.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's, all cores)")
     ap.add_argument("--out-dir", type=Path, default=REPO / "bench/results")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     p, device = PRESETS[args.preset], torch.device(args.device)
     gpu = device.type == "cuda"
     autocast = torch.bfloat16 if gpu else None
     peak_dtype = torch.bfloat16 if gpu else torch.float32
     dev_name = torch.cuda.get_device_name(device) if gpu else (platform.processor() or platform.machine())
-    print(f"preset {args.preset} {p} on {dev_name}, torch {torch.__version__}, threads {torch.get_num_threads()}")
-    peak = matmul_peak(device, peak_dtype, p["matmul_n"], reps=10 if gpu else 3)
+    load = round(os.getloadavg()[0], 1) if hasattr(os, "getloadavg") else None
+    print(f"preset {args.preset} {p} on {dev_name}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
+          f"load average {load}")
+    peak = matmul_peak(device, peak_dtype, p["matmul_n"], reps=50 if gpu else 5)
     print(f"  dense {str(peak_dtype).removeprefix('torch.')} matmul peak {peak / 1e12:.3g} TFLOP/s")
     rows = bench_archs(p, device, autocast, peak, args.steps or p["steps"], args.warmup or p["warmup"])
     fastest = max(r["tokens_per_s"] for r in rows)
@@ -253,6 +258,7 @@ def main(argv: list[str] | None = None) -> dict:
                                          *(sys.argv[1:] if argv is None else argv)]),
         "date": dt.datetime.now().isoformat(timespec="seconds"), "device": dev_name,
         "device_type": device.type, "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(), "load_average_at_start": load,
         "precision": "bf16 autocast" if autocast else "fp32", "preset_name": args.preset, "preset": p,
         "peak_dtype": str(peak_dtype).removeprefix("torch."), "peak_tflops": peak / 1e12,
         "nominal_tflops": next((v for k, v in NOMINAL_BF16_TFLOPS.items() if gpu and k in dev_name), None),
