@@ -17,8 +17,8 @@ decoder hooks; Adam, fused on CUDA), median of --steps after --warmup, on one fi
 - references (bench/_common.py): `dense_topk` (dense encoder, dense [B, M] code, dense
   decode: the straightforward SAE) and `reference_switch` (every expert's encoder, masked).
 - peak memory: CUDA max_memory_allocated; CPU: growth of the process RSS (sampled every
-  ms) during that architecture's steps (the script re-executes itself with glibc's
-  MALLOC_MMAP_THRESHOLD_ fixed, so that freed tensors leave the RSS).
+  2 ms) while that architecture is built and trained, after glibc's malloc_trim has
+  handed back what earlier ones freed.
 - loader: ShardStream over real Zarr shards written here (random fp16, --loader-shards
   shards of --shard-tokens tokens), batches delivered on the device per second, streaming
   (prefetch 0 and 1) and from the device cache; compared with the fastest architecture's
@@ -30,6 +30,7 @@ table and the exact command. Figures only: nothing here asserts a speed.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import datetime as dt
 import gc
 import json
@@ -108,6 +109,7 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
             self.base = torch.cuda.memory_allocated(self.device)
         elif os.path.exists("/proc/self/statm"):
+            _malloc_trim()
             self.base = self.peak = _rss()
             self.stop = threading.Event()
             self.thread = threading.Thread(target=self._sample, daemon=True)
@@ -115,7 +117,7 @@ class PeakMemory:
         return self
 
     def _sample(self) -> None:
-        while not self.stop.wait(0.001):
+        while not self.stop.wait(0.002):
             self.peak = max(self.peak, _rss())
 
     def __exit__(self, *exc) -> None:
@@ -125,6 +127,14 @@ class PeakMemory:
             self.stop.set()
             self.thread.join()
             self.mb = (max(self.peak, _rss()) - self.base) / 2**20
+
+
+def _malloc_trim() -> None:
+    """Return the C heap's free pages to the OS (glibc), so that RSS growth means new memory."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: the growth is then a lower bound
+        pass
 
 
 def _rss() -> int:
@@ -273,8 +283,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    if "MALLOC_MMAP_THRESHOLD_" not in os.environ and sys.platform == "linux":
-        # glibc then returns every large block to the OS on free, so the per-architecture
-        # RSS growth measures that architecture rather than what earlier ones left cached
-        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"})
     main()
