@@ -68,7 +68,7 @@ def run(cmd: list[str], env: dict, **kwargs) -> str:
 
 
 @pytest.fixture(scope="module")
-def slurm_env(tmp_path_factory):
+def slurm_env():
     """Start the test cluster; yield the environment its clients need; always stop it."""
     if os.geteuid() != 0:
         cannot_run("starting Slurm daemons needs root")
@@ -80,9 +80,12 @@ def slurm_env(tmp_path_factory):
     try:
         started = time.time()
         with log.open("w") as out:
-            proc = subprocess.run(["bash", str(CLUSTER), "start", str(state)], stdout=out,
-                                  stderr=subprocess.STDOUT, timeout=480)
-        if proc.returncode != 0:
+            try:
+                failed = subprocess.run(["bash", str(CLUSTER), "start", str(state)], stdout=out,
+                                        stderr=subprocess.STDOUT, timeout=480).returncode != 0
+            except subprocess.TimeoutExpired:
+                failed = True
+        if failed:
             cannot_run(f"could not start the Slurm test cluster:\n{log.read_text()[-3000:]}")
         print(f"Slurm test cluster started in {time.time() - started:.1f}s")
         yield {**os.environ, "PATH": f"{state / 'bin'}{os.pathsep}{os.environ['PATH']}",
