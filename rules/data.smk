@@ -5,7 +5,9 @@
 # later stage (see saepipe/lm.py).
 
 from dataclasses import asdict
+from pathlib import Path
 
+from saepipe.data.corpus import local_dataset_files
 from saepipe.lm import model_config
 
 MODEL = model_config(config)
@@ -13,6 +15,15 @@ PRETRAINED = MODEL.source == "pretrained"
 if not PRETRAINED and "lm" not in config:
     raise ValueError("config.yaml has no `lm` section: the default native model needs one "
                      "(or set model.source: pretrained)")
+# A pretrained model in a local directory: its files are inputs, so new weights (or a new
+# tokenizer) rerun what depends on them. Hub models are pinned by model.revision instead.
+MODEL_FILES = sorted(str(p) for p in Path(MODEL.name_or_path).iterdir() if p.is_file()) \
+    if PRETRAINED and Path(MODEL.name_or_path).is_dir() else []
+TOKENIZER_FILES = [f for f in MODEL_FILES if "token" in Path(f).name or Path(f).name in ("vocab.json", "merges.txt")]
+# Local dataset files (corpus.source: dataset) are inputs of the corpus too.
+_LOCAL_DATA = local_dataset_files(config["corpus"]["dataset"]["path"]) \
+    if config["corpus"]["source"] == "dataset" else None
+DATASET_FILES = _LOCAL_DATA[1] if _LOCAL_DATA else []
 
 
 def extract_slice(split):
@@ -24,6 +35,9 @@ def extract_slice(split):
 
 
 rule corpus:
+    input:
+        TOKENIZER_FILES,
+        DATASET_FILES,
     output:
         train="results/corpus/train.npy",
         eval="results/corpus/eval.npy",
@@ -70,6 +84,8 @@ if not PRETRAINED:
 else:
 
     rule lm:  # pretrained: no training; `weights` is the descriptor later rules depend on
+        input:
+            MODEL_FILES,
         output:
             weights="results/lm/model.json",
             tokenizer="results/lm/tokenizer.json",

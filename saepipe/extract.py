@@ -43,11 +43,13 @@ class ExtractConfig:
     device: str = "auto"
     """auto | cpu | cuda | cuda:N"""
     exclude_positions: list[int] = field(default_factory=list)
-    """Sequence positions left out of the SAEs' training and evaluation statistics (GPT-2's
-    position 0, whose residual norm is ~50x the others: `[0]`). Every position is still
-    stored, so CE evaluation and MaxAct see whole sequences; the list is recorded in each
-    shard's metadata, `shards.keep_mask` selects the kept rows, and the shard's `mean_norm`
-    (the SAEs' input normalisation) is computed over kept positions only."""
+    """Sequence positions to keep out of the SAE statistics (GPT-2 with BOS: `[0]`, whose
+    residual norm is ~50x the others). Every position is still stored, so CE evaluation and
+    MaxAct see whole sequences; the list is recorded in each shard's metadata (with
+    `kept_token_count`), `Shard.kept_acts()` returns the kept rows, and the shard's
+    `mean_norm` (the SAEs' input normalisation) is computed over kept positions only.
+    Status: the normalisation honours it; the training stream (saepipe/data/loader.py) and
+    the reconstruction metrics read every row until they call `Shard.kept_acts()`."""
 
     def tokens(self, split: str) -> int:
         return {"train": self.train_tokens, "eval": self.eval_tokens}[split]
@@ -116,7 +118,7 @@ def extract_shard(cfg: ExtractConfig, model_dir: str | Path, corpus_dir: str | P
     t0 = time.time()
     desc = f"extract {split}/{index:03d}"
     for start in tqdm(range(0, n_seq, cfg.batch_size), desc=desc, file=sys.stderr, mininterval=5):
-        batch = torch.from_numpy(seqs[start : start + cfg.batch_size]).long().to(device)
+        batch = torch.from_numpy(seqs[start : start + cfg.batch_size].astype(np.int64)).to(device)
         act_BSD = capture(model, batch, cfg.hook)
         norm_sum += act_BSD[:, torch.from_numpy(keep_S).to(act_BSD.device)].float().norm(dim=-1).sum().item()
         kept += len(batch) * int(keep_S.sum())
@@ -128,6 +130,7 @@ def extract_shard(cfg: ExtractConfig, model_dir: str | Path, corpus_dir: str | P
         "dtype": "float16",
         "d_in": d,
         "token_count": int(len(acts)),
+        "kept_token_count": kept,
         "mean_norm": norm_sum / max(kept, 1),
         "exclude_positions": sorted(set(cfg.exclude_positions)),
         "prepend_bos": bool(corpus.get("prepend_bos", False)),

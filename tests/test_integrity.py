@@ -99,3 +99,52 @@ def test_metadata_without_the_identity_keys_is_refused(shard, tmp_path):
                 {"token_count": 10})
     with pytest.raises(ShardError, match=r"no 'model' in their metadata.*--forcerun .*x\.zarr"):
         check_compatible([read_meta(shard), read_meta(other)], [shard, other])
+
+
+@pytest.fixture
+def native_model_and_corpus(tmp_path):
+    """A tiny random native model directory and a random-token corpus directory."""
+    import json
+
+    from saepipe.lm import LMConfig, build_native, save_native
+
+    model, arch = build_native(LMConfig(d_model=16, n_layers=2, n_heads=2, d_mlp=32), vocab_size=50, n_ctx=16)
+    save_native(model, tmp_path / "lm", {"kind": "native", "arch": arch})
+    (tmp_path / "corpus").mkdir()
+    np.save(tmp_path / "corpus" / "train.npy", np.random.default_rng(0).integers(0, 50, (64, 16), dtype=np.int32))
+    (tmp_path / "corpus" / "corpus.json").write_text(json.dumps({"seq_len": 16, "prepend_bos": True}))
+    return tmp_path / "lm", tmp_path / "corpus"
+
+
+def test_extraction_refuses_to_start_without_disk_space(native_model_and_corpus, tmp_path, monkeypatch, capsys):
+    import shutil
+
+    from saepipe.extract import ExtractConfig, extract_shard
+
+    cfg = ExtractConfig(hook="blocks.1.hook_resid_pre", train_tokens=1024, shard_tokens=512, batch_size=8)
+    free = shutil.disk_usage(tmp_path)._replace(free=10_000)
+    monkeypatch.setattr("saepipe.extract.shutil.disk_usage", lambda path: free)
+    out = tmp_path / "results" / "activations" / "train" / "000.zarr"
+    with pytest.raises(OSError, match=r"not enough disk for shard .*000\.zarr: it needs 0\.00 GB but .* has 0\.00 GB free"):
+        extract_shard(cfg, *native_model_and_corpus, "train", 0, out)
+    assert not out.exists()
+    # the estimate: 1024 tokens x (16 x 2 + 8) B for the split, half of it for this shard
+    assert f"-> {1024 * 40 / 1e9:.2f} GB in 2 shards; this shard {512 * 40 / 1e9:.3f} GB" in capsys.readouterr().err
+
+
+def test_excluded_positions_are_recorded_and_left_out_of_the_norm(native_model_and_corpus, tmp_path):
+    from saepipe.data.shards import keep_mask
+    from saepipe.extract import ExtractConfig, extract_shard
+
+    cfg = ExtractConfig(hook="blocks.1.hook_resid_pre", train_tokens=512, shard_tokens=512, batch_size=8,
+                        exclude_positions=[0])
+    meta = extract_shard(cfg, *native_model_and_corpus, "train", 0, tmp_path / "s.zarr")
+    shard = read_shard(tmp_path / "s.zarr")
+    assert meta["exclude_positions"] == [0] and meta["prepend_bos"] is True
+    assert len(shard.acts_TD) == 512                       # every position stored (CE, MaxAct)
+    keep = keep_mask(shard.positions_T, meta["exclude_positions"])
+    assert keep.sum() == 512 - 32 == meta["kept_token_count"] and not keep[shard.positions_T == 0].any()
+    np.testing.assert_array_equal(shard.kept_acts(), shard.acts_TD[keep])
+    norms = np.linalg.norm(shard.acts_TD.astype(np.float32), axis=1)
+    assert meta["mean_norm"] == pytest.approx(norms[keep].mean(), rel=1e-3)
+    assert meta["mean_norm"] != pytest.approx(norms.mean(), rel=1e-3)

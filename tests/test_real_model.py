@@ -117,3 +117,28 @@ def test_pipeline_extract_train_evaluate_on_a_pretrained_directory(assets, tmp_p
     texts = pq.read_table(workdir / "results/saes/topk-k4/maxact.parquet").column("text").to_pylist()
     assert texts and all(t.count("«") == 1 for t in texts) and any("w" in t for t in texts)
     assert yaml.safe_load((workdir / "config.yaml").read_text())["model"]["source"] == "pretrained"
+
+
+@pytest.mark.parametrize("fmt", ["txt", "dir"])
+def test_local_text_and_parquet_datasets(assets, tmp_path, fmt):
+    model_dir, _ = assets
+    rng = np.random.default_rng(1)
+    docs = [" ".join(rng.choice(VOCAB[1:], 30)) for _ in range(200)]
+    if fmt == "txt":  # one document per paragraph
+        path = tmp_path / "docs.txt"
+        path.write_text("\n\n".join(docs) + "\n")
+    else:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        (tmp_path / "d").mkdir()
+        for i in range(2):
+            pq.write_table(pa.table({"text": docs[i::2]}), tmp_path / "d" / f"part{i}.parquet")
+        path = tmp_path / "d"
+    cfg = CorpusConfig(source="dataset", dataset={"path": str(path)}, seq_len=16, min_tokens=1000, eval_fraction=0.2)
+    stats = build_corpus(cfg, tmp_path / "out", pretrained_tokenizer=str(model_dir))
+    assert sum(stats["documents"].values()) == 200
+    assert sum(stats["tokens"].values()) == pytest.approx(200 * 31, abs=2 * 16)  # 30 words + separator
+    with pytest.raises(ValueError, match=r"text_column is 'body' but .* has columns \['text'\]"):
+        build_corpus(CorpusConfig(source="dataset", dataset={"path": str(path), "text_column": "body"},
+                                  seq_len=16, min_tokens=0), tmp_path / "bad", pretrained_tokenizer=str(model_dir))

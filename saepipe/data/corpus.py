@@ -69,7 +69,7 @@ class DatasetConfig:
     caches the whole split first (HF cache) and reads it in order."""
 
 
-def _dataset_files(path: str) -> tuple[str, list[str]] | None:
+def local_dataset_files(path: str) -> tuple[str, list[str]] | None:
     """(builder, files) when `path` names local data; None for a hub name."""
     import glob
 
@@ -95,18 +95,17 @@ def dataset_documents(cfg: DatasetConfig) -> Iterator[str]:
     import datasets
 
     datasets.disable_progress_bars()
-    local = _dataset_files(cfg.path)
+    local = local_dataset_files(cfg.path)
     if local is None:
         ds = datasets.load_dataset(cfg.path, cfg.name, split=cfg.split, streaming=cfg.streaming)
     else:
         builder, files = local
         extra = {"sample_by": "paragraph"} if builder == "text" else {}
         ds = datasets.load_dataset(builder, data_files=files, split="train", streaming=cfg.streaming, **extra)
-    columns = ds.column_names
-    if columns is not None and cfg.text_column not in columns:
-        raise ValueError(f"corpus.dataset.text_column is {cfg.text_column!r} but {cfg.path!r} has "
-                         f"columns {columns}; set text_column to the one holding the text")
-    for row in ds:
+    for row in ds:  # a streamed dataset may not know its columns before the first row
+        if cfg.text_column not in row:
+            raise ValueError(f"corpus.dataset.text_column is {cfg.text_column!r} but {cfg.path!r} has "
+                             f"columns {sorted(row)}; set text_column to the one holding the text")
         text = row[cfg.text_column]
         if text:
             yield text

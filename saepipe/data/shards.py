@@ -18,6 +18,7 @@ Shards of another model, hook, dtype or width are refused by `check_compatible`.
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,6 +53,13 @@ class Shard:
     tokens_T: np.ndarray
     positions_T: np.ndarray
     meta: dict
+
+    def kept_acts(self) -> np.ndarray:
+        """The activations of the rows whose position is not in the metadata's
+        `exclude_positions` (what SAE training and reconstruction statistics should see;
+        `kept_token_count` rows). Without exclusions: `acts_TD` itself, no copy."""
+        excluded = self.meta.get("exclude_positions") or []
+        return self.acts_TD[keep_mask(self.positions_T, excluded)] if excluded else self.acts_TD
 
 
 def _array(group, name: str, data: np.ndarray) -> None:
@@ -97,15 +105,51 @@ def read_meta(path: str | os.PathLike) -> dict:
     return dict(_open(path).attrs)
 
 
+def _direct_layout(arr) -> bool:
+    """True for the layout `write_shard` makes (raw little-endian bytes + crc32c, regular row
+    chunks, "/" chunk keys), which `_read_direct` reads without zarr's per-chunk pipeline."""
+    m = arr.metadata
+    return (len(m.codecs) == 2 and isinstance(m.codecs[0], BytesCodec) and isinstance(m.codecs[1], Crc32cCodec)
+            and getattr(m.codecs[0].endian, "value", None) in ("little", None) and sys.byteorder == "little"
+            and getattr(m.chunk_key_encoding, "separator", None) == "/"
+            and tuple(m.chunk_grid.chunk_shape[1:]) == tuple(arr.shape[1:]))
+
+
+def _read_direct(path, arr, name: str) -> np.ndarray:
+    """The whole array from its chunk files: each is the chunk's C-order bytes (edge chunks
+    padded to the full chunk) followed by the little-endian crc32c of those bytes."""
+    import google_crc32c
+
+    rows = arr.metadata.chunk_grid.chunk_shape[0]
+    out = np.empty(arr.shape, arr.dtype)
+    chunk_bytes = rows * out[:1].nbytes if len(out) else 0
+    flat = out.reshape(len(out), -1).view(np.uint8).reshape(-1) if out.size else out.view(np.uint8)
+    suffix = "/0" * (arr.ndim - 1)
+    for i in range(arr.nchunks):
+        data = (Path(path) / name / "c" / f"{i}{suffix}").read_bytes()
+        if len(data) != chunk_bytes + 4:
+            raise _damaged(path, f"chunk {i} of {name} is truncated ({len(data)} of {chunk_bytes + 4} bytes)")
+        payload = data[:-4]
+        if google_crc32c.value(payload) != int.from_bytes(data[-4:], "little"):
+            raise _damaged(path, f"chunk {i} of {name} fails its crc32c checksum")
+        start = i * chunk_bytes
+        take = min(chunk_bytes, flat.nbytes - start)
+        flat[start : start + take] = np.frombuffer(payload, np.uint8, take)
+    return out
+
+
 def _read_array(path, group, name: str) -> np.ndarray:
     arr = group[name]
     if arr.nchunks_initialized != arr.nchunks:
         raise _damaged(path, f"{name} has {arr.nchunks - arr.nchunks_initialized} of its "
                              f"{arr.nchunks} chunk files missing")
-    try:
-        data = arr[...]
-    except Exception as err:  # crc32c mismatch, truncated chunk, undecodable bytes
-        raise _damaged(path, f"a chunk of {name} fails its checksum or is truncated", err) from err
+    if _direct_layout(arr):
+        data = _read_direct(path, arr, name)
+    else:
+        try:
+            data = arr[...]
+        except Exception as err:  # crc32c mismatch, truncated chunk, undecodable bytes
+            raise _damaged(path, f"a chunk of {name} fails its checksum or is truncated", err) from err
     expected = group.attrs.get("token_count")
     if expected is not None and len(data) != expected:
         raise _damaged(path, f"{name} has {len(data)} rows but the metadata says token_count={expected}")
