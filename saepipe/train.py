@@ -81,7 +81,8 @@ class TrainConfig:
     checkpoint_every_s: float = 300.0
     """Seconds between resume checkpoints (0: after every step); SIGTERM always writes one."""
     prefetch_windows: int = 1
-    """Shuffle windows read ahead by a background thread (0: read when needed); same batches."""
+    """Shuffle windows read ahead by a background thread, which a second one cuts into
+    ready batches (0: no threads, everything when needed); the batches are the same."""
     device_cache_gb: float | str = "auto"
     """Keep all training activations on the device when they fit in this many GB (fp16) and
     sample batches there (same batches as streaming); 0: never; "auto": 0 on the CPU, a

@@ -71,9 +71,10 @@ def check_finite(acts_TD: np.ndarray, path: str | os.PathLike, row_ids: np.ndarr
 class ShardStream:
     """Yields float32 [batch_size, d] tensors (raw units) on `device` for `total_tokens` tokens.
 
-    `prefetch`: windows read ahead in a background thread (0: none). `cache_bytes`: when
-    the shards' activations (fp16) fit in this many bytes they are kept on `device` and
-    sampled there (0: never). Neither changes the batches.
+    `prefetch`: windows read ahead by a background thread, with a second one preparing
+    the next batches (0: no threads). `cache_bytes`: when the shards' activations (fp16)
+    fit in this many bytes they are kept on `device` and sampled there (0: never).
+    Neither changes the batches.
     """
 
     def __init__(self, paths: list[str | os.PathLike], batch_size: int, total_tokens: int,
@@ -217,10 +218,13 @@ class ShardStream:
 
 
 def _kept_rows(meta: dict) -> int:
-    """Rows of a shard that are trained on: all but the `exclude_positions` of each sequence."""
+    """Rows of a shard that are trained on: all but the `exclude_positions` of each sequence
+    (the metadata's `kept_token_count` where the extraction wrote it)."""
     n = int(meta["token_count"])
     if not meta.get("exclude_positions"):
         return n
+    if "kept_token_count" in meta:
+        return int(meta["kept_token_count"])
     seq_len = int(meta["seq_len"])
     return n // seq_len * int(keep_mask(np.arange(seq_len), meta["exclude_positions"]).sum())
 
