@@ -13,7 +13,13 @@ decoder hooks; Adam, fused on CUDA), median of --steps after --warmup, on one fi
 - roofline: tokens/s if a step cost 3x the forward FLOPs/token of SPEC §1
   (`config.flops_per_token()`) at the device's dense matmul peak, measured in the same run
   with a large torch.mm (fp32 on CPU, bf16 on GPU). References are charged their library
-  twin's FLOPs (same model, more work), so their % shows the waste.
+  twin's FLOPs (same model, more work), so their % shows the waste. The TopK family's
+  sparse encoder backward skips most of the 2x-forward backward pass, so its % can
+  approach or pass 100.
+- torch.compile is not offered by the trainer: on this CPU it did not speed up TopK
+  (256 -> 293 ms/step, d=128, M=4096, batch 4096, 1 thread) and it cannot trace the fp32
+  grouped_mm of Switch/Scale (its meta kernel demands bf16); measure it here on a GPU
+  before adding it.
 - references (bench/_common.py): `dense_topk` (dense encoder, dense [B, M] code, dense
   decode: the straightforward SAE) and `reference_switch` (every expert's encoder, masked).
 - peak memory: CUDA max_memory_allocated; CPU: growth of the process RSS (sampled every
