@@ -54,3 +54,23 @@ def test_a_config_must_not_mix_in_config_yaml(tmp_path):
                     "--quiet", "rules").stdout
     counts = dict(re.findall(r"^(\w+)\s+(\d+)$", out, re.M))
     assert counts["train"] == "7" and counts["lm"] == "1" and counts["extract"] == str(154 + 8)
+
+
+@pytest.mark.parametrize("model,error", [
+    ({"source": "pretrained", "name_or_path": "gpt2"}, "'d_model' is a required property"),
+    ({"source": "pretrained", "d_model": 768}, "'name_or_path' is a required property"),
+    ({"source": "pretrained", "name_or_path": "gpt2", "d_model": 768, "dtype": "fp8"}, "'fp8' is not one of"),
+    ({"source": "pretrained", "name_or_path": "gpt2", "d_model": 768, "layer": 8}, "'layer' was unexpected"),
+    ({"source": "native"}, "'lm' is a required property"),  # the native model needs its `lm` section
+])
+def test_schema_rejects_incomplete_model_sections(model, error):
+    cfg = {**yaml.safe_load((REPO / "configs" / "gpt2-quick.yaml").read_text()), "model": model}
+    with pytest.raises(jsonschema.ValidationError, match=re.escape(error)):
+        jsonschema.validate(cfg, SCHEMA)
+
+
+def test_default_config_still_validates_without_a_model_section():
+    cfg = yaml.safe_load((REPO / "config.yaml").read_text())
+    assert "model" not in cfg
+    jsonschema.validate(cfg, SCHEMA)
+    assert d_model(cfg) == cfg["lm"]["d_model"]
