@@ -48,8 +48,9 @@ class ExtractConfig:
     MaxAct see whole sequences; the list is recorded in each shard's metadata (with
     `kept_token_count`), `Shard.kept_acts()` returns the kept rows, and the shard's
     `mean_norm` (the SAEs' input normalisation) is computed over kept positions only.
-    Status: the normalisation honours it; the training stream (saepipe/data/loader.py) and
-    the reconstruction metrics read every row until they call `Shard.kept_acts()`."""
+    Honoured by the normalisation and the training stream (saepipe/data/loader.py); the
+    reconstruction metrics (saepipe/evaluate/metrics.py) and the MaxAct scan still read every
+    row until they call `Shard.kept_acts()` / `keep_mask`."""
 
     def tokens(self, split: str) -> int:
         return {"train": self.train_tokens, "eval": self.eval_tokens}[split]
