@@ -151,8 +151,9 @@ def test_gpu_jobs_use_slurms_devices(slurm_run):
     assert_no_shared_device(leases)
 
 
-def test_results_equal_the_local_run(slurm_run, micro_run):
+def test_results_equal_the_local_run(slurm_run, request):
     """Same config, same threads per job: bit-identical SAEs, identical metrics."""
+    micro_run = request.getfixturevalue("micro_run")  # only once the cluster is up (no skip)
     for sae in SAES:
         weights = f"results/saes/{sae}/sae.safetensors"
         assert (slurm_run / weights).read_bytes() == (micro_run / weights).read_bytes(), sae
