@@ -6,8 +6,10 @@
 
 1. Extraction (`saepipe.extract.extract_shard`: forward to the hook, fp16 copy to host,
    statistics, Zarr write) against a bare forward pass to the same hook (`saepipe.lm.capture`)
-   on the same batches, same model, same process. Overhead = extraction / forward - 1
-   (model loading excluded from both). Target: <= 15%.
+   on the same batches, same model, same process, interleaved. Overhead = extraction /
+   forward - 1 (model loading excluded), the median over repeats of each extraction against
+   the forward passes around it (best-vs-best too). Target: <= 15%. On a shared machine
+   the spread is large: the JSON keeps every run and the load average.
 2. One shard's bytes through Zarr (`write_shard` / `read_shard`, crc32c-checked) against a
    raw `tofile` / `fromfile` of the same bytes on the same file system, page cache warm for
    both reads. Target: shard read >= 50% of raw read.
@@ -89,10 +91,14 @@ def throughput(args, model_dir: Path, corpus_dir: Path, work: Path) -> dict:
         forward.append(bare_forward_s(model, seqs, cfg, device))
     tokens = len(seqs) * args.seq_len
     f, e = min(forward), min(extract)
+    # each extraction against the mean of the forward passes just before and after it: robust
+    # to other load drifting on a shared machine, unlike best-of-each
+    paired = float(np.median([x / ((forward[2 * r] + forward[2 * r + 1]) / 2) for r, x in enumerate(extract)]) - 1)
     return {"tokens": tokens, "model_load_s": load_s, "forward_s": f, "extract_s": e,
             "forward_runs_s": forward, "extract_runs_s": extract,
             "forward_tokens_per_s": tokens / f, "extract_tokens_per_s": tokens / e,
-            "overhead": e / f - 1, "target_overhead": 0.15, "meets_target": e / f - 1 <= 0.15}
+            "overhead_best": e / f - 1, "overhead": paired, "target_overhead": 0.15,
+            "meets_target": paired <= 0.15}
 
 
 def _timed(fn) -> float:
@@ -205,6 +211,7 @@ def main() -> None:
             "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)",
             "host": platform.node(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "load_average_at_start": os.getloadavg(),
             "model": info.get("name_or_path") or f"native random d={d}, {info['arch']['n_layers']} layers",
             "hook": args.hook, "d": d, "seq_len": args.seq_len, "batch_size": args.batch_size,
             "extraction": throughput(args, model_dir, corpus_dir, work),
@@ -218,7 +225,8 @@ def main() -> None:
     out.write_text(json.dumps(result, indent=2) + "\n")
     e, s = result["extraction"], result["shard_io"]
     print(f"extraction {e['extract_tokens_per_s']:,.0f} tok/s vs bare forward {e['forward_tokens_per_s']:,.0f} "
-          f"tok/s: overhead {e['overhead']:+.1%} (target <= 15%)")
+          f"tok/s (best runs): overhead {e['overhead']:+.1%} paired median, {e['overhead_best']:+.1%} best "
+          f"vs best (target <= 15%); load average {result['load_average_at_start'][0]:.1f}")
     print(f"shard {s['bytes'] / 1e6:.0f} MB: zarr write {s['zarr_write_GBps']:.2f} GB/s vs raw {s['raw_write_GBps']:.2f}; "
           f"zarr read {s['zarr_read_GBps']:.2f} GB/s vs raw {s['raw_read_GBps']:.2f} "
           f"({s['read_ratio']:.0%} of raw, target >= 50%)")
