@@ -29,12 +29,10 @@ def test_keep_top_per_group():
     assert sorted(kept) == [0, 1, 2, 4, 5]  # group 0: 7 and the first 5; ties keep the earlier
 
 
-@pytest.fixture(scope="module")
-def toy(tmp_path_factory):
+def build_toy(root, exclude_positions=()):
     """Two shards of one-hot token activations, the identity TopK SAE, a word-level tokenizer."""
     from tokenizers import Tokenizer, models, pre_tokenizers
 
-    root = tmp_path_factory.mktemp("maxact")
     gen = np.random.default_rng(0)
     tokens = gen.integers(0, VOCAB, size=N_SEQ * SEQ).astype(np.int32)
     values = gen.uniform(1.0, 2.0, size=len(tokens)).astype(np.float32)
@@ -42,7 +40,8 @@ def toy(tmp_path_factory):
     on = tokens < D
     acts[np.nonzero(on)[0], tokens[on]] = values[on]
     half = len(tokens) // 2
-    meta = {"model": "toy", "hook": "h", "dtype": "float16", "d_in": D, "mean_norm": 1.5, "seq_len": SEQ}
+    meta = {"model": "toy", "hook": "h", "dtype": "float16", "d_in": D, "mean_norm": 1.5, "seq_len": SEQ,
+            "exclude_positions": list(exclude_positions)}
     shards = []
     for i, rows in enumerate((slice(0, half), slice(half, None))):
         shards.append(str(root / f"{i:03d}.zarr"))
@@ -62,6 +61,11 @@ def toy(tmp_path_factory):
                        context_before=3, context_after=2, batch_size=100, device="cpu")
     table = max_activating_examples(cfg, root / "sae", root, shards, root / "maxact.parquet")
     return {"root": root, "tokens": tokens, "values": values, "cfg": cfg, "rows": table.to_pylist()}
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    return build_toy(tmp_path_factory.mktemp("maxact"))
 
 
 def test_maxact_known_answer(toy):
@@ -92,6 +96,16 @@ def test_maxact_known_answer(toy):
         assert r["token_acts"][r["marked"]] == pytest.approx(r["activation"])
         assert r["tokens"] == [f" w{t}" for t in r["token_ids"]]
         assert f"« w{r['token_ids'][r['marked']]}»" in r["text"]
+
+
+def test_maxact_skips_excluded_positions(tmp_path):
+    toy = build_toy(tmp_path, exclude_positions=[0, 1])
+    tokens, rows = toy["tokens"], toy["rows"]
+    kept = np.arange(len(tokens)) % SEQ >= 2
+    for r in rows:
+        if r["kind"] != "negative":
+            assert r["row"] % SEQ >= 2  # an excluded position is never an example
+            assert r["frequency"] == pytest.approx(np.sum((tokens == r["feature"]) & kept) / kept.sum())
 
 
 def test_feature_page(toy, tmp_path):

@@ -127,7 +127,7 @@ def reconstruction_stats(sae, shards: list[str], batch_size: int, device,
     nnz = 0
     fired = torch.zeros(sae.cfg.width, dtype=torch.bool, device=device)
     for path in shards:
-        acts = read_shard(path).acts_TD
+        acts = read_shard(path).kept_acts()  # without the metadata's exclude_positions
         for start in range(0, len(acts), batch_size):
             x_BD = torch.from_numpy(acts[start : start + batch_size]).to(device).float()
             out = sae(x_BD)

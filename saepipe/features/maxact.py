@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from saepipe.data.shards import check_compatible, read_meta, read_shard
+from saepipe.data.shards import check_compatible, keep_mask, read_meta, read_shard
 from saepipe.devices import resolve_device
 from saepipe.io import atomic_path
 from saepipe.lm import load_tokenizer
@@ -29,7 +29,7 @@ COLUMNS = {
     "sae_id": "SAE id (sweep point)",
     "feature": "global latent index",
     "expert": "expert owning the latent (MoE SAEs; null for dense)",
-    "frequency": "fraction of scanned tokens on which the feature is active",
+    "frequency": "fraction of scanned tokens (excluded positions left out) on which the feature is active",
     "kind": "top (highest activations) | random (uniform over activations) | negative (feature off)",
     "rank": "rank within (feature, kind); 0 = highest activation for `top`",
     "row": "row of the example token in the concatenated eval shards",
@@ -103,13 +103,17 @@ def scan(sae, shards: list[str], cfg: MaxActConfig, device) -> dict:
     top, rand = _Reservoir(cfg.top_examples, sae.cfg.width), _Reservoir(cfg.random_examples, sae.cfg.width)
     counts = torch.zeros(sae.cfg.width, dtype=torch.long)
     gen = torch.Generator().manual_seed(cfg.seed)
-    offset = 0
+    offset, n_kept = 0, 0
     for path in shards:
-        acts_TD = read_shard(path).acts_TD[: max(0, cfg.tokens - offset)]
+        shard = read_shard(path)
+        acts_TD = shard.acts_TD[: max(0, cfg.tokens - offset)]
+        keep_T = torch.from_numpy(keep_mask(shard.positions_T[: len(acts_TD)], shard.meta.get("exclude_positions")))
+        n_kept += int(keep_T.sum())
         for start in range(0, len(acts_TD), cfg.batch_size):
             x_BD = torch.from_numpy(acts_TD[start : start + cfg.batch_size]).to(device).float()
             enc = sae.encode(x_BD)
-            active = (enc.acts_BK > 0).cpu()
+            # rows at excluded positions (e.g. GPT-2's BOS) are never examples
+            active = (enc.acts_BK > 0).cpu() & keep_T[start : start + len(x_BD), None]
             latent = enc.idx_BK.cpu()[active]
             value = enc.acts_BK.float().cpu()[active]
             row = (torch.arange(len(x_BD)) + offset + start)[:, None].expand_as(active)[active]
@@ -119,7 +123,8 @@ def scan(sae, shards: list[str], cfg: MaxActConfig, device) -> dict:
         offset += len(acts_TD)
         if offset >= cfg.tokens:
             break
-    return {"top": top.compact(), "random": rand.compact(), "counts": counts, "n_tokens": offset}
+    return {"top": top.compact(), "random": rand.compact(), "counts": counts, "n_tokens": offset,
+            "n_kept": max(1, n_kept)}
 
 
 class _EvalTokens:
@@ -231,7 +236,7 @@ def max_activating_examples(cfg: MaxActConfig, sae_dir: str | Path, tokenizer_di
         records.append({
             "sae_id": sae_id, "feature": f,
             "expert": f // expert_width if getattr(sae.cfg, "n_experts", 1) > 1 else None,
-            "frequency": counts[f].item() / n_tokens, "kind": kind, "rank": rank, "row": row,
+            "frequency": counts[f].item() / found["n_kept"], "kind": kind, "rank": rank, "row": row,
             "activation": float(act), "token_ids": ids, "tokens": strs,
             "token_acts": [float(v) for v in acts_ctx], "marked": marked,
             "text": "".join(strs[:marked]) + f"«{strs[marked]}»" + "".join(strs[marked + 1 :]),
