@@ -137,7 +137,7 @@ def test_pipeline_gpu_jobs_log_their_device(micro_run):
     """Every GPU rule's job goes through the lease and logs what it got."""
     logs = {rule: sorted((micro_run / "results/logs").glob(pattern)) for rule, pattern in {
         "extract": "extract/*.log", "train": "train/*.log", "evaluate": "evaluate/*.log",
-        "lm_baseline": "lm_baseline.log"}.items()}
+        "lm_baseline": "lm_baseline.log", "maxact": "maxact/*.log"}.items()}
     for rule, paths in logs.items():
         assert paths, rule
         for path in paths:
