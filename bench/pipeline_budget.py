@@ -39,6 +39,7 @@ def main() -> None:
     ap.add_argument("--keep", action="store_true", help="keep the clone (printed) for inspection")
     args = ap.parse_args()
 
+    load_at_start = os.getloadavg()  # other work on the machine slows every figure below
     work = Path(tempfile.mkdtemp(prefix="saepipe-budget-"))
     clone = work / "saepipe"
     subprocess.run(["git", "clone", "-q", str(REPO), str(clone)], check=True)
@@ -57,7 +58,8 @@ def main() -> None:
                      "s": float(row["s"]), "max_rss_mb": float(row["max_rss"])})
     res["max_job_rss_mb"] = max(j["max_rss_mb"] for j in jobs)
     res["jobs"] = jobs
-    res["machine"] = {"cpus": os.cpu_count(), "platform": platform.platform(), "python": sys.version.split()[0]}
+    res["machine"] = {"cpus": os.cpu_count(), "platform": platform.platform(), "python": sys.version.split()[0],
+                      "load_average_at_start": load_at_start, "load_average_at_end": os.getloadavg()}
     res["date"] = dt.datetime.now().isoformat(timespec="seconds")
     res["budgets"] = BUDGETS
 
