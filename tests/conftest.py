@@ -63,8 +63,9 @@ def write_config(workdir: Path, config: dict) -> None:
     (workdir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
 
 
-def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(workdir)}
+def snakemake(workdir: Path, *args: str, check: bool = True, pythonpath: tuple[Path, ...] = ()) -> subprocess.CompletedProcess:
+    """Run snakemake in `workdir` with its saepipe (plus `pythonpath`, searched first)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(map(str, (*pythonpath, workdir)))}
     proc = subprocess.run([SNAKEMAKE, *args], cwd=workdir, env=env, capture_output=True, text=True)
     if check and proc.returncode != 0:
         raise AssertionError(f"snakemake {' '.join(args)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
