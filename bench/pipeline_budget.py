@@ -33,6 +33,25 @@ def timed(cmd: list[str], cwd: Path, log: Path) -> float:
     return time.time() - t0
 
 
+# One-thread fp32 matmul rate: the machine's speed at that moment. The 2-core machines here
+# are shared and their speed drifts by a third between runs, so each run records it.
+SPEED_PROBE = """
+import time, torch
+torch.set_num_threads(1)
+a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+a @ b
+t0 = time.perf_counter()
+for _ in range(40):
+    a @ b
+print(40 * 2 * 1024**3 / (time.perf_counter() - t0) / 1e9)
+"""
+
+
+def matmul_gflops(python: Path) -> float:
+    return float(subprocess.run([str(python), "-c", SPEED_PROBE], capture_output=True, text=True,
+                                check=True).stdout)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=REPO / f"bench/results/pipeline_budget-{dt.date.today()}.json")
@@ -45,6 +64,7 @@ def main() -> None:
     subprocess.run(["git", "clone", "-q", str(REPO), str(clone)], check=True)
     env_bin = clone / ".venv/bin"
     res = {"setup_s": timed(["make", "venv"], clone, work / "setup.log")}
+    speed_before = matmul_gflops(env_bin / "python")
     res["pipeline_s"] = timed([str(env_bin / "snakemake"), "--cores", "all"], clone, work / "pipeline.log")
     res["noop_s"] = timed([str(env_bin / "snakemake"), "--cores", "all"], clone, work / "noop.log")
     res["report_s"] = timed([str(env_bin / "snakemake"), "--report", "results/report.html"], clone,
@@ -59,7 +79,8 @@ def main() -> None:
     res["max_job_rss_mb"] = max(j["max_rss_mb"] for j in jobs)
     res["jobs"] = jobs
     res["machine"] = {"cpus": os.cpu_count(), "platform": platform.platform(), "python": sys.version.split()[0],
-                      "load_average_at_start": load_at_start, "load_average_at_end": os.getloadavg()}
+                      "load_average_at_start": load_at_start, "load_average_at_end": os.getloadavg(),
+                      "matmul_gflops_1thread_before_after": [speed_before, matmul_gflops(env_bin / "python")]}
     res["date"] = dt.datetime.now().isoformat(timespec="seconds")
     res["budgets"] = BUDGETS
 

@@ -23,12 +23,31 @@ COLUMNS = [
 MATCH_TITLES = {"flops": "FLOP-matched to {base}", "width": "width-matched to {base}"}
 
 
-def _label(group: str, r: dict) -> str:
-    if (r.get("n_experts") or 1) > 1:
-        e = r.get("active_experts") or 1
-        experts = f"N={r['n_experts']}" + (f", e={e}" if e > 1 else "")
-        return f"{group}  ({r['arch']}, {experts}, M={r['width']})"
-    return f"{group}  ({r['arch']}, M={r['width']})"
+def _values(grows: list[dict], key: str, default=1) -> str:
+    """The group's distinct values of `key`, "8192/2048" when its points differ in it."""
+    return "/".join(str(v) for v in dict.fromkeys((r.get(key) or default) for r in grows))
+
+
+def _label(group: str, grows: list[dict]) -> str:
+    width = f"M={_values(grows, 'width')}"
+    if (grows[0].get("n_experts") or 1) > 1:
+        e = _values(grows, "active_experts")
+        experts = f"N={grows[0]['n_experts']}" + (f", e={e}" if e != "1" else "")
+        return f"{group}  ({grows[0]['arch']}, {experts}, {width})"
+    return f"{group}  ({grows[0]['arch']}, {width})"
+
+
+def _plot_group(ax, col: str, name: str, grows: list[dict], style: dict) -> None:
+    """A line through the group's k values; a group whose points share k but differ in the
+    number of active experts (a Scale e sweep) gets unconnected markers labelled e=..."""
+    xs, ys = [r["l0"] for r in grows], [r[col] for r in grows]
+    by_e = len({r.get("k") for r in grows}) == 1 and len({r.get("active_experts") for r in grows}) > 1
+    ax.plot(xs, ys, label=_label(name, grows), linewidth=1.8, markersize=6,
+            **{**style, **({"linestyle": "none"} if by_e else {})})
+    if by_e:
+        for r, x, y in zip(grows, xs, ys):
+            ax.annotate(f"e={r.get('active_experts')}", (x, y), textcoords="offset points", xytext=(6, -3),
+                        fontsize=7, color=style.get("color"))
 
 
 def _panel_rows(groups: dict[str, list[dict]]) -> list[tuple[str, list[str]]]:
@@ -56,9 +75,7 @@ def plot_frontier(table_parquet: str, out_png: str) -> None:
     for (title, names), ax_row in zip(panel_rows, axes):
         for ax, (col, ylabel) in zip(ax_row, COLUMNS):
             for name in names:
-                grows = sorted(groups[name], key=lambda r: r["l0"])
-                ax.plot([r["l0"] for r in grows], [r[col] for r in grows], label=_label(name, grows[0]),
-                        linewidth=1.8, markersize=6, **style[name])
+                _plot_group(ax, col, name, sorted(groups[name], key=lambda r: r["l0"]), style[name])
             ax.set_xscale("log", base=2)
             ax.xaxis.set_major_formatter(ScalarFormatter())
             ax.set_xlabel("L0 (mean active latents per token, log scale)")

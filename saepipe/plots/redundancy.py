@@ -42,7 +42,9 @@ def plot_redundancy(table_parquet: str, out_png: str) -> None:
     ratios = ([4.8] if top else []) + ([spec_h] if spec else [])
     fig, axd = plt.subplot_mosaic(mosaic, figsize=(13 if len(top) == 2 else 9, sum(ratios) + 0.8),
                                   height_ratios=ratios, constrained_layout=True)
-    pct = PercentFormatter(1.0, decimals=1)
+    def pct():  # one per axis; decimals follow the axis range (0.05% and 80% both read right)
+        return PercentFormatter(1.0, decimals=None)
+
     if vs_k:
         ax = axd["k"]
         groups: dict[str, list[dict]] = {}
@@ -75,7 +77,7 @@ def plot_redundancy(table_parquet: str, out_png: str) -> None:
                     mfc="none" if measured else cols[i])
         ax.set_xscale("log", base=2)
         ax.xaxis.set_major_formatter(ScalarFormatter())
-        ax.yaxis.set_major_formatter(pct)
+        ax.yaxis.set_major_formatter(pct())
         ax.set_ylim(bottom=0)
         ax.set_xlabel("k  (active latents per token; L1-type SAEs at their measured L0; log scale)")
         ax.set_ylabel("redundancy: features with max cos > 0.9")
@@ -98,7 +100,7 @@ def plot_redundancy(table_parquet: str, out_png: str) -> None:
         ax.set_xscale("log", base=2)
         ax.set_xticks(es, [str(e) for e in es])
         ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
-        ax.yaxis.set_major_formatter(pct)
+        ax.yaxis.set_major_formatter(pct())
         ax.set_ylim(bottom=0)
         ax.set_xlabel("e  (active experts per token, log scale)")
         ax.set_ylabel("redundancy: features with max cos > 0.9")
@@ -122,7 +124,7 @@ def plot_redundancy(table_parquet: str, out_png: str) -> None:
         ax.set_yticks(y, [_detail(r) for r in spec], fontsize=8)
         ax.invert_yaxis()
         ax.set_xlim(0, vmax * 1.18)
-        ax.xaxis.set_major_formatter(pct)
+        ax.xaxis.set_major_formatter(pct())
         ax.set_xlabel("features with max cos > 0.9 to another feature of the same set")
         ax.set_title("Expert specialisation: intra- vs inter-expert redundancy (Scale Fig. 6a)")
         ax.grid(True, axis="x", alpha=0.3)
