@@ -112,6 +112,7 @@ class Encoding(NamedTuple):
     expert_B: Tensor | None = None  # Switch: routed expert per token
     probs_BN: Tensor | None = None  # Switch: router probabilities
     dense_BM: Tensor | None = None  # variable-L0 archs: the same code dense, when that decodes faster
+    experts_BE: Tensor | None = None  # MoE: every routed (selected) expert per token, column 0 = top-1
 
 
 class SAEOutput(NamedTuple):
@@ -121,7 +122,8 @@ class SAEOutput(NamedTuple):
     acts_BK: Tensor  # normalised-space activation values of the selected latents
     idx_BK: Tensor  # global latent indices
     losses: dict[str, Tensor]  # named, already weighted scalar terms; total = their sum
-    expert_B: Tensor | None = None  # routed expert (None for dense archs)
+    expert_B: Tensor | None = None  # routed (top-1) expert (None for dense archs)
+    experts_BE: Tensor | None = None  # every routed expert [B, e] (Switch: e = 1; None for dense)
 
 
 class SAE(nn.Module):
@@ -184,7 +186,7 @@ class SAE(nn.Module):
         if self.training:
             self._update_dead_stats(enc)
         x_hat_BD = x_hat_n_BD / self.cfg.act_norm_factor
-        return SAEOutput(x_hat_BD, enc.acts_BK, enc.idx_BK, losses, enc.expert_B)
+        return SAEOutput(x_hat_BD, enc.acts_BK, enc.idx_BK, losses, enc.expert_B, enc.experts_BE)
 
     @torch.no_grad()
     def init_from_batch(self, x_BD: Tensor) -> None:

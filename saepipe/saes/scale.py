@@ -206,7 +206,8 @@ class ScaleSAE(SAE):
         vals_BC = vals_Pk.index_select(0, inverse_P).reshape(B, e * kk)  # candidates per token
         gidx_BC = gidx_Pk.index_select(0, inverse_P).reshape(B, e * kk)
         top_BK, pos_BK = vals_BC.topk(cfg.k, dim=1, sorted=False)
-        enc = Encoding(F.relu(top_BK), gidx_BC.gather(1, pos_BK), None, experts_BE[:, 0], probs_BN)
+        enc = Encoding(F.relu(top_BK), gidx_BC.gather(1, pos_BK), None, experts_BE[:, 0], probs_BN,
+                       experts_BE=experts_BE)
         return enc, {"experts_BE": experts_BE, "weights_BE": w_BE}
 
     def _aux_losses(

@@ -122,7 +122,7 @@ class SwitchSAE(SAE):
         vals_BK, local_BK = pre_sorted_Bn.topk(self.cfg.k, dim=-1, sorted=False)
         acts_BK = F.relu(vals_BK)[inverse_B]
         idx_BK = expert_B[:, None] * n + local_BK[inverse_B]
-        enc = Encoding(acts_BK, idx_BK, gate_B, expert_B, probs_BN)
+        enc = Encoding(acts_BK, idx_BK, gate_B, expert_B, probs_BN, experts_BE=expert_B[:, None])
         return enc, {"counts_N": counts_N}
 
     def _aux_losses(
