@@ -9,7 +9,7 @@ rule aggregate:
     output:
         "results/table.parquet",
     params:
-        groups=canonical({sid: {"group": p["group"], **p["match"]} for sid, p in SAES.items()}),
+        groups=canonical({sid: {"group": p["group"], "point": p["point"], **p["match"]} for sid, p in SAES.items()}),
         code=fingerprint("saepipe.aggregate"),
     log:
         "results/logs/aggregate.log",

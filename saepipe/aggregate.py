@@ -10,10 +10,16 @@ from saepipe.io import atomic_path, read_json
 
 
 def sae_row(sae_dir: str | Path, metrics_json: str | Path, sweep: dict, extras: list[str] = ()) -> dict:
-    """One table row; `sweep` = {"group": name, and for matched groups "baseline", "by"};
-    `extras`: more JSON files of flat columns (e.g. autointerp.json) from this SAE's directory."""
+    """One table row; `sweep` = {"group": name, "point": the id without the seed axis, and for
+    matched groups "baseline", "by"}; `extras`: more JSON files of flat columns (e.g.
+    autointerp.json) from this SAE's directory.
+
+    `point_id` pools the seeds of one sweep point (figures show their mean and confidence
+    interval, verdicts pair them by `seed`); without a "point" each SAE is its own point.
+    """
     config = read_json(Path(sae_dir) / "config.json")
-    row = {"sae_id": Path(sae_dir).name, "group": sweep["group"],
+    sae_id = Path(sae_dir).name
+    row = {"sae_id": sae_id, "point_id": sweep.get("point", sae_id), "group": sweep["group"],
            "match_baseline": sweep.get("baseline"), "match_by": sweep.get("by")}
     run = config.pop("run", {})
     row.update({k: v for k, v in config.items() if not isinstance(v, (dict, list))})

@@ -18,9 +18,20 @@ names for some fields (`ID_FIELD_NAMES`: `scale-e2` for active_experts, booleans
 A group gives one point's hyperparameters to all of its points: to change one point
 alone, give it a group of its own.
 
+Seeds (and any other training field) are axes too: `seed: [0, 1]` in a group, or in the
+top-level `train:` section to train every point of every group with each seed (a group's
+own value wins). The seed axis is written `-s<seed>` and comes last in the id
+(`topk-k16-s1`); every point also has a `point` id, its SAE id without the seed
+(`topk-k16`), which the table, the figures and the verdicts use to pool the seeds of one
+sweep point (mean and confidence interval, comparisons paired by seed).
+
 `match` derives `width`: `width` keeps the baseline's total latents; `flops` gives equal
-forward FLOPs per token (Switch: expert width = dense width). The derived configuration
-is checked against the baseline's FLOPs and a mismatch is a config error naming both.
+forward FLOPs per token (Switch: expert width = dense width); `train_flops` gives equal
+TRAINING FLOPs per token (forward + backward + optimizer, `SAEConfig.train_flops_per_token`
+at the point's batch size, which must then be a number, not "auto"): the widest width the
+architecture allows whose training FLOPs do not exceed the baseline's. The derived
+configuration is checked against the baseline's FLOPs and a mismatch is a config error
+naming both.
 """
 from __future__ import annotations
 
@@ -29,9 +40,12 @@ import json
 from dataclasses import fields
 
 from saepipe.saes import ARCHITECTURES, config_from_dict
+from saepipe.train import RUNTIME_FIELDS, TrainConfig
 
 # Fields of the saved SAE config that the pipeline fills in, never the user.
 PIPELINE_FIELDS = {"d_in", "act_norm_factor", "hook", "model_id", "training_tokens"}
+TRAIN_FIELDS = {f.name for f in fields(TrainConfig)} - set(RUNTIME_FIELDS) - {"device", "log_every"}
+"""Training fields a group may set (its own value, or an axis); the rest come from `train:`."""
 FLOP_TOLERANCE = 0.05  # relative; the router's 2dN FLOPs make exact equality impossible
 
 
@@ -40,7 +54,8 @@ class SweepError(ValueError):
 
 
 # Short names of grid axes in SAE ids: `scale-e2` rather than `scale-active_experts2`.
-ID_FIELD_NAMES = {"active_experts": "e", "n_experts": "N", "feature_scaling": "fs", "width": "w"}
+ID_FIELD_NAMES = {"active_experts": "e", "n_experts": "N", "feature_scaling": "fs", "width": "w", "seed": "s"}
+SEED_FIELD = "seed"  # the axis pooled into one point (its id part is dropped from `point`)
 
 
 def _id_value(v) -> str:
@@ -62,7 +77,36 @@ def _sae_config(values: dict, d_in: int):
     return config_from_dict({**values, "d_in": d_in})
 
 
-def _apply_match(group: str, values: dict, match: dict, groups: dict, d_in: int) -> dict:
+def _train_flops(cfg, train: dict, group: str) -> float:
+    batch = train.get("batch_size")
+    if not isinstance(batch, int) or isinstance(batch, bool):
+        raise SweepError(
+            f"sweep.{group}: match by train_flops needs a numeric train.batch_size (the optimizer's "
+            f"FLOPs per token depend on it), got {batch!r}; set batch_size in the group or in `train`")
+    return cfg.train_flops_per_token(batch)
+
+
+def _match_train_flops(group: str, values: dict, baseline, base_train: dict, train: dict, d_in: int) -> int:
+    """The widest valid width whose training FLOPs/token do not exceed the baseline's (monotone in width)."""
+    target = _train_flops(baseline, base_train, group)
+    step = int(values.get("n_experts", 1))
+    lo, hi = step, step
+    while _train_flops(_sae_config({**values, "width": hi * 2}, d_in), train, group) <= target:
+        hi *= 2
+        if hi > 2**40:
+            raise SweepError(f"sweep.{group}: no width reaches the baseline's training FLOPs")
+    hi *= 2
+    while hi - lo > step:  # invariant: width lo fits (or is the smallest), width hi does not
+        mid = (lo + hi) // 2 // step * step
+        if _train_flops(_sae_config({**values, "width": mid}, d_in), train, group) <= target:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+def _apply_match(group: str, values: dict, match: dict, groups: dict, d_in: int,
+                 train: dict | None = None, base_train: dict | None = None) -> dict:
     base_name = match["baseline"]
     if base_name not in groups:
         raise SweepError(f"sweep.{group}.match.baseline: no group named {base_name!r}")
@@ -80,45 +124,68 @@ def _apply_match(group: str, values: dict, match: dict, groups: dict, d_in: int)
             )
         return {**values, "width": baseline.width}
     width = values.get("width")
-    if width is None:  # derive: same active encoder width as the baseline
-        trial = _sae_config({**values, "width": baseline.width}, d_in)
-        width = round(baseline.width * baseline.encoder_fraction() / trial.encoder_fraction())
-    derived = _sae_config({**values, "width": width}, d_in)
-    ratio = derived.flops_per_token() / baseline.flops_per_token()
+    if match["by"] == "train_flops":
+        if width is None:
+            width = _match_train_flops(group, values, baseline, base_train, train, d_in)
+        derived = _sae_config({**values, "width": width}, d_in)
+        mine, theirs = _train_flops(derived, train, group), _train_flops(baseline, base_train, group)
+        kind = "training FLOPs/token"
+    else:
+        if width is None:  # derive: same active encoder width as the baseline
+            trial = _sae_config({**values, "width": baseline.width}, d_in)
+            width = round(baseline.width * baseline.encoder_fraction() / trial.encoder_fraction())
+        derived = _sae_config({**values, "width": width}, d_in)
+        mine, theirs = derived.flops_per_token(), baseline.flops_per_token()
+        kind = "FLOPs/token"
+    ratio = mine / theirs
     if abs(ratio - 1) > FLOP_TOLERANCE:
         raise SweepError(
-            f"sweep.{group} is declared FLOP-matched to {base_name!r} but is not: "
-            f"{derived.flops_per_token():,} vs {baseline.flops_per_token():,} FLOPs/token "
-            f"(ratio {ratio:.3f}, tolerance {FLOP_TOLERANCE})"
+            f"sweep.{group} is declared {match['by']}-matched to {base_name!r} but is not: "
+            f"{mine:,.0f} vs {theirs:,.0f} {kind} (ratio {ratio:.3f}, tolerance {FLOP_TOLERANCE}); "
+            "drop `width` to derive it"
         )
     return {**values, "width": width}
 
 
 def expand_sweep(config: dict, d_in: int) -> dict[str, dict]:
-    """SAE id -> {"group", "sae", "train", "match"} for every point of the sweep."""
+    """SAE id -> {"group", "point", "sae", "train", "match"} for every point of the sweep.
+
+    "point" is the id without the seed axis (the same for every seed of one sweep point).
+    """
     defaults, groups = config["train"], config["sweep"]
+    default_axes = {k: v for k, v in defaults.items() if isinstance(v, list)}
     points: dict[str, dict] = {}
     for group, spec in groups.items():
         spec = dict(spec)
         match = spec.pop("match", None)
         arch = spec.get("arch")
-        allowed = arch_fields(arch) | set(defaults)
+        allowed = arch_fields(arch) | set(defaults) | TRAIN_FIELDS
         unknown = sorted(set(spec) - allowed)
         if unknown:
             raise SweepError(
                 f"sweep.{group}: unknown key(s) {unknown} for arch {arch!r}; "
                 f"valid keys: {sorted(allowed)}"
             )
+        # list-valued `train` fields are axes of every group that does not set them itself
+        spec = {**{k: v for k, v in default_axes.items() if k not in spec}, **spec}
         axes = {k: v for k, v in spec.items() if isinstance(v, list)}
+        if SEED_FIELD in axes:  # the seed axis last, so `point` is a prefix of the id
+            axes[SEED_FIELD] = axes.pop(SEED_FIELD)
         for combo in itertools.product(*axes.values()):
             values = {**spec, **dict(zip(axes, combo))}
-            sid = group + "".join(f"-{ID_FIELD_NAMES.get(k, k)}{_id_value(v)}" for k, v in zip(axes, combo))
+            parts = [(k, f"-{ID_FIELD_NAMES.get(k, k)}{_id_value(v)}") for k, v in zip(axes, combo)]
+            sid = group + "".join(p for _, p in parts)
+            point = group + "".join(p for k, p in parts if k != SEED_FIELD)
             sae = {k: v for k, v in values.items() if k in arch_fields(arch)}
+            train = {**defaults, **{k: v for k, v in values.items() if k in defaults or k in TRAIN_FIELDS}}
             if match:
-                sae = _apply_match(group, sae, match, groups, d_in)
+                base_train = {**defaults, **{k: v for k, v in groups.get(match["baseline"], {}).items()
+                                             if k in defaults or k in TRAIN_FIELDS}}
+                base_train = {k: (train[k] if isinstance(v, list) else v) for k, v in base_train.items()}
+                sae = _apply_match(group, sae, match, groups, d_in, train, base_train)
             _sae_config(sae, d_in)  # validates the architecture's own constraints
-            train = {**defaults, **{k: v for k, v in values.items() if k in defaults}}
             if sid in points:
                 raise SweepError(f"two sweep points are both named {sid!r}")
-            points[sid] = {"group": group, "sae": sae, "train": train, "match": match or {}}
+            points[sid] = {"group": group, "point": point, "sae": sae, "train": train,
+                           "match": match or {}}
     return points

@@ -61,8 +61,14 @@ class TrainConfig:
     batch_size: int | str = "auto"
     """Activations per optimizer step; "auto": 1024 on the CPU, 16384 on a GPU (GPUs need
     large batches to approach their peak; see bench/train_throughput.py)."""
-    lr: float = 5e-4
-    """Adam learning rate after warm-up."""
+    lr: float | str = 5e-4
+    """Adam learning rate after warm-up, or "auto": the width rule of the Switch/TopK/Scale
+    reference code (after Gao et al. 2024), ``2e-4 / sqrt(M / 2**14)`` with M the SAE's
+    TOTAL latents (``width``; for Switch and Scale all N experts' latents together, not the
+    M/N of one expert nor the active e*M/N), see :func:`auto_lr`."""
+    grad_clip: float | None = None
+    """Clip the global gradient norm to this value before each step (the reference recipe
+    uses 1.0); None: no clipping."""
     warmup_steps: int = 50
     """Linear learning-rate warm-up steps."""
     decay_fraction: float = 0.2
@@ -89,6 +95,10 @@ class TrainConfig:
     quarter of the GPU's memory on a GPU."""
 
     def __post_init__(self) -> None:
+        if self.lr != "auto" and not (isinstance(self.lr, (int, float)) and self.lr > 0):
+            raise ValueError(f"train.lr must be a positive number or 'auto', got {self.lr!r}")
+        if self.grad_clip is not None and not (isinstance(self.grad_clip, (int, float)) and self.grad_clip > 0):
+            raise ValueError(f"train.grad_clip must be a positive number or null, got {self.grad_clip!r}")
         if self.batch_size != "auto" and not (isinstance(self.batch_size, int) and self.batch_size > 0):
             raise ValueError(f"train.batch_size must be a positive int or 'auto', got {self.batch_size!r}")
         if self.precision not in PRECISIONS:
@@ -125,6 +135,20 @@ def split_runtime(fields: dict) -> tuple[dict, dict]:
             {k: v for k, v in fields.items() if k in RUNTIME_FIELDS})
 
 
+AUTO_LR_BASE, AUTO_LR_WIDTH = 2e-4, 2**14
+"""lr "auto" = AUTO_LR_BASE / sqrt(M / AUTO_LR_WIDTH) (reference recipe, after Gao et al. 2024)."""
+
+
+def auto_lr(width: int) -> float:
+    """The reference width rule ``2e-4 / sqrt(M / 2**14)``, M = total latents (all experts)."""
+    return AUTO_LR_BASE / math.sqrt(width / AUTO_LR_WIDTH)
+
+
+def resolve_lr(lr: float | str, width: int) -> float:
+    """``lr`` itself, or :func:`auto_lr` of the SAE's width for "auto"."""
+    return auto_lr(width) if lr == "auto" else float(lr)
+
+
 def lr_factor(step: int, total: int, cfg: TrainConfig) -> float:
     warm = min(1.0, (step + 1) / max(1, cfg.warmup_steps))
     decay_start = total * (1 - cfg.decay_fraction)
@@ -135,8 +159,9 @@ def lr_factor(step: int, total: int, cfg: TrainConfig) -> float:
 def _routing_stats(sae, out) -> dict:
     """MoE SAEs: this batch's routed-token count per expert; Scale: the learned omega."""
     stats = {}
-    if out.expert_B is not None:
-        stats["expert_counts"] = torch.bincount(out.expert_B, minlength=sae.cfg.n_experts).tolist()
+    routed = out.experts_BE if out.experts_BE is not None else out.expert_B
+    if routed is not None:  # every selected expert (Scale: e per token)
+        stats["expert_counts"] = torch.bincount(routed.reshape(-1), minlength=sae.cfg.n_experts).tolist()
     omega = getattr(sae, "omega", None)
     if omega is not None:
         stats["omega"] = omega.detach().cpu().tolist()
@@ -154,17 +179,22 @@ def make_optimizer(sae: torch.nn.Module, lr: float) -> torch.optim.Adam:
     return torch.optim.Adam(sae.parameters(), lr=lr, fused=fused or None)
 
 
-def train_step(sae, opt: torch.optim.Optimizer, x_BD: torch.Tensor, autocast: torch.dtype | None):
+def train_step(sae, opt: torch.optim.Optimizer, x_BD: torch.Tensor, autocast: torch.dtype | None,
+               grad_clip: float | None = None):
     """One optimizer step of the protocol in saepipe/saes/base.py; returns (SAEOutput, loss).
 
     With `autocast` (e.g. torch.bfloat16) the forward runs under torch.autocast: matmuls in
-    that dtype, parameters, gradients, Adam state and the losses in float32.
+    that dtype, parameters, gradients, Adam state and the losses in float32. `grad_clip`:
+    the global gradient norm is clipped to it after the SAE's gradient hook (e.g. removing
+    the decoder-parallel component) and before the step.
     """
     with torch.autocast(x_BD.device.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
         out = sae(x_BD)
         loss = sum(out.losses.values())
     loss.backward()
     sae.before_optimizer_step()
+    if grad_clip is not None:
+        torch.nn.utils.clip_grad_norm_(sae.parameters(), grad_clip, foreach=True)
     opt.step()
     sae.after_optimizer_step()
     opt.zero_grad(set_to_none=True)
@@ -204,7 +234,8 @@ def train_sae(sae_fields: dict, cfg: TrainConfig, shards: list[str], out_dir: st
         print(f"train {out_dir.name}: warning: only {total} steps (tokens {cfg.tokens:,} / batch "
               f"{cfg.batch_size:,}) but warmup_steps is {cfg.warmup_steps}: the learning rate never "
               "reaches train.lr; raise train.tokens or lower train.batch_size / warmup_steps", file=sys.stderr)
-    opt = make_optimizer(sae, cfg.lr)
+    lr = resolve_lr(cfg.lr, sae_cfg.width)
+    opt = make_optimizer(sae, lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, cfg))
     autocast = AUTOCAST_DTYPES[cfg.precision]
     ckpt = Checkpoint(ckpt_path, _job_key(sae_fields, cfg, shards, metas), sae, opt, sched)
@@ -219,7 +250,7 @@ def train_sae(sae_fields: dict, cfg: TrainConfig, shards: list[str], out_dir: st
         for step, x_BD in enumerate(stream.batches(start), start):
             if step == 0:
                 sae.init_from_batch(x_BD)
-            out, loss = train_step(sae, opt, x_BD, autocast)
+            out, loss = train_step(sae, opt, x_BD, autocast, cfg.grad_clip)
             sched.step()
             bar.update()
             if step % cfg.log_every == 0 or step == total - 1:  # the only host syncs of the loop
@@ -249,7 +280,7 @@ def train_sae(sae_fields: dict, cfg: TrainConfig, shards: list[str], out_dir: st
     bar.close()
     wall = time.time() - t0
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_sae(sae, out_dir, run={"train": asdict(cfg), "wall_time_s": wall, "resumed_at_steps": resumes,
+    save_sae(sae, out_dir, run={"train": asdict(cfg), "lr": lr, "wall_time_s": wall, "resumed_at_steps": resumes,
                                 "train_tokens_per_s": cfg.tokens / wall, "device": str(device)})
     with atomic_path(out_dir / "train_log.jsonl") as tmp:
         tmp.write_text("".join(json.dumps(r) + "\n" for r in log))

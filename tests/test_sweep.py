@@ -3,7 +3,7 @@ import pytest
 import yaml
 
 from conftest import REPO
-from saepipe.saes import ARCHITECTURES
+from saepipe.saes import ARCHITECTURES, config_from_dict
 from saepipe.sweep import SweepError, canonical, expand_sweep
 
 TRAIN = {"tokens": 1000, "batch_size": 10, "lr": 1e-3}
@@ -65,3 +65,37 @@ def test_arch_constraints_are_checked_at_expansion():
 
 def test_canonical_ignores_key_order():
     assert canonical({"b": 1, "a": [1, 2]}) == canonical({"a": [1, 2], "b": 1})
+
+
+def test_seeds_are_an_axis_with_readable_ids_and_point_ids():
+    points = expand_sweep({"train": {**TRAIN, "seed": [0, 1]},
+                           "sweep": {"t": {"arch": "topk", "width": 64, "k": [4, 8]},
+                                     "one": {"arch": "topk", "width": 64, "k": 4, "seed": 7}}}, 64)
+    assert sorted(points) == ["one", "t-k4-s0", "t-k4-s1", "t-k8-s0", "t-k8-s1"]
+    assert points["t-k8-s1"]["point"] == "t-k8" and points["t-k8-s1"]["train"]["seed"] == 1
+    assert points["one"]["point"] == "one" and points["one"]["train"]["seed"] == 7  # the group's own value wins
+    # a seed axis given in the group comes last in the id whatever its position in the YAML
+    grouped = _expand({"t": {"arch": "topk", "seed": [3, 4], "width": 64, "k": [4, 8]}})
+    assert sorted(grouped) == ["t-k4-s3", "t-k4-s4", "t-k8-s3", "t-k8-s4"]
+    assert {p["point"] for p in grouped.values()} == {"t-k4", "t-k8"}
+
+
+def test_lr_auto_is_accepted_as_a_training_field():
+    points = _expand({"t": {"arch": "topk", "width": 64, "k": 4, "lr": "auto", "grad_clip": 1.0}})
+    assert points["t"]["train"]["lr"] == "auto" and points["t"]["train"]["grad_clip"] == 1.0
+
+
+def test_train_flops_matching_derives_the_widest_width_within_the_baseline_cost():
+    train = {**TRAIN, "batch_size": 1024}
+    sweep = {"dense": {"arch": "topk", "width": 512, "k": 8},
+             "sw": {"arch": "switch", "n_experts": 4, "k": 8, "match": {"baseline": "dense", "by": "train_flops"}}}
+    points = expand_sweep({"train": train, "sweep": sweep}, 64)
+    sae = points["sw"]["sae"]
+    cfg = lambda w: config_from_dict({**sae, "width": w, "d_in": 64})  # noqa: E731
+    base = config_from_dict({**points["dense"]["sae"], "d_in": 64}).train_flops_per_token(1024)
+    assert sae["width"] % 4 == 0
+    assert cfg(sae["width"]).train_flops_per_token(1024) <= base < cfg(sae["width"] + 4).train_flops_per_token(1024)
+    # cheaper to train per forward FLOP than Adam over 4x the parameters allows: narrower than FLOP-matched
+    assert sae["width"] < 4 * 512
+    with pytest.raises(SweepError, match="numeric train.batch_size"):
+        expand_sweep({"train": {**TRAIN, "batch_size": "auto"}, "sweep": sweep}, 64)
