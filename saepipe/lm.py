@@ -22,7 +22,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -352,12 +352,61 @@ def capture(model, tokens_BS: torch.Tensor, hook: str) -> torch.Tensor:
     return captured["act"]
 
 
+def keep_positions_clean(replace: Callable[[torch.Tensor], torch.Tensor],
+                         keep_positions: Sequence[int]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """`replace` for a hook splice, except that the sequence positions `keep_positions` keep
+    the clean activation.
+
+    The returned function maps the hook's activation `act_BS...` (batch first, sequence
+    second: `[B, S, d]` for the residual stream) to `replace(act_BS...)` (cast to the
+    activation's dtype) with `out[:, p] = act[:, p]` for every `p` in `keep_positions`.
+    A position `p >= S` is simply absent from that batch. This is how the CE losses honour
+    the shards' `exclude_positions` (e.g. GPT-2's BOS, residual norm ~50x the others): those
+    positions are never trained on nor scored by the reconstruction metrics, so both the SAE
+    splice and the zero-ablation baseline must leave them clean (SPEC §5), or every SAE is
+    charged for a token it never saw. `replace` still runs on the whole activation (its
+    output at the kept positions is discarded, NaN/inf included). Empty `keep_positions`:
+    `replace` itself.
+    """
+    keep = sorted({int(p) for p in keep_positions})
+    if not keep:
+        return replace
+    if keep[0] < 0:
+        raise ValueError(f"keep_positions must be sequence positions >= 0, got {keep}; "
+                         "check the shards' exclude_positions metadata")
+
+    def spliced(act_BS: torch.Tensor) -> torch.Tensor:
+        if act_BS.dim() < 2:
+            raise ValueError(f"keep_positions needs a hook activation with a sequence dimension "
+                             f"[B, S, ...], got shape {tuple(act_BS.shape)}")
+        new_BS = replace(act_BS).to(act_BS.dtype)
+        if new_BS.shape != act_BS.shape:
+            raise ValueError(f"the replacement has shape {tuple(new_BS.shape)} but the hook "
+                             f"activation is {tuple(act_BS.shape)}; it must return the same shape")
+        S = act_BS.shape[1]
+        present = [p for p in keep if p < S]
+        if not present:
+            return new_BS
+        keep_S = torch.zeros(S, dtype=torch.bool, device=act_BS.device)
+        keep_S[torch.tensor(present, device=act_BS.device)] = True
+        keep_1S = keep_S.view(1, S, *([1] * (act_BS.dim() - 2)))
+        return torch.where(keep_1S, act_BS, new_BS)
+
+    return spliced
+
+
 @torch.no_grad()
 def ce_loss(model, tokens_BS: torch.Tensor, hook: str | None = None,
-            replace: Callable[[torch.Tensor], torch.Tensor] | None = None) -> float:
-    """Mean next-token cross-entropy, optionally with the activation at `hook` replaced."""
+            replace: Callable[[torch.Tensor], torch.Tensor] | None = None,
+            keep_positions: Sequence[int] = ()) -> float:
+    """Mean next-token cross-entropy over `tokens_BS`, optionally with the activation at
+    `hook` replaced by `replace(act)` (same shape), except at the sequence positions
+    `keep_positions`, which keep the clean activation (see `keep_positions_clean`)."""
     if replace is None:
         return model(tokens_BS, return_type="loss").item()
+    if hook is None:
+        raise ValueError("ce_loss: `replace` needs the `hook` whose activation it replaces")
+    replace = keep_positions_clean(replace, keep_positions)
 
     def patch(act, hook):  # noqa: ARG001
         return replace(act).to(act.dtype)

@@ -202,19 +202,33 @@ def test_within_between_sampled_membership_and_size():
 def test_activation_similarity_hand_cases():
     ones = torch.ones(2, 3)
     same = torch.tensor([[1, 2, 3], [3, 2, 1]])
-    assert activation_similarity(same, ones, k=3) == pytest.approx(1.0)
-    assert activation_similarity(torch.tensor([[1, 2, 3], [4, 5, 6]]), ones, k=3) == 0.0
-    # S0={0,1,2}, S1={1,2,5}, S2={2,7,8}: |S0∩S1|=2, |S0∩S2|=1, |S1∩S2|=1
-    # -> 2 * (2 + 1 + 1) / (6 ordered pairs * k=3) = 8 / 18
+    assert activation_similarity(same, ones) == pytest.approx(1.0)
+    assert activation_similarity(torch.tensor([[1, 2, 3], [4, 5, 6]]), ones) == 0.0
+    # S0={0,1,2}, S1={1,2,5}, S2={2,7,8}: |S0∩S1|=2, |S0∩S2|=1, |S1∩S2|=1, L0 = 3
+    # -> 2 * (2 + 1 + 1) / (6 ordered pairs * L0=3) = 8 / 18
     idx = torch.tensor([[0, 1, 2], [5, 2, 1], [8, 7, 2]])
-    assert activation_similarity(idx, torch.ones(3, 3), k=3) == pytest.approx(4 / 9)
+    assert activation_similarity(idx, torch.ones(3, 3)) == pytest.approx(4 / 9)
+
+
+def test_activation_similarity_divides_by_the_measured_l0():
+    # 4 slots per token (k = 4) but variable active sets, as for ReLU/JumpReLU/Gated:
+    # S0={0,1}, S1={1}, S2={1,2,3}; measured L0 = (2 + 1 + 3) / 3 = 2 (not k = 4).
+    # Every pair shares exactly latent 1: mean overlap 1 -> similarity 1 / L0 = 1/2 (k: 1/4)
+    idx = torch.tensor([[0, 1, 9, 9], [1, 9, 9, 9], [1, 2, 3, 9]])
+    acts = torch.tensor([[1.0, 2.0, 0, 0], [0.5, 0, 0, 0], [1.0, 1.0, 3.0, 0]])
+    assert activation_similarity(idx, acts) == pytest.approx(1 / 2)
+    # identical active sets give 1 whatever their size and the padding
+    idx = torch.tensor([[4, 7, 0, 0], [7, 4, 0, 0], [4, 7, 4, 0]])
+    acts = torch.tensor([[1.0, 1.0, 0, 0], [1.0, 1.0, 0, 0], [1.0, 1.0, 1.0, 0]])
+    assert activation_similarity(idx, acts) == pytest.approx(1.0)
 
 
 def test_activation_similarity_ignores_inactive_slots():
     idx = torch.tensor([[1, 2, 3], [1, 2, 3]])
     acts = torch.tensor([[0.5, 0.0, 2.0], [1.0, 1.0, 1.0]])
-    assert activation_similarity(idx, acts, k=3) == pytest.approx(2 / 3)
-    assert activation_similarity(idx, torch.zeros(2, 3), k=3) == 0.0
+    # S0={1,3}, S1={1,2,3}: overlap 2, L0 = 2.5
+    assert activation_similarity(idx, acts) == pytest.approx(2 / 2.5)
+    assert activation_similarity(idx, torch.zeros(2, 3)) == 0.0  # L0 = 0
 
 
 def test_activation_similarity_matches_brute_force():
@@ -224,10 +238,12 @@ def test_activation_similarity_matches_brute_force():
     acts = torch.rand(T, K, generator=g) - 0.2  # some slots inactive
     sets = [{int(i) for i, a in zip(idx[t], acts[t]) if a > 0} for t in range(T)]
     overlap = sum(len(sets[i] & sets[j]) for i in range(T) for j in range(T) if i != j)
-    ref = overlap / (T * (T - 1) * K)
-    assert activation_similarity(idx, acts, k=K) == pytest.approx(ref)
+    l0 = sum(len(s) for s in sets) / T
+    assert l0 < K  # the measured L0, not K, is the denominator
+    ref = overlap / (T * (T - 1) * l0)
+    assert activation_similarity(idx, acts) == pytest.approx(ref)
     with pytest.raises(ValueError):
-        activation_similarity(idx[:1], acts[:1], k=K)
+        activation_similarity(idx[:1], acts[:1])
 
 
 # ---- ExpertUsage ---------------------------------------------------------------------------
@@ -259,9 +275,6 @@ def test_expert_usage_uniform_collapse_and_dense():
     collapsed.update(torch.full((20,), 5))
     assert collapsed.entropy() == (0.0, 0.0)
     assert collapsed.sorted_cdf() == [1.0] * 8
-    multi = ExpertUsage(3)  # [B, e]: every (token, expert) pair counts
-    multi.update(torch.tensor([[0, 2], [2, 1]]))
-    assert multi.counts.tolist() == [1, 1, 2]
     dense = ExpertUsage(1)
     dense.update(None, n_tokens=7)
     assert dense.counts.tolist() == [7] and dense.entropy() == (0.0, 1.0)
@@ -271,3 +284,16 @@ def test_expert_usage_uniform_collapse_and_dense():
         collapsed.update(torch.tensor([8]))
     with pytest.raises(ValueError):
         ExpertUsage(2).entropy()
+
+
+def test_expert_usage_counts_every_routed_expert():
+    # experts_BE [B, e=2] (column 0 = top-1): every (token, expert) pair counts once
+    usage = ExpertUsage(4)
+    usage.update(torch.tensor([[0, 2], [2, 1], [2, 0]]))
+    usage.update(torch.tensor([[3, 2]]))
+    assert usage.counts.tolist() == [2, 1, 4, 1]  # top-1 only would be [1, 0, 2, 1]
+    assert usage.n_tokens == 2 * 4  # e x tokens
+    assert usage.sorted_cdf() == pytest.approx([4 / 8, 6 / 8, 7 / 8, 1.0])
+    p = torch.tensor([2, 1, 4, 1], dtype=torch.float64) / 8
+    H, Hn = usage.entropy()
+    assert H == pytest.approx(-(p * p.log()).sum().item()) and Hn == pytest.approx(H / math.log(4))

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from saepipe.lm import LMConfig, build_native, capture, ce_loss, check_hook
+from saepipe.lm import LMConfig, build_native, capture, ce_loss, check_hook, keep_positions_clean
 
 
 @pytest.fixture(scope="module")
@@ -38,3 +38,40 @@ def test_ce_loss_with_identity_and_zero_patch(model):
     clean = ce_loss(model, tokens)
     assert ce_loss(model, tokens, "blocks.1.hook_resid_pre", lambda a: a) == pytest.approx(clean, abs=1e-5)
     assert ce_loss(model, tokens, "blocks.1.hook_resid_pre", torch.zeros_like) != pytest.approx(clean, abs=1e-3)
+
+
+def test_keep_positions_clean_splice():
+    act_BSD = torch.randn(2, 5, 3, generator=torch.Generator().manual_seed(0))
+    spliced = keep_positions_clean(lambda a: torch.full_like(a, 7.0), [0, 3, 99])  # 99 >= S: absent
+    out = spliced(act_BSD)
+    assert torch.equal(out[:, [0, 3]], act_BSD[:, [0, 3]])
+    assert (out[:, [1, 2, 4]] == 7.0).all()
+    half = keep_positions_clean(lambda a: a.double() * 2, [1])(act_BSD.half())
+    assert half.dtype == torch.float16 and torch.equal(half[:, 1], act_BSD.half()[:, 1])
+    nan = keep_positions_clean(lambda a: torch.full_like(a, float("nan")), [0])(act_BSD)
+    assert torch.equal(nan[:, 0], act_BSD[:, 0]) and nan[:, 1:].isnan().all()
+    assert keep_positions_clean(torch.zeros_like, [7])(act_BSD).eq(0).all()  # nothing in range
+    with pytest.raises(ValueError, match=">= 0"):
+        keep_positions_clean(torch.zeros_like, [-1])
+    with pytest.raises(ValueError, match="same shape"):
+        keep_positions_clean(lambda a: a[:, :2], [0])(act_BSD)
+
+
+def test_ce_loss_keeps_positions_clean(model):
+    """Huge noise at position 0 is ignored when position 0 is kept, and only then."""
+    hook = "blocks.1.hook_resid_pre"
+    tokens = torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(1))
+    clean = ce_loss(model, tokens)
+
+    def noisy_at_0(act):
+        out = act.clone()
+        out[:, 0] += 1e3 * torch.randn(act[:, 0].shape, generator=torch.Generator().manual_seed(2))
+        return out
+
+    assert ce_loss(model, tokens, hook, noisy_at_0, keep_positions=[0]) == pytest.approx(clean, abs=1e-5)
+    assert ce_loss(model, tokens, hook, noisy_at_0) != pytest.approx(clean, abs=1e-3)
+    assert ce_loss(model, tokens, hook, noisy_at_0, keep_positions=[1]) != pytest.approx(clean, abs=1e-3)
+    zero_kept = ce_loss(model, tokens, hook, torch.zeros_like, keep_positions=[0])
+    assert zero_kept != pytest.approx(ce_loss(model, tokens, hook, torch.zeros_like), abs=1e-4)
+    with pytest.raises(ValueError, match="hook"):
+        ce_loss(model, tokens, None, torch.zeros_like)

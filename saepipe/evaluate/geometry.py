@@ -240,16 +240,23 @@ def within_between_cosines(
 
 
 @torch.no_grad()
-def activation_similarity(idx_BK: Tensor, acts_BK: Tensor, k: int) -> float:
-    """Mean overlap of the active-latent sets of a token set (Scale paper App. A.4).
+def activation_similarity(idx_BK: Tensor, acts_BK: Tensor) -> float:
+    """Mean overlap of the active-latent sets of a token set, per active latent (Scale paper
+    App. A.4, with the measured L0 in place of k).
 
     ``S_t`` = set of latents ``idx_BK[t, j]`` with ``acts_BK[t, j] > 0`` (global indices;
-    repeated indices in a row count once). Returns
-    ``mean over ordered pairs i != j of |S_i ∩ S_j| / k``, exactly, via
-    ``sum_{i != j} |S_i ∩ S_j| = sum_l c_l (c_l - 1)`` where ``c_l`` is the number of tokens
-    in which latent ``l`` is active. Cost ``O(T K log(T K))`` (a ``unique`` to deduplicate,
-    then a ``bincount``), memory ``O(T K + M)``: no ``T x T`` or ``T x M`` matrix.
-    Needs ``T >= 2`` tokens.
+    repeated indices in a row count once; padding slots of variable-L0 SAEs have value 0 and
+    drop out). Returns ``mean over ordered pairs i != j of |S_i ∩ S_j| / L0`` with
+    ``L0 = mean_t |S_t|`` MEASURED on these same ``T`` tokens, not the config's ``k``
+    (meaningless for ReLU/JumpReLU/Gated, and an over-estimate for any TopK token with
+    fewer than k positive values). 1 means every token activates the same set; 0 no shared
+    latent. No active latent at all (L0 = 0) gives 0.0.
+
+    Exact, via ``sum_{i != j} |S_i ∩ S_j| = sum_l c_l (c_l - 1)`` where ``c_l`` is the
+    number of tokens in which latent ``l`` is active, and ``T L0 = sum_l c_l``; so the
+    result is ``sum_l c_l (c_l - 1) / ((T - 1) sum_l c_l)``. Cost ``O(T K log(T K))`` (a
+    ``unique`` to deduplicate, then a ``bincount``), memory ``O(T K + M)``: no ``T x T``
+    or ``T x M`` matrix. Needs ``T >= 2`` tokens.
     """
     if idx_BK.shape != acts_BK.shape or idx_BK.dim() != 2:
         raise ValueError(f"idx_BK {tuple(idx_BK.shape)} and acts_BK {tuple(acts_BK.shape)} "
@@ -257,8 +264,6 @@ def activation_similarity(idx_BK: Tensor, acts_BK: Tensor, k: int) -> float:
     T = idx_BK.shape[0]
     if T < 2:
         raise ValueError(f"need at least 2 tokens, got {T}")
-    if k <= 0:
-        raise ValueError(f"k must be positive, got {k}")
     active = acts_BK > 0
     idx = idx_BK.long()
     lat = idx[active]
@@ -268,18 +273,20 @@ def activation_similarity(idx_BK: Tensor, acts_BK: Tensor, k: int) -> float:
         raise ValueError("latent indices must be >= 0")
     tok = torch.arange(T, device=idx.device)[:, None].expand_as(idx)[active]
     width = int(lat.max().item()) + 1
-    pairs = torch.unique(tok * width + lat)  # one entry per (token, latent)
+    pairs = torch.unique(tok * width + lat)  # one entry per (token, latent): T * L0 entries
     c_L = torch.bincount(pairs % width).double()
     overlap = (c_L * (c_L - 1)).sum().item()
-    return overlap / (T * (T - 1) * k)
+    return overlap / ((T - 1) * pairs.numel())
 
 
 class ExpertUsage:
-    """Streaming per-expert routed-token counts, entropy and sorted CDF.
+    """Streaming per-expert routing counts, entropy and sorted CDF.
 
-    ``update(expert_B)`` adds a batch of routed experts (top-1 per token ``[B]``; a
-    ``[B, e]`` tensor counts every (token, expert) pair). Dense SAEs have ``expert_B=None``:
-    pass ``n_tokens`` and they all count towards expert 0 (use ``n_experts=1``).
+    ``update(expert_B)`` adds a batch of routed experts: one per token ``[B]``, or every
+    selected expert ``[B, e]`` (``SAEOutput.experts_BE``), where each (token, expert) pair
+    counts once, so the counts then sum to ``e * tokens``. Dense SAEs have
+    ``expert_B=None``: pass ``n_tokens`` and they all count towards expert 0 (use
+    ``n_experts=1``).
     """
 
     def __init__(self, n_experts: int = 1):
@@ -304,11 +311,13 @@ class ExpertUsage:
 
     @property
     def counts(self) -> Tensor:
-        """Routed-token counts per expert, int64 ``[N]`` (a copy)."""
+        """(Token, expert) routings per expert, int64 ``[N]`` (a copy)."""
         return self._counts_N.clone()
 
     @property
     def n_tokens(self) -> int:
+        """Sum of the counts: the tokens for ``[B]`` updates, ``e`` x the tokens for
+        ``[B, e]`` updates (the name predates multi-expert routing)."""
         return int(self._counts_N.sum().item())
 
     def _shares(self) -> Tensor:

@@ -3,7 +3,11 @@
 All metrics are computed on the eval shards (held-out documents), in raw activation
 units. CE losses run the LM on whole eval sequences taken from those shards: clean
 (`ce_loss_original`), with the hook's output zeroed (`ce_loss_zero`, computed once per
-model by `lm_baseline`), and with it replaced by the SAE's reconstruction.
+model by `lm_baseline`), and with it replaced by the SAE's reconstruction. The sequence
+positions the shards list in `exclude_positions` (e.g. GPT-2's BOS) are left out of the
+reconstruction metrics and keep their clean activation in BOTH spliced CE losses (zero and
+SAE), so no SAE is charged for a token it never trained on (SPEC §5); the CE itself still
+averages over every next-token prediction.
 """
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ import math
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -23,7 +28,10 @@ from saepipe.io import read_json, write_json
 from saepipe.lm import ce_loss, load_lm
 from saepipe.saes import load_sae
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
+"""metrics.json semantics. 3: the CE splices keep the shards' exclude_positions clean,
+expert usage counts every routed expert (e per token), activation similarity divides by
+the measured L0 of its token set."""
 
 
 @dataclass
@@ -61,11 +69,15 @@ class SAEMetrics:
     redundancy_09: float      # fraction of decoder rows with max cosine to another row > 0.9
     redundancy_08: float      # same at 0.8
     mean_max_cos: float       # mean over decoder rows of the max cosine to another row
-    activation_similarity: float  # mean over token pairs of |S_i ∩ S_j| / k (Scale App. A.4)
-    expert_counts: list[int]  # eval tokens routed (top-1) to each expert; [n_tokens] if dense
-    expert_entropy: float     # entropy of the routing distribution (nats)
+    activation_similarity: float  # mean over token pairs i != j of |S_i ∩ S_j| / L0, with L0 the
+                                  # MEASURED mean |S_t| of the same first `similarity_tokens`
+                                  # tokens (Scale App. A.4; not the config's k)
+    expert_counts: list[int]  # (token, expert) routings per expert, EVERY selected expert counted:
+                              # sums to e * n_tokens (Switch e = 1, Scale e = active_experts);
+                              # [n_tokens] if dense
+    expert_entropy: float     # entropy (nats) of the expert_counts distribution
     expert_entropy_normalised: float  # entropy / log N (1 = perfectly balanced)
-    expert_cdf: list[float]   # cumulative token share of experts sorted by descending count
+    expert_cdf: list[float]   # cumulative share of expert_counts, experts by descending count
     intra_expert_redundancy: float | None  # MoE: mean over experts of within-expert redundancy_0.9
     inter_expert_redundancy: float | None  # MoE: same on a random n-feature sample of the dictionary
     omega: list[float] | None  # Scale: learned feature-scaling omega per expert
@@ -92,24 +104,43 @@ def _eval_sequences(shards: list[str], ce_tokens: int) -> torch.Tensor:
     return torch.from_numpy(np.concatenate(seqs)).long()
 
 
-def _mean_ce(model, seqs: torch.Tensor, batch: int, device, hook=None, replace=None) -> float:
+def _exclude_positions(metas: list[dict], paths: list[str]) -> list[int]:
+    """The sequence positions every shard excludes (metadata `exclude_positions`, sorted);
+    the shards must agree, since one CE splice serves them all."""
+    found = {tuple(sorted(set(m.get("exclude_positions") or []))) for m in metas}
+    if len(found) > 1:
+        raise ValueError(f"the eval shards disagree on exclude_positions ({sorted(found)}) among "
+                         f"{', '.join(map(str, paths))}; they come from different extract "
+                         "configs: regenerate them with one extract.exclude_positions")
+    return list(found.pop())
+
+
+def _mean_ce(model, seqs: torch.Tensor, batch: int, device, hook=None, replace=None,
+             keep_positions: Sequence[int] = ()) -> float:
+    """Sequence-weighted mean CE over `seqs`; `replace` splices the hook activation except at
+    `keep_positions` (the shards' exclude_positions), which stay clean."""
     total = 0.0
     for start in range(0, len(seqs), batch):
         chunk = seqs[start : start + batch].to(device)
-        total += ce_loss(model, chunk, hook, replace) * len(chunk)
+        total += ce_loss(model, chunk, hook, replace, keep_positions) * len(chunk)
     return total / len(seqs)
 
 
 def lm_baseline(cfg: EvalConfig, model_dir: str, shards: list[str], out_json: str) -> dict:
-    """CE of the clean model and with the hook zero-ablated (shared by every SAE)."""
-    meta = check_compatible([read_meta(p) for p in shards], shards)
+    """CE of the clean model and with the hook zero-ablated (shared by every SAE). The
+    zero-ablation keeps the shards' exclude_positions clean, as the SAE splice does."""
+    metas = [read_meta(p) for p in shards]
+    meta = check_compatible(metas, shards)
+    excluded = _exclude_positions(metas, shards)
     device = resolve_device(cfg.device)
     model = load_lm(model_dir, device)
     seqs = _eval_sequences(shards, cfg.ce_tokens)
     result = {
         "hook": meta["hook"], "model": meta["model"], "ce_tokens": int(seqs.numel()),
+        "exclude_positions": excluded,
         "ce_loss_original": _mean_ce(model, seqs, cfg.ce_batch_size, device),
-        "ce_loss_zero": _mean_ce(model, seqs, cfg.ce_batch_size, device, meta["hook"], torch.zeros_like),
+        "ce_loss_zero": _mean_ce(model, seqs, cfg.ce_batch_size, device, meta["hook"], torch.zeros_like,
+                                 excluded),
     }
     write_json(out_json, result)
     return result
@@ -118,8 +149,10 @@ def lm_baseline(cfg: EvalConfig, model_dir: str, shards: list[str], out_json: st
 @torch.no_grad()
 def reconstruction_stats(sae, shards: list[str], batch_size: int, device,
                          similarity_tokens: int = 4096) -> dict:
-    """Streaming sums over the eval shards -> mse, l2_per_token, fvu, l0, dead_fraction,
-    expert usage, and the activation similarity of the first `similarity_tokens` tokens."""
+    """Streaming sums over the eval shards' kept rows (exclude_positions left out) -> mse,
+    l2_per_token, fvu, l0, dead_fraction, expert usage (every routed expert of each token,
+    `out.experts_BE`: the counts sum to e * n_tokens) and the activation similarity of the
+    first `similarity_tokens` kept tokens (divided by their measured L0)."""
     usage = ExpertUsage(getattr(sae.cfg, "n_experts", 1))
     codes: list[tuple[torch.Tensor, torch.Tensor]] = []
     n, sse, sum_sq = 0, 0.0, 0.0
@@ -137,7 +170,11 @@ def reconstruction_stats(sae, shards: list[str], batch_size: int, device,
             sum_x += x_BD.double().sum(0)
             nnz += active_BK.sum().item()
             fired[out.idx_BK[active_BK]] = True
-            usage.update(out.expert_B, n_tokens=len(x_BD))
+            if out.expert_B is not None and out.experts_BE is None:
+                raise ValueError(f"{type(sae).__name__} routes tokens (expert_B) but returns no "
+                                 "experts_BE; its forward must report every selected expert "
+                                 "[B, e] (column 0 = top-1) for the expert-usage metrics")
+            usage.update(out.experts_BE, n_tokens=len(x_BD))
             if n < similarity_tokens:
                 codes.append((out.idx_BK[: similarity_tokens - n].cpu(), out.acts_BK[: similarity_tokens - n].cpu()))
             n += len(x_BD)
@@ -147,7 +184,7 @@ def reconstruction_stats(sae, shards: list[str], batch_size: int, device,
         "fvu": sse / total_var, "explained_variance": 1 - sse / total_var,
         "l0": nnz / n, "dead_fraction": 1 - fired.float().mean().item(),
         "activation_similarity": activation_similarity(
-            torch.cat([c[0] for c in codes]), torch.cat([c[1] for c in codes]), sae.cfg.k),
+            torch.cat([c[0] for c in codes]), torch.cat([c[1] for c in codes])),
         **_usage_fields(usage),
     }
 
@@ -175,7 +212,17 @@ def dictionary_stats(sae) -> dict:
 def evaluate_sae(cfg: EvalConfig, sae_dir: str, model_dir: str, shards: list[str],
                  baseline_json: str, out_json: str) -> SAEMetrics:
     """The `evaluate` stage for one SAE; writes metrics.json."""
-    meta = check_compatible([read_meta(p) for p in shards], shards)
+    metas = [read_meta(p) for p in shards]
+    meta = check_compatible(metas, shards)
+    excluded = _exclude_positions(metas, shards)
+    baseline = read_json(baseline_json)
+    # a baseline from before exclusions were recorded excluded nothing
+    if baseline.get("exclude_positions", []) != excluded:
+        raise ValueError(
+            f"{baseline_json} was computed with exclude_positions "
+            f"{baseline.get('exclude_positions', [])} but the eval shards "
+            f"exclude {excluded}; its CE_zero is not comparable. Rerun the lm_baseline stage "
+            f"(snakemake --forcerun {baseline_json})")
     device = resolve_device(cfg.device)
     sae = load_sae(sae_dir).to(device).eval()
     if sae.cfg.hook != meta["hook"] or sae.cfg.model_id != meta["model"]:
@@ -186,11 +233,11 @@ def evaluate_sae(cfg: EvalConfig, sae_dir: str, model_dir: str, shards: list[str
     stats = reconstruction_stats(sae, shards, cfg.batch_size, device, cfg.similarity_tokens)
     stats.update(dictionary_stats(sae))
     run = read_json(Path(sae_dir) / "config.json").get("run", {})
-    baseline = read_json(baseline_json)
     model = load_lm(model_dir, device)
     seqs = _eval_sequences(shards, cfg.ce_tokens)
     recon = _mean_ce(model, seqs, cfg.ce_batch_size, device, meta["hook"],
-                     lambda act: sae(act.reshape(-1, act.shape[-1]).float()).x_hat_BD.reshape(act.shape))
+                     lambda act: sae(act.reshape(-1, act.shape[-1]).float()).x_hat_BD.reshape(act.shape),
+                     excluded)
     orig, zero = baseline["ce_loss_original"], baseline["ce_loss_zero"]
     metrics = SAEMetrics(
         sae_id=Path(sae_dir).name, **stats, ce_tokens=int(seqs.numel()),
