@@ -23,6 +23,9 @@ demo: venv
 	@echo "Done. Report: $(CURDIR)/results/report.html"
 	@echo "      Plots:  $(CURDIR)/results/plots/"
 	@echo "      Table:  $(CURDIR)/results/table.parquet"
+	@echo "      Verdicts: $(CURDIR)/results/verdicts.json (the report's first page)"
+	@echo ""
+	$(BIN)/python -m saepipe.verdicts results/verdicts.json
 
 report: venv
 	$(BIN)/snakemake --cores 1 --report results/report.html

@@ -59,9 +59,12 @@ include: "rules/data.smk"
 include: "rules/sae.smk"
 include: "rules/report.smk"
 include: "rules/features.smk"
+include: "rules/verdicts.smk"
 
 
 rule all:
     input:
         "results/table.parquet",
+        "results/verdicts.json",
+        "results/plots/verdicts.html",
         FIGURES,

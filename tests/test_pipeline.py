@@ -16,7 +16,7 @@ from conftest import MICRO_SAES, copy_workflow, micro_config, snakemake, write_c
 
 N_SAES = len(MICRO_SAES)
 # what reruns after any metrics change: the table and every figure drawn from it
-DOWNSTREAM = {"aggregate": 1, "all": 1, "metrics_table": 1, **{f"plot_{f}": 1 for f in (
+DOWNSTREAM = {"aggregate": 1, "all": 1, "metrics_table": 1, "verdicts": 1, **{f"plot_{f}": 1 for f in (
     "frontier", "scaling", "redundancy", "activation_similarity", "expert_usage", "omega")}}
 # what reruns with one retrained SAE, besides the table and figures
 PER_SAE = {"train": 1, "evaluate": 1, "maxact": 1, "feature_report": 1}
@@ -133,6 +133,7 @@ def test_report_builds(micro_copy):
         assert f"{figure}.png" in html
     assert "features.html" in html and "Top-activating contexts" in html
     assert "metrics.html" in html
+    assert "verdicts.html" in html and "Verdicts on the papers" in html
 
 
 def test_metrics_page_lists_every_sae(micro_run):
@@ -142,6 +143,55 @@ def test_metrics_page_lists_every_sae(micro_run):
     for header in ("L0", "FVU", "loss recovered", "redund. &gt;0.9", "act. similarity", "routing entropy",
                    "mean ω", "FLOPs/token", "train tok/s"):
         assert f"<th>{header}</th>" in page, header
+
+
+def test_verdicts_of_the_micro_run(micro_run):
+    import html
+
+    import jsonschema
+
+    from saepipe.verdicts import CLAIMS, SCHEMA_VERSION, VerdictConfig, verdicts_schema
+
+    result = json.loads((micro_run / "results/verdicts.json").read_text())
+    jsonschema.validate(result, verdicts_schema())
+    assert set(result) == {"schema_version", "config", "claims", "verdicts"}
+    assert result["schema_version"] == SCHEMA_VERSION
+    assert result["config"] == VerdictConfig().to_dict()  # config.yaml states the defaults
+    for v in result["verdicts"]:
+        for key in ("claim", "k", "effect", "n", "status", "reason", "a_saes", "b_saes", "paper",
+                    "delta_loss_recovered", "max_dead_fraction", "flop_ratio"):
+            assert key in v, key
+    # the micro sweep has one seed per point: what it can test is single_seed, the rest not_in_sweep
+    by_claim = {v["claim"]: v for v in result["verdicts"]}
+    assert len(by_claim) == len(result["verdicts"]) == len(CLAIMS)  # one k (4) per testable claim
+    tested = {"switch_flop_lower_l2", "switch_width_close", "scale_lower_l2_than_switch", "moe_duplicates"}
+    for claim, v in by_claim.items():
+        if claim in tested:
+            assert v["status"] == "inconclusive" and v["reason"].startswith("single_seed:"), v
+            assert v["k"] == 4 and v["n"] == 1 and v["effect"]["n"] == 1
+            assert v["delta_loss_recovered"] is not None and v["max_dead_fraction"] is not None
+        else:  # no Scale SAE without feature scaling in the micro sweep
+            assert v["status"] == "not_in_sweep" and v["reason"].startswith("not_in_sweep:"), v
+    assert by_claim["switch_flop_lower_l2"]["a_saes"] == ["switch_flop-k4"]
+    assert by_claim["switch_flop_lower_l2"]["b_saes"] == ["topk-k4"]
+    assert by_claim["scale_lower_l2_than_switch"]["b_saes"] == ["switch_flop-k4"]
+    table = {r["sae_id"]: r for r in pq.read_table(micro_run / "results/table.parquet").to_pylist()}
+    l2 = {sid: table[sid]["l2_per_token"] for sid in ("switch_flop-k4", "topk-k4")}
+    assert by_claim["switch_flop_lower_l2"]["effect"]["mean"] == pytest.approx(l2["switch_flop-k4"] / l2["topk-k4"] - 1)
+    flop_ratio = table["topk-k4"]["flops_per_token"] / table["switch_width-k4"]["flops_per_token"]
+    assert by_claim["switch_width_close"]["flop_ratio"] == pytest.approx(flop_ratio) and flop_ratio > 1.5
+    page = (micro_run / "results/plots/verdicts.html").read_text()
+    assert all(html.escape(spec.text) in page for spec in CLAIMS)
+    summary = (micro_run / "results/plots/verdicts_summary.html").read_text()
+    assert summary.startswith("<div id='saepipe-verdicts'>") and "single seed" in summary
+    assert "switch_flop_lower_l2" in (micro_run / "results/logs/verdicts.log").read_text()  # the table
+
+
+def test_editing_verdict_thresholds_reruns_only_the_verdicts(micro_copy):
+    edit_config(micro_copy, lambda c: c["verdicts"].update(max_dead_fraction=0.5))
+    assert planned_jobs(micro_copy) == {"verdicts": 1, "all": 1}
+    edit_config(micro_copy, lambda c: c.pop("verdicts"))  # optional section: the defaults, as before
+    assert planned_jobs(micro_copy) == {}
 
 
 def test_autointerp_stage_with_a_stub_judge(micro_copy):
@@ -243,6 +293,7 @@ def test_library_code_change_reruns_dependent_stages(micro_copy):
     (lambda c: c["sweep"]["topk"].update(k="eight"), "eight"),
     (lambda c: c["extract"].pop("hook"), "hook"),
     (lambda c: c["sweep"]["topk"].update(n_experts=4), "n_experts"),
+    (lambda c: c["verdicts"].update(min_seeds=1), "min_seeds"),
 ])
 def test_invalid_config_stops_before_any_job(tmp_path, change, needle):
     cfg = micro_config()

@@ -2,8 +2,11 @@
 (Debian's `chromium` package), not just grepped.
 
 - the report's JavaScript runs and its landing page lists every result category;
+- the verdicts on the papers' claims come first: the first category of the menu, and the
+  summary table above the workflow description on the landing page, visible in a screenshot;
 - every figure embedded in it decodes to a real PNG image;
-- the two HTML pages it embeds (metrics table, MaxAct tables) render with every SAE;
+- the HTML pages it embeds (metrics table, MaxAct tables) render with every SAE, the
+  verdicts page with every claim;
 - a screenshot of the landing page is not blank.
 
 In CI (CI=true, root) Chromium is installed with apt-get when missing and the test must
@@ -12,6 +15,7 @@ run; elsewhere it skips when there is no Chromium.
 from __future__ import annotations
 
 import base64
+import html
 import json
 import os
 import re
@@ -29,8 +33,10 @@ from test_pipeline import FIGURES
 pytestmark = pytest.mark.slow
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
-CATEGORIES = ["0. Metrics", "1. Sparsity-reconstruction frontier", "2. Compute scaling",
+# in the order of the report's menu (Snakemake 9 sorts categories by name, localeCompare)
+CATEGORIES = ["0. Claim verdicts", "0. Metrics", "1. Sparsity-reconstruction frontier", "2. Compute scaling",
               "3. Feature geometry", "4. Experts", "5. Feature inspection"]
+INCONCLUSIVE_RGB = (0xA1, 0x5C, 0x00)  # saepipe.verdicts.STATUS_COLOURS["inconclusive"]
 # Headless, no sandbox (root), and none of the background connections a closed network refuses.
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync",
@@ -63,7 +69,7 @@ def chromium(binary: str, profile: Path, url: str, *args: str) -> str:
 
 def visible_text(dom: str) -> str:
     dom = re.sub(r"<(script|style|noscript)\b.*?</\1>", " ", dom, flags=re.S | re.I)
-    return re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", dom))
+    return html.unescape(re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", dom)))
 
 
 def embedded_files(report_html: str) -> dict[str, bytes]:
@@ -95,6 +101,34 @@ def test_report_renders_every_category(rendered):
     assert not missing, f"categories not rendered: {missing}\n{text[:2000]}"
 
 
+def test_verdicts_come_first(rendered):
+    from saepipe.verdicts import CLAIMS
+
+    binary, work, report = rendered
+    text = visible_text(chromium(binary, work / "profile", report.as_uri(), "--dump-dom"))
+    menu = [text.index(c) for c in CATEGORIES]
+    assert menu == sorted(menu), "the verdicts must be the report's first result category"
+    # the landing page (workflow description) opens with the verdict summary
+    summary = text.index("Verdicts on the papers' claims")
+    assert summary < text.index("saepipe compares sparse-autoencoder architectures")
+    for spec in CLAIMS:
+        assert f"{spec.number}. {spec.short}" in text, spec.id
+    assert "single seed" in text and "not in sweep" in text  # the micro sweep has one seed per point
+
+
+def test_embedded_verdicts_page_renders_every_claim(rendered):
+    from saepipe.verdicts import CLAIMS
+
+    binary, work, report = rendered
+    page = work / "verdicts.html"
+    page.write_bytes(embedded_files(report.read_text(errors="replace"))["verdicts.html"])
+    text = visible_text(chromium(binary, work / "profile", page.as_uri(), "--dump-dom"))
+    assert "Verdicts on the papers' claims" in text and "Student-t confidence interval" in text
+    for spec in CLAIMS:
+        assert spec.text in text, spec.id
+    assert "switch_flop-k4" in text and "single_seed: 1 seed pair < min_seeds 2" in text
+
+
 def test_every_embedded_figure_is_an_image(rendered):
     _, _, report = rendered
     files = embedded_files(report.read_text(errors="replace"))
@@ -121,4 +155,8 @@ def test_landing_page_screenshot_is_not_blank(rendered):
     pixels = matplotlib.image.imread(shot)
     assert pixels.shape[:2] == (900, 1400)
     assert pixels.std() > 0.05  # text, menu and DAG drawn, not a blank or error page
+    # the verdict summary is on screen without scrolling: its "inconclusive" badges are drawn
+    rgb = (pixels[..., :3] * 255).round()
+    badge = (abs(rgb - INCONCLUSIVE_RGB) <= 12).all(axis=-1)
+    assert badge.sum() > 300, f"no inconclusive verdict badge on the landing page ({badge.sum()} px)"
     print(json.dumps({"screenshot": str(shot)}))
