@@ -20,6 +20,28 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---- naive references (dense [B, M] encode + mask, dense decode) ---------------------------
+def naive_auxk(sae, x_n, x_hat_n, pre_BM, weight_BM=None):
+    """Gao's AuxK densely: all M pre-activations ``pre_BM`` computed, the top-k_aux of the DEAD
+    latents kept, the detached residual reconstructed WITHOUT b_dec (each latent's ReLU times
+    ``weight_BM``, the MoE expert weight, detached), FVU-normalised, times aux_coeff. ``{}``
+    outside training or with auxk off; 0 when nothing is dead. Call it BEFORE the efficient
+    forward, which updates the dead statistics."""
+    cfg = sae.cfg
+    if not (sae.training and cfg.auxk):
+        return {}
+    dead_M = sae.dead_mask()
+    if not dead_M.any():
+        return {"auxk": torch.zeros(())}
+    k_aux = min(cfg.k_aux if cfg.k_aux is not None else cfg.d_in // 2, int(dead_M.sum()))
+    sel = pre_BM.masked_fill(~dead_M, float("-inf")).topk(k_aux, dim=1).indices
+    z_BM = F.relu(pre_BM) * torch.zeros_like(pre_BM).scatter(1, sel, 1.0)
+    if weight_BM is not None:
+        z_BM = z_BM * weight_BM.detach()
+    e_BD = (x_n - x_hat_n).detach()
+    fvu = (e_BD - z_BM @ sae.W_dec).pow(2).sum() / (e_BD - e_BD.mean(0)).pow(2).sum()
+    return {"auxk": cfg.aux_coeff * fvu}
+
+
 def naive_topk(sae, x_BD):
     cfg = sae.cfg
     x_n = x_BD * cfg.act_norm_factor
@@ -27,7 +49,13 @@ def naive_topk(sae, x_BD):
     z_BM = F.relu(pre_BM)
     mask_BM = torch.zeros_like(z_BM).scatter(1, z_BM.topk(cfg.k, dim=1).indices, 1.0)
     x_hat_n = (z_BM * mask_BM) @ sae.W_dec + sae.b_dec
-    return x_hat_n / cfg.act_norm_factor, {"mse": (x_n - x_hat_n).pow(2).mean()}
+    losses = {"mse": (x_n - x_hat_n).pow(2).mean(), **naive_auxk(sae, x_n, x_hat_n, pre_BM)}
+    return x_hat_n / cfg.act_norm_factor, losses
+
+
+def naive_balance_coeff(cfg):
+    """alpha in the normalised loss: the papers' alpha (raw units) times act_norm_factor^2."""
+    return cfg.alpha * cfg.act_norm_factor ** 2 if cfg.alpha_units == "paper" else cfg.alpha
 
 
 def naive_switch(sae, x_BD):
@@ -45,9 +73,18 @@ def naive_switch(sae, x_BD):
     gate_B = torch.ones(len(x_BD)) if cfg.heaviside else probs_BN.gather(1, expert_B[:, None])[:, 0]
     x_hat_n = sae.b_dec + gate_B[:, None] * (z_BM @ sae.W_dec)
     f_N = torch.bincount(expert_B, minlength=N).float() / len(x_BD)
-    balance = cfg.alpha * N * (f_N * probs_BN.mean(0)).sum()
-    losses = {"mse": (x_n - x_hat_n).pow(2).mean(), "balance": balance}
+    balance = naive_balance_coeff(cfg) * N * (f_N * probs_BN.mean(0)).sum()
+    # AuxK over the whole dictionary; latent j decoded with its own expert's gate p_{i(j)}
+    aux_w_BM = probs_BN[:, torch.arange(M) // n] if cfg.auxk_expert_weight else None
+    losses = {"mse": (x_n - x_hat_n).pow(2).mean(), "balance": balance,
+              **naive_auxk(sae, x_n, x_hat_n, pre_BM, None if cfg.heaviside else aux_w_BM)}
     return x_hat_n / cfg.act_norm_factor, losses
+
+
+def kill_every_third(sae):
+    """Mark latents 0, 3, 6, ... dead (AuxK then has work to do)."""
+    with torch.no_grad():
+        sae.tokens_since_fired[::3] = sae.dead_threshold() + 1
 
 
 def make_sae(arch, d=32, M=256, k=8, N=4, **kw):
@@ -77,16 +114,23 @@ def grads(sae, *extra):
     return g
 
 
-CASES = [("topk", {}), ("switch", {}), ("switch", {"heaviside": True}),
-         ("switch", {"d": 6, "M": 12, "k": 2, "N": 3})]  # unaligned -> loop fallback
+CASES = [("topk", {}), ("topk", {"auxk": True, "dead": True}), ("switch", {}),
+         ("switch", {"heaviside": True, "alpha_units": "normalised", "dead": True}),
+         ("switch", {"dead": True}), ("switch", {"dead": True, "k_aux": 1000}),  # k_aux > n_dead
+         ("switch", {"dead": True, "auxk_expert_weight": False}),
+         ("switch", {"d": 6, "M": 12, "k": 2, "N": 3, "dead": True})]  # unaligned -> loop fallback
 
 
 @pytest.mark.parametrize("arch,kw", CASES)
 def test_efficient_matches_naive(arch, kw):
     torch.manual_seed(0)
+    kw = dict(kw)
+    dead = kw.pop("dead", False)
     sae, x = make_sae(arch, **kw)
     if arch == "switch":
         starve_last_expert(sae, x)
+    if dead:
+        kill_every_third(sae)
     naive = naive_topk if arch == "topk" else naive_switch
     R = torch.randn_like(x)  # random upstream grad on x_hat as well as the losses
     x.requires_grad_(True)  # the input gradient must match too
@@ -97,16 +141,19 @@ def test_efficient_matches_naive(arch, kw):
         (sum(losses.values()) + (x_hat * R).sum() * 1e-2).backward()
         return grads(sae, x)
 
+    x_hat_ref, losses_ref = naive(sae, x)  # before the forward updates the dead statistics
+    g_ref = backward(x_hat_ref, losses_ref)
     out = sae(x)
     assert isinstance(out, SAEOutput) and out.acts_BK.shape == (len(x), sae.cfg.k)
+    assert ("auxk" in out.losses) == sae.cfg.auxk
+    if dead:
+        assert out.losses["auxk"] > 0
     if arch == "switch":
         counts = torch.bincount(out.expert_B, minlength=sae.cfg.n_experts)
         assert counts[-1] == 0 and (counts > 0).sum() >= 2, counts
         assert torch.equal(out.idx_BK // (sae.cfg.width // sae.cfg.n_experts),
                            out.expert_B[:, None].expand_as(out.idx_BK))
     g_eff = backward(out.x_hat_BD, out.losses)
-    x_hat_ref, losses_ref = naive(sae, x)
-    g_ref = backward(x_hat_ref, losses_ref)
     torch.testing.assert_close(out.x_hat_BD, x_hat_ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out.losses, losses_ref, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(g_eff, g_ref, rtol=1e-4, atol=1e-5)  # every parameter + input

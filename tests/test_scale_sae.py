@@ -9,9 +9,10 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from synthetic import recovery, sample, train
+from test_saes import kill_every_third, naive_auxk, naive_balance_coeff
 from saepipe.saes import SwitchConfig, SwitchSAE, load_sae, registry, save_sae
 from saepipe.saes.scale import ScaleConfig, ScaleSAE
 
@@ -24,7 +25,27 @@ def make_cfg(d=32, M=256, k=8, N=8, e=3, **kw):
 
 
 # ---- naive reference: all N experts densely, masked to the selected ones --------------------
+def naive_W_hat(sae):
+    """App. C feature scaling by the papers' formulas, one expert at a time: ``[d, M]``."""
+    cfg = sae.cfg
+    blocks = []
+    for i in range(cfg.n_experts):  # reference only: a loop over experts is fine here
+        W_dn = sae.W_enc[i]
+        if cfg.feature_scaling:
+            mean_d1 = W_dn.mean(1, keepdim=True)
+            if cfg.lowpass == "mean":  # C.1
+                lp = mean_d1
+            elif cfg.lowpass == "identity":  # C.2: rectangular identity
+                lp = torch.eye(*W_dn.shape)
+            else:  # C.3: A_LP @ expert mean
+                lp = sae.lowpass_A @ mean_d1
+            W_dn = (W_dn - lp) * (1 + sae.omega[i]) + lp
+        blocks.append(W_dn)
+    return torch.cat(blocks, dim=1)
+
+
 def naive_scale(sae, x_BD):
+    """Dense reference (call it BEFORE the efficient forward: AuxK reads the dead stats)."""
     cfg = sae.cfg
     N, e, n, M = cfg.n_experts, cfg.active_experts, cfg.width // cfg.n_experts, cfg.width
     x_n = x_BD * cfg.act_norm_factor
@@ -38,28 +59,28 @@ def naive_scale(sae, x_BD):
     else:
         w_BE = torch.softmax(probs_BN.gather(1, sel_BE), dim=1)
     w_BN = torch.zeros_like(probs_BN).scatter(1, sel_BE, w_BE)
+    # the weighting formula for EVERY expert (AuxK's per-latent weight); = w_BE where selected
+    if cfg.expert_weighting == "prob":
+        w_all_BN = probs_BN
+    elif cfg.expert_weighting == "renorm_logits":
+        w_all_BN = probs_BN / probs_BN.gather(1, sel_BE).sum(1, keepdim=True)
+    else:
+        w_all_BN = probs_BN.exp() / probs_BN.gather(1, sel_BE).exp().sum(1, keepdim=True)
+    torch.testing.assert_close(w_all_BN.gather(1, sel_BE), w_BE)
     on_BN = torch.zeros_like(probs_BN, dtype=torch.bool).scatter(1, sel_BE, True)
-    blocks = []
-    for i in range(N):  # reference only: a loop over experts is fine here
-        W_dn = sae.W_enc[i]
-        if cfg.feature_scaling:
-            if cfg.lowpass == "mean":
-                bar_d1 = W_dn.mean(1, keepdim=True)
-            elif cfg.lowpass == "identity":
-                bar_d1 = torch.zeros_like(W_dn[:, :1])
-            else:
-                bar_d1 = (W_dn * torch.softmax(sae.lowpass_logits[i], 0)).sum(1, keepdim=True)
-            W_dn = bar_d1 + (1 + sae.omega[i]) * (W_dn - bar_d1)
-        blocks.append(W_dn)
-    pre_BM = (x_n - sae.b_dec) @ torch.cat(blocks, dim=1) + sae.b_enc
+    pre_BM = (x_n - sae.b_dec) @ naive_W_hat(sae) + sae.b_enc
     owner_M = torch.arange(M) // n
-    f_BM = w_BN[:, owner_M] * F.relu(pre_BM)
-    top = f_BM.masked_fill(~on_BN[:, owner_M], float("-inf")).topk(cfg.k, dim=1).indices
-    z_BM = f_BM * torch.zeros_like(f_BM).scatter(1, top, 1.0)
+    f_BM = F.relu(pre_BM)  # unweighted expert activations (eq. 2.3's f)
+    weighted_BM = w_BN[:, owner_M] * f_BM
+    key_BM = weighted_BM if cfg.weight_order == "before_topk" else f_BM
+    top = key_BM.masked_fill(~on_BN[:, owner_M], float("-inf")).topk(cfg.k, dim=1).indices
+    z_BM = weighted_BM * torch.zeros_like(f_BM).scatter(1, top, 1.0)  # eq. 2.4: p_i W_dec_i z_i
     x_hat_n = z_BM @ sae.W_dec + sae.b_dec
     f_N = torch.bincount(probs_BN.argmax(1), minlength=N).float() / len(x_BD)
-    balance = cfg.alpha * N * (f_N * probs_BN.mean(0)).sum()
-    losses = {"mse": (x_n - x_hat_n).pow(2).mean(), "balance": balance}
+    balance = naive_balance_coeff(cfg) * N * (f_N * probs_BN.mean(0)).sum()
+    aux_w_BM = w_all_BN[:, owner_M] if cfg.auxk_expert_weight else None
+    losses = {"mse": (x_n - x_hat_n).pow(2).mean(), "balance": balance,  # AuxK: whole dictionary
+              **naive_auxk(sae, x_n, x_hat_n, pre_BM, aux_w_BM)}
     return x_hat_n / cfg.act_norm_factor, losses, sel_BE
 
 
@@ -83,26 +104,42 @@ def grads(sae, *extra):
     return g
 
 
-VARIANTS = [(w, fs, lp) for w in ("prob", "renorm_logits", "code_softmax_of_probs")
+VARIANTS = [(w, fs, lp, order) for order in ("after_topk", "before_topk")
+            for w in ("prob", "renorm_logits", "code_softmax_of_probs")
             for fs, lp in ((False, "mean"), (True, "mean"), (True, "identity"), (True, "learned"))]
 SHAPES = [{}, {"M": 64, "N": 8, "e": 2, "k": 12},  # k > n: candidates e * n
           {"d": 6, "M": 12, "N": 4, "e": 2, "k": 4}]  # n = 3: unaligned -> loop fallback
 
 
 @pytest.mark.parametrize("shape", SHAPES[:1], ids=["base"])
-@pytest.mark.parametrize("weighting,fs,lowpass", VARIANTS)
-def test_efficient_matches_naive(weighting, fs, lowpass, shape):
-    _check_against_naive(expert_weighting=weighting, feature_scaling=fs, lowpass=lowpass, **shape)
+@pytest.mark.parametrize("weighting,fs,lowpass,order", VARIANTS)
+def test_efficient_matches_naive(weighting, fs, lowpass, order, shape):
+    _check_against_naive(expert_weighting=weighting, feature_scaling=fs, lowpass=lowpass,
+                         weight_order=order, **shape)
 
 
+@pytest.mark.parametrize("order", ["after_topk", "before_topk"])
 @pytest.mark.parametrize("shape", SHAPES[1:], ids=["k_gt_n", "unaligned"])
-def test_efficient_matches_naive_shapes(shape):
-    _check_against_naive(lowpass="learned", **shape)
+def test_efficient_matches_naive_shapes(shape, order):
+    _check_against_naive(lowpass="learned", weight_order=order, **shape)
 
 
-def _check_against_naive(**kw):
+@pytest.mark.parametrize("kw", [
+    {"weight_order": "after_topk", "lowpass": "mean"},
+    {"weight_order": "before_topk", "lowpass": "identity", "expert_weighting": "renorm_logits"},
+    {"weight_order": "after_topk", "lowpass": "learned", "expert_weighting": "code_softmax_of_probs"},
+    {"auxk_expert_weight": False, "alpha_units": "normalised"},
+    {"k_aux": 1000}])  # k_aux > n_dead
+def test_efficient_matches_naive_with_auxk(kw):
+    """A third of the latents dead: AuxK value and every gradient match the dense reference."""
+    _check_against_naive(dead=True, **kw)
+
+
+def _check_against_naive(dead=False, **kw):
     sae, x = make_sae(**kw)
     cfg = sae.cfg
+    if dead:
+        kill_every_third(sae)
     R = torch.randn_like(x)
     x.requires_grad_(True)
 
@@ -112,11 +149,12 @@ def _check_against_naive(**kw):
         (sum(losses.values()) + (x_hat * R).sum() * 1e-2).backward()
         return grads(sae, x)
 
+    x_hat_ref, losses_ref, sel_BE = naive_scale(sae, x)  # before the dead stats change
+    g_ref = backward(x_hat_ref, losses_ref)
     out = sae(x)
     assert out.acts_BK.shape == out.idx_BK.shape == (len(x), cfg.k)
+    assert (out.losses["auxk"] > 0) == dead
     g_eff = backward(out.x_hat_BD, out.losses)
-    x_hat_ref, losses_ref, sel_BE = naive_scale(sae, x)
-    g_ref = backward(x_hat_ref, losses_ref)
     routed = torch.bincount(sel_BE.reshape(-1), minlength=cfg.n_experts)
     assert routed[-1] == 0 and (routed > 0).sum() >= 2, routed  # an empty expert group
     n = cfg.width // cfg.n_experts
@@ -140,7 +178,8 @@ def _check_against_naive(**kw):
 def test_omega_init_and_gradient():
     sae = ScaleSAE(make_cfg(lowpass="learned"))
     assert torch.equal(sae.omega, torch.zeros(8))
-    assert torch.equal(sae.lowpass_logits, torch.zeros(8, 32))
+    assert torch.equal(sae.lowpass_A, torch.eye(32))  # learned A_LP starts as "mean"
+    torch.testing.assert_close(sae.lowpass_component(), sae.W_enc.mean(2, keepdim=True))
     torch.testing.assert_close(sae.W_hat(), sae.W_enc)  # omega = 0: feature scaling is identity
     x = torch.randn(256, 32)
     sae.init_from_batch(x)
@@ -148,19 +187,68 @@ def test_omega_init_and_gradient():
     used = torch.bincount(sae.encode(x).idx_BK.reshape(-1) // 32, minlength=8) > 0
     assert sae.omega.grad[used].abs().min() > 0
     # d W_hat / d W_bar = -omega: the learned low-pass only starts moving once omega does
-    assert sae.lowpass_logits.grad.abs().max() == 0
+    assert sae.lowpass_A.grad.abs().max() == 0
     with torch.no_grad():
         sae.omega.fill_(0.3)
     sae.zero_grad()
     sae(x).losses["mse"].backward()
-    assert sae.lowpass_logits.grad.abs().max() > 0
+    assert sae.lowpass_A.grad.abs().max() > 0
 
 
-def _one_hot_sae(weighting="prob", k=2):
+# App. C by hand: d=3, N=2 experts of n=2 latents. Expert 0: W = [[1, 3], [2, 0], [0, 4]]
+# (columns = latents), mean (2, 1, 2), s = 1 + omega = 2; expert 1: all ones, s = 0.5.
+# learned: A_LP swaps the first two coordinates, A_LP mean_0 = (1, 2, 2), A_LP mean_1 = ones.
+W_HAT_BY_HAND = {
+    # C.1: mean + s (W - mean)
+    "mean": [[[0.0, 4.0], [3.0, -1.0], [-2.0, 6.0]], [[1.0, 1.0], [1.0, 1.0], [1.0, 1.0]]],
+    # C.2: (W - I) s + I, I = eye(3, 2): expert 0 = 2 W - I, expert 1 = 0.5 W + 0.5 I
+    "identity": [[[1.0, 6.0], [4.0, -1.0], [0.0, 8.0]], [[1.0, 0.5], [0.5, 1.0], [0.5, 0.5]]],
+    # C.3: lp + s (W - lp) with lp = A_LP mean: expert 0 = 2 W - (1, 2, 2)
+    "learned": [[[1.0, 5.0], [2.0, -2.0], [-2.0, 6.0]], [[1.0, 1.0], [1.0, 1.0], [1.0, 1.0]]],
+}
+
+
+@pytest.mark.parametrize("lowpass", ["mean", "identity", "learned"])
+def test_lowpass_app_c_by_hand(lowpass):
+    sae = ScaleSAE(make_cfg(d=3, M=4, k=1, N=2, e=1, lowpass=lowpass))
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.tensor([[[1.0, 3.0], [2.0, 0.0], [0.0, 4.0]], [[1.0] * 2] * 3]))
+        sae.omega.copy_(torch.tensor([1.0, -0.5]))
+        if lowpass == "learned":
+            sae.lowpass_A.copy_(torch.tensor([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]]))
+    torch.testing.assert_close(sae.W_hat(), torch.tensor(W_HAT_BY_HAND[lowpass]))
+    torch.testing.assert_close(naive_W_hat(sae), torch.cat(list(torch.tensor(W_HAT_BY_HAND[lowpass])), 1))
+    assert naive_W_hat(sae).shape == (3, 4)  # [d, M]: expert i owns columns [i n, (i+1) n)
+
+
+def test_lowpass_learned_starts_as_mean():
+    torch.manual_seed(0)
+    learned = ScaleSAE(make_cfg(lowpass="learned"))
+    mean = ScaleSAE(make_cfg(lowpass="mean"))
+    mean.load_state_dict({k: v for k, v in learned.state_dict().items() if k != "lowpass_A"})
+    with torch.no_grad():
+        learned.omega.normal_()
+        mean.omega.copy_(learned.omega)
+    torch.testing.assert_close(learned.W_hat(), mean.W_hat())
+    assert (learned.W_hat() - learned.W_enc).abs().max() > 0.01  # omega != 0 does something
+
+
+def test_old_learned_lowpass_file_is_refused(tmp_path):
+    sae, _ = make_sae(lowpass="learned")
+    out_dir = save_sae(sae, tmp_path / "sae")
+    tensors = load_file(str(out_dir / "sae.safetensors"))
+    tensors["lowpass_logits"] = torch.zeros(8, 32)  # the pre-App. C parameter
+    del tensors["lowpass_A"]
+    save_file(tensors, str(out_dir / "sae.safetensors"))
+    with pytest.raises(ValueError, match="lowpass_A.*lowpass_logits"):
+        load_sae(out_dir)
+
+
+def _one_hot_sae(weighting="prob", k=2, order="before_topk"):
     """d=8, N=4, n=4: expert 0 latent 3 reads 2 x_0, expert 1 latent 1 reads 1.5 x_0 (the rest
     is zero); router bias prefers experts 0 and 1 (logits 1, 0.5, -5, -5)."""
     sae = ScaleSAE(make_cfg(d=8, M=16, k=k, N=4, e=2, expert_weighting=weighting,
-                            feature_scaling=False))
+                            feature_scaling=False, weight_order=order))
     with torch.no_grad():
         for p in (sae.W_enc, sae.W_router, sae.b_dec, sae.b_router):
             p.zero_()
@@ -170,22 +258,49 @@ def _one_hot_sae(weighting="prob", k=2):
     return sae, torch.eye(8)[:1]
 
 
-def test_global_topk_spans_experts_and_weights_before_topk():
-    sae, x = _one_hot_sae(k=2)
+@pytest.mark.parametrize("order", ["after_topk", "before_topk"])
+def test_global_topk_spans_experts_and_weight_order(order):
+    sae, x = _one_hot_sae(k=2, order=order)
     enc = sae.encode(x)
     p = torch.softmax(torch.tensor([1.0, 0.5, -5.0, -5.0]), 0)
-    order = enc.idx_BK[0].argsort()
-    assert enc.idx_BK[0][order].tolist() == [0 * 4 + 3, 1 * 4 + 1]  # two different experts
-    torch.testing.assert_close(enc.acts_BK[0][order], torch.stack([2 * p[0], 1.5 * p[1]]))
-    # k = 1: weighted 2 p0 > 1.5 p1 picks expert 0; reversing the router preference makes the
-    # weights flip the choice although the raw pre-activation of expert 0 is still larger.
-    sae, x = _one_hot_sae(k=1)
+    order_ = enc.idx_BK[0].argsort()
+    assert enc.idx_BK[0][order_].tolist() == [0 * 4 + 3, 1 * 4 + 1]  # two different experts
+    # acts are the weighted values in both orders (what the decoder uses)
+    torch.testing.assert_close(enc.acts_BK[0][order_], torch.stack([2 * p[0], 1.5 * p[1]]))
+    # k = 1: weighted 2 p0 > 1.5 p1 and unweighted 2 > 1.5 both pick expert 0; reversing the
+    # router preference (2 p0 < 1.5 p1) flips the choice only when the weights come first.
+    sae, x = _one_hot_sae(k=1, order=order)
     assert sae.encode(x).idx_BK.tolist() == [[3]]
     with torch.no_grad():
         sae.router_bias.copy_(torch.tensor([0.0, 0.5, -5.0, -5.0]))  # 2 p0 < 1.5 p1
-    assert sae.encode(x).idx_BK.tolist() == [[5]]
+    assert sae.encode(x).idx_BK.tolist() == ([[5]] if order == "before_topk" else [[3]])
     sae.cfg.expert_weighting = "code_softmax_of_probs"  # w ~ (0.44, 0.56): 2 w0 > 1.5 w1
     assert sae.encode(x).idx_BK.tolist() == [[3]]
+
+
+@pytest.mark.parametrize("order", ["after_topk", "before_topk"])
+def test_weight_order_paper_vs_reference_code(order):
+    """Paper eqs. 2.3-2.4 vs the reference code, by hand: two experts with w = (0.9, 0.1),
+    expert 0's latent reads 1.0, expert 1's reads 2.0, k = 1. The paper's TopK (unweighted)
+    picks expert 1's latent, whose act is 0.1 * 2.0 = 0.2; the code's TopK on the weighted
+    values (0.9 vs 0.2) picks expert 0's latent with act 0.9."""
+    sae = ScaleSAE(make_cfg(d=4, M=4, k=1, N=2, e=2, feature_scaling=False, weight_order=order))
+    with torch.no_grad():
+        for p in (sae.W_enc, sae.W_router, sae.b_dec, sae.b_router, sae.W_dec):
+            p.zero_()
+        sae.W_enc[0, 0, 0] = 1.0  # expert 0, latent 0 (global 0) reads x_0
+        sae.W_enc[1, 0, 1] = 2.0  # expert 1, latent 1 (global 3) reads 2 x_0
+        sae.router_bias.copy_(torch.tensor([0.9, 0.1]).log())  # p = (0.9, 0.1)
+        sae.W_dec[0, 1] = sae.W_dec[3, 2] = 1.0
+    x = torch.tensor([[1.0, 0.0, 0.0, 0.0]])
+    enc = sae.encode(x)
+    want_idx, want_act = (3, 0.2) if order == "after_topk" else (0, 0.9)
+    assert enc.idx_BK.tolist() == [[want_idx]]
+    torch.testing.assert_close(enc.acts_BK, torch.tensor([[want_act]]))
+    x_hat = torch.zeros(1, 4)
+    x_hat[0, 2 if order == "after_topk" else 1] = want_act  # decode unchanged: acts * W_dec rows
+    torch.testing.assert_close(sae.decode(enc), x_hat)
+    torch.testing.assert_close(naive_scale(sae, x)[0], x_hat)
 
 
 @pytest.mark.parametrize("fs", [False, True])
@@ -239,22 +354,52 @@ def test_balance_loss_uniform_and_collapse():
 
 @pytest.mark.parametrize("norm", ["rows", "columns"])
 def test_decoder_norm_hooks(norm):
+    """rows: unit feature rows. columns (reference code): per expert [n, d] block, every column
+    unit-norm over that expert's n latents. Both remove the gradient parallel to ROWS."""
     sae, x = make_sae(decoder_norm=norm)
-    dim = 1 if norm == "rows" else 0
+    N, n, d = sae.cfg.n_experts, sae.cfg.expert_width, sae.cfg.d_in
+
+    def unit_axes(W_MD):  # the norms that must be 1
+        return W_MD.norm(dim=1) if norm == "rows" else W_MD.view(N, n, d).norm(dim=1)
+
     fresh = ScaleSAE(make_cfg(decoder_norm=norm))
-    torch.testing.assert_close(fresh.W_dec.norm(dim=dim), torch.ones(fresh.W_dec.shape[1 - dim]))
+    torch.testing.assert_close(unit_axes(fresh.W_dec.detach()), torch.ones_like(unit_axes(fresh.W_dec.detach())))
     sae.W_dec.data.mul_(torch.rand(sae.cfg.width, 1) * 3 + 0.1)
-    sae.W_dec.data.mul_(torch.rand(1, sae.cfg.d_in) * 3 + 0.1)
+    sae.W_dec.data.mul_(torch.rand(1, d) * 3 + 0.1)
     sae.after_optimizer_step()
-    W = sae.W_dec.detach()
-    torch.testing.assert_close(W.norm(dim=dim), torch.ones(W.shape[1 - dim]))
-    assert (W.norm(dim=1 - dim) - 1).abs().max() > 0.05  # the other axis is not normalised
+    W = sae.W_dec.detach().clone()
+    torch.testing.assert_close(unit_axes(W), torch.ones_like(unit_axes(W)))
+    if norm == "columns":
+        assert (W.norm(dim=1) - 1).abs().max() > 0.05  # rows are not unit-norm
+        assert (W.norm(dim=0) - N ** 0.5).abs().max() < 1e-4  # N unit blocks per global column
     sum(sae(x).losses.values()).backward()
     g_before = sae.W_dec.grad.clone()
     sae.before_optimizer_step()
-    g = sae.W_dec.grad
-    assert (g * W).sum(dim).abs().max() < 1e-6  # parallel component removed along `dim`
-    torch.testing.assert_close(g, g_before - (g_before * W).sum(dim, keepdim=True) * W)
+    u = W / W.norm(dim=1, keepdim=True)
+    torch.testing.assert_close(sae.W_dec.grad, g_before - (g_before * u).sum(1, keepdim=True) * u)
+    assert (sae.W_dec.grad * u).sum(1).abs().max() < 1e-6
+
+
+def test_decoder_norm_columns_by_hand():
+    """N=2 experts of n=2 latents, d=2: each expert's 2x2 block gets unit columns."""
+    sae = ScaleSAE(make_cfg(d=2, M=4, k=1, N=2, e=1, decoder_norm="columns"))
+    with torch.no_grad():
+        sae.W_dec.copy_(torch.tensor([[3.0, 1.0], [4.0, 0.0],     # expert 0: column norms 5, 1
+                                      [0.0, 2.0], [1.0, 2.0]]))   # expert 1: norms 1, sqrt 8
+    sae.after_optimizer_step()
+    r8 = 8 ** 0.5
+    torch.testing.assert_close(sae.W_dec.detach(), torch.tensor(
+        [[0.6, 1.0], [0.8, 0.0], [0.0, 2 / r8], [1.0, 2 / r8]]))
+    W = sae.W_dec.detach().clone()
+    sae.W_dec.grad = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [2.0, -1.0]])
+    sae.before_optimizer_step()
+    # row-wise g - (g.W_j) W_j / ||W_j||^2, by hand: row 0 (0.6, 1), ||.||^2 = 1.36, g.W = 0.6;
+    # row 1 (0.8, 0) is orthogonal to g = (0, 1); row 2 (0, 1/sqrt2) keeps g's first entry;
+    # row 3 (1, 1/sqrt2), ||.||^2 = 1.5, g.W = 2 - 1/sqrt2
+    c3 = (2 - 0.5 ** 0.5) / 1.5
+    want = torch.tensor([[1 - 0.36 / 1.36, -0.6 / 1.36], [0.0, 1.0], [1.0, 0.0],
+                         [2 - c3, -1 - c3 * 0.5 ** 0.5]])
+    torch.testing.assert_close(sae.W_dec.grad, want)
 
 
 @pytest.mark.parametrize("lowpass", ["mean", "learned"])
@@ -267,7 +412,7 @@ def test_save_load_roundtrip(lowpass, tmp_path):
     shapes = {"W_enc": (d, M), "b_enc": (M,), "W_dec": (M, d), "b_dec": (d,),
               "W_router": (d, N), "b_router": (d,), "router_bias": (N,), "omega": (N,)}
     if lowpass == "learned":
-        shapes["lowpass_logits"] = (N, n)
+        shapes["lowpass_A"] = (d, d)
     tensors = load_file(str(out_dir / "sae.safetensors"))
     assert {k: tuple(v.shape) for k, v in tensors.items()} == shapes
     assert all(v.dtype == torch.float32 for v in tensors.values())
@@ -277,7 +422,9 @@ def test_save_load_roundtrip(lowpass, tmp_path):
     cfg = json.loads((out_dir / "config.json").read_text())
     assert cfg["arch"] == "scale" and cfg["n_experts"] == N and cfg["active_experts"] == 3
     assert {"expert_weighting", "feature_scaling", "lowpass", "decoder_norm", "alpha",
+            "alpha_units", "weight_order", "auxk", "k_aux", "aux_coeff",
             "dead_tokens", "act_norm_factor", "hook", "model_id", "seed"} <= set(cfg)
+    assert cfg["alpha_units"] == "paper" and cfg["weight_order"] == "after_topk"
     loaded = load_sae(out_dir)
     assert loaded.cfg == sae.cfg and type(loaded) is ScaleSAE
     sae.eval()
@@ -296,7 +443,9 @@ def test_flops_config_errors_and_dead_stats():
               ({"k": 65, "e": 2}, "k=65"), ({"expert_weighting": "gate"}, "expert_weighting"),
               ({"lowpass": "fft"}, "lowpass"), ({"decoder_norm": "both"}, "decoder_norm"),
               ({"feature_scaling": 1}, "feature_scaling"), ({"alpha": -1.0}, "alpha"),
-              ({"N": 0}, "n_experts"), ({"dead_tokens": -1}, "dead_tokens")]
+              ({"N": 0}, "n_experts"), ({"dead_tokens": -1}, "dead_tokens"),
+              ({"weight_order": "middle"}, "weight_order"), ({"alpha_units": "raw"}, "alpha_units"),
+              ({"k_aux": 0}, "k_aux"), ({"aux_coeff": -1.0}, "aux_coeff"), ({"auxk": 1}, "auxk")]
     for kw, msg in errors:
         with pytest.raises(ValueError, match=msg):
             make_cfg(**kw)

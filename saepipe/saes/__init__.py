@@ -1,7 +1,9 @@
 """SAE architectures of saepipe: ReLU, TopK, BatchTopK, JumpReLU, Gated, Switch and Scale SAEs, registry and saved format.
 
 Pure torch (+ safetensors); imports nothing from the rest of saepipe.
-See :mod:`saepipe.saes.base` for units (``act_norm_factor``) and the training protocol.
+See :mod:`saepipe.saes.base` for units (``act_norm_factor``) and the training protocol, and
+:mod:`saepipe.saes.moe` for what the routed SAEs (Switch, Scale) share: the balance loss in the
+papers' units (``alpha_units``) and AuxK over the whole dictionary.
 """
 
 from .base import SAE, Encoding, SAEConfig, SAEOutput
@@ -16,6 +18,7 @@ from .registry import (
 from .batchtopk import BatchTopKConfig, BatchTopKSAE
 from .gated import GatedConfig, GatedSAE
 from .jumprelu import JumpReLUConfig, JumpReLUSAE
+from .moe import MoEConfig, MoESAE
 from .relu import ReLUConfig, ReLUSAE
 from .scale import ScaleConfig, ScaleSAE
 from .switch import SwitchConfig, SwitchSAE
@@ -28,6 +31,8 @@ __all__ = [
     "GatedSAE",
     "JumpReLUConfig",
     "JumpReLUSAE",
+    "MoEConfig",
+    "MoESAE",
     "ReLUConfig",
     "ReLUSAE",
     "ARCHITECTURES",

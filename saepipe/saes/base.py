@@ -6,7 +6,10 @@ Every SAE works internally in a *normalised space*: raw activations ``x`` are mu
 ``cfg.act_norm_factor`` before the encoder (``x_n = x * act_norm_factor``). ``encode`` and
 ``forward`` take RAW activations; ``decode`` / ``forward`` return ``x_hat`` in RAW units
 (``x_hat = x_hat_n / act_norm_factor``). Latent activations (``acts_BK``) and all losses are in
-the normalised space.
+the normalised space: ``mse = ||x_n - x_hat_n||^2 / d`` (mean over tokens) equals the raw
+``||x - x_hat||^2 / d`` times ``act_norm_factor**2``. A coefficient that the papers define
+against the RAW squared error (the MoE balance weight ``alpha``) is therefore multiplied by
+``act_norm_factor**2`` in the normalised loss (see ``alpha_units`` in :mod:`saepipe.saes.moe`).
 
 The saved weights (``sae.safetensors``, SPEC §2: ``W_enc [d, M]``, ``b_enc [M]``,
 ``W_dec [M, d]``, ``b_dec [d]``, MoE archs add ``W_router [d, N]``, ``b_router [d]``,
@@ -33,6 +36,14 @@ from . import kernels
 
 DEFAULT_DEAD_TOKENS = 10_000_000
 """Tokens without firing after which a latent counts as dead, for configs without the field."""
+
+ADAM_FLOPS_PER_PARAM = 12
+"""FLOPs Adam spends per parameter per step (two moment updates, bias corrections, sqrt,
+divide, weight update); used by :meth:`SAEConfig.train_flops_per_token`."""
+
+DECODER_FLOPS_PER_WEIGHT = 6
+"""FLOPs per decoder weight per step for the unit-norm constraint (parallel-gradient removal:
+dot, scale, subtract; renormalisation: square-sum, divide); see ``train_flops_per_token``."""
 
 METADATA_KEYS = frozenset({"n_experts", "active_experts", "d_sae", "format", "format_version",
                            "dtype", "weights_space", "run"})
@@ -75,6 +86,35 @@ class SAEConfig:
         """
         return 2 * self.d_in * self.width + 2 * self.d_in * self.k
 
+    def n_params(self) -> int:
+        """Number of trainable parameters (analytic; equals ``sum(p.numel())`` of the built SAE).
+
+        Default: the dense family (TopK, BatchTopK, ReLU): ``W_enc [d, M]``, ``b_enc [M]``,
+        ``W_dec [M, d]``, ``b_dec [d]`` = ``2 d M + M + d``. Other archs override it.
+        """
+        d, M = self.d_in, self.width
+        return 2 * d * M + M + d
+
+    def train_flops_per_token(self, batch_size: int) -> float:
+        """Training FLOPs per token, one formula for every architecture (SPEC §5 cost matching)::
+
+            3 * flops_per_token()                                  # forward + backward (~2x fwd)
+            + (ADAM_FLOPS_PER_PARAM * n_params()                   # Adam touches every parameter
+               + DECODER_FLOPS_PER_WEIGHT * width * d_in) / batch_size   # decoder unit-norm step
+
+        with ``ADAM_FLOPS_PER_PARAM = 12`` and ``DECODER_FLOPS_PER_WEIGHT = 6``. The per-step
+        terms are spread over the ``batch_size`` tokens of a step, so they matter for MoE SAEs
+        (N times the parameters of their FLOP-matched dense twin) and small batches. The decoder
+        term is charged to every arch (the ReLU SAE has no unit-norm step: it is overestimated
+        by ``6 M d / batch_size``).
+        """
+        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size <= 0:
+            raise ValueError(f"batch_size must be a positive int (tokens per step), got "
+                             f"{batch_size!r}")
+        per_step = (ADAM_FLOPS_PER_PARAM * self.n_params()
+                    + DECODER_FLOPS_PER_WEIGHT * self.width * self.d_in)
+        return 3.0 * self.flops_per_token() + per_step / batch_size
+
     def encoder_fraction(self) -> float:
         """Fraction of the M encoder rows computed per token (dense 1, Switch 1/N).
 
@@ -101,6 +141,37 @@ class SAEConfig:
                 f"unknown {cls.__name__} key(s) {unknown}; valid keys: {sorted(valid)}"
             )
         return cls(**d)
+
+
+class AuxKConfigMixin:
+    """Validation and the ``k_aux`` default shared by the configs that have Gao's AuxK.
+
+    The dataclass using it declares the fields ``auxk: bool``, ``k_aux: int | None``,
+    ``aux_coeff: float`` and ``dead_tokens: int`` and calls :meth:`_validate_auxk` from its
+    ``__post_init__``. :meth:`SAE._auxk_selection` reads them.
+    """
+
+    auxk: bool
+    k_aux: int | None
+    aux_coeff: float
+    dead_tokens: int
+    d_in: int
+
+    def _validate_auxk(self) -> None:
+        if not isinstance(self.auxk, bool):
+            raise ValueError(f"auxk must be a bool, got {self.auxk!r}")
+        if self.k_aux is not None and (not isinstance(self.k_aux, int) or self.k_aux <= 0):
+            raise ValueError(f"k_aux must be a positive int or None (= d_in // 2), got "
+                             f"{self.k_aux!r}")
+        if not self.aux_coeff >= 0:
+            raise ValueError(f"aux_coeff must be >= 0, got {self.aux_coeff!r}")
+        if self.dead_tokens < 0:
+            raise ValueError(f"dead_tokens must be >= 0, got {self.dead_tokens!r}")
+
+    @property
+    def k_aux_effective(self) -> int:
+        """``k_aux``, defaulting to ``d_in // 2`` (at least 1)."""
+        return self.k_aux if self.k_aux is not None else max(1, self.d_in // 2)
 
 
 class Encoding(NamedTuple):
@@ -213,6 +284,19 @@ class SAE(nn.Module):
     def dead_fraction(self) -> float:
         """Fraction of latents currently dead (see :meth:`dead_mask`)."""
         return float(self.dead_mask().float().mean())
+
+    def _auxk_selection(self) -> tuple[Tensor | None, int]:
+        """``(dead_mask_M, k_aux)`` when AuxK applies to this forward, else ``(None, 0)``.
+
+        AuxK applies in training mode, with ``cfg.auxk`` on (configs with
+        :class:`AuxKConfigMixin`) and at least one dead latent; ``k_aux = min(k_aux, n_dead)``.
+        One host sync per training step (the dead count).
+        """
+        if not (self.training and getattr(self.cfg, "auxk", False)):
+            return None, 0
+        dead_M = self.dead_mask()
+        n_dead = int(dead_M.sum())
+        return (dead_M, min(self.cfg.k_aux_effective, n_dead)) if n_dead else (None, 0)
 
     # ---- shared internals ---------------------------------------------------------------
     def _decode_n(self, enc: Encoding) -> Tensor:

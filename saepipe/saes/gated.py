@@ -69,6 +69,10 @@ class GatedConfig(SAEConfig):
         if self.dead_tokens < 0:
             raise ValueError(f"dead_tokens must be >= 0, got {self.dead_tokens!r}")
 
+    def n_params(self) -> int:
+        """``W_enc`` d M, ``W_dec`` M d, ``b_gate``, ``r_mag``, ``b_mag`` (M each), ``b_dec`` d."""
+        d, M = self.d_in, self.width
+        return 2 * d * M + 3 * M + d
 
 
 class GatedSAE(SAE):

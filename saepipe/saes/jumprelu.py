@@ -130,6 +130,9 @@ class JumpReLUConfig(SAEConfig):
         if self.dead_tokens < 0:
             raise ValueError(f"dead_tokens must be >= 0, got {self.dead_tokens!r}")
 
+    def n_params(self) -> int:
+        """Dense ``2 d M + M + d`` plus the per-latent ``threshold`` [M]."""
+        return super().n_params() + self.width
 
 
 class JumpReLUSAE(SAE):

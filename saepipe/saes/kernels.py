@@ -10,6 +10,8 @@
   fallback for old torch or shapes the kernel cannot take (strides not 16-byte aligned).
 - :func:`pad_rows` / :func:`padded_code` - padded ``(acts_BL, idx_BL)`` code for variable-L0
   architectures (L = max active latents of any row; padding acts 0, idx 0).
+- :func:`auxk_loss` - Gao et al.'s normalised AuxK term from the selected dead latents (every
+  TopK-family SAE: TopK, BatchTopK, Switch, Scale).
 - :func:`geometric_median` - Weiszfeld iterations (<= 100) for the data-dependent bias init.
 - :func:`normalise_rows_` / :func:`remove_parallel_grad_` - unit-norm decoder-row helpers.
 """
@@ -32,6 +34,7 @@ __all__ = [
     "grouped_mm",
     "grouped_mm_available",
     "sort_by_expert",
+    "auxk_loss",
     "geometric_median",
     "normalise_rows_",
     "remove_parallel_grad_",
@@ -115,6 +118,27 @@ def topk_linear(
     equal those of the dense formulation but cost ``O(B (k + k_aux) D)``.
     """
     return _TopKLinear.apply(x_BD, W_DM, b_M, k, aux_mask_M, k_aux)
+
+
+def auxk_loss(
+    e_BD: Tensor, pre_BA: Tensor, idx_BA: Tensor, W_dec_MD: Tensor, coeff: float,
+    scale_BA: Tensor | None = None,
+) -> Tensor:
+    """Gao et al. (2024) AuxK: ``coeff * sum_b ||e_b - e_hat_b||^2 / sum_b ||e_b - mean_b(e)||^2``.
+
+    ``e_BD``: the residual ``x_n - x_hat_n`` (detached here: AuxK must not move the main
+    reconstruction). ``pre_BA`` / ``idx_BA``: pre-activations and GLOBAL indices of the
+    top-``k_aux`` dead latents per token; ``e_hat = sum_j ReLU(pre_j) W_dec[idx_j]`` is decoded
+    WITHOUT ``b_dec`` (the residual has no bias). ``scale_BA`` (optional) multiplies each
+    ``ReLU(pre_j)`` (the MoE SAEs' expert weight, so the dead latents learn pre-activations on
+    the scale of the main path). The denominator (the residual's total variance, clamped at
+    1e-12) makes the term scale-free, like an FVU.
+    """
+    e_BD = e_BD.detach()
+    acts_BA = F.relu(pre_BA) if scale_BA is None else F.relu(pre_BA) * scale_BA
+    e_hat_BD = sparse_decode(idx_BA, acts_BA, W_dec_MD)
+    denom = (e_BD - e_BD.mean(0)).pow(2).sum().clamp_min(1e-12)
+    return coeff * (e_BD - e_hat_BD).pow(2).sum() / denom
 
 
 def sort_by_expert(expert_B: Tensor, n_experts: int) -> tuple[Tensor, Tensor, Tensor]:

@@ -7,8 +7,26 @@ Forward (normalised space, ``x_n = x * act_norm_factor``; N experts of n = M / N
     z   = TopK_k(ReLU(W_enc^(i*)T (x_n - b_dec)))   # ONLY expert i*'s n latents, no b_enc
     x_hat_n = b_dec + p_{i*} * sum_j z_j W_dec[i* n + j]    (gate 1 if ``heaviside``)
 
-Loss terms: ``mse`` (base) and ``balance = alpha * N * sum_i f_i P_i`` with ``f_i`` the
-fraction of tokens routed to expert i (no gradient) and ``P_i`` the mean router probability.
+Loss terms: ``mse`` (base), ``balance = c * N * sum_i f_i P_i`` with ``f_i`` the fraction of
+tokens routed to expert i (no gradient), ``P_i`` the mean router probability and
+``c = alpha * act_norm_factor**2`` (``alpha_units="paper"``: alpha is the paper's, defined on
+raw activations) or ``c = alpha`` (``"normalised"``), and, in training with ``auxk`` on,
+``auxk``: Gao's AuxK over the dead latents of the whole dictionary, regardless of routing
+(dead latent j: ``pre_j = W_enc[:, j] . (x_n - b_dec)``, no bias), decoded with the gate
+``p_{i(j)}`` of the latent's expert (``auxk_expert_weight``; 1 with ``heaviside``). Details
+of both: :mod:`saepipe.saes.moe`.
+
+Paper vs reference code (every difference is a flag; the paper's form is the default):
+
+- ``alpha_units``: "paper" (default) makes ``alpha`` the paper's coefficient of
+  ``||x - x_hat||^2 / d + alpha L_lb`` on RAW activations (as the reference code computes
+  it); "normalised" applies alpha to the loss on normalised activations (scale-free).
+- ``auxk``: neither the paper nor its code trains with Gao's AuxK (the code's variant is
+  nearly inert); default True for fair comparisons with TopK (SPEC §5), False to reproduce the
+  paper.
+- ``heaviside``: the paper's ablation (gate 1 instead of p_{i*}); default False = the paper.
+- The reference code encodes all M latents densely and masks them; here only the routed
+  expert's are computed (same values, real FLOP saving).
 
 Efficiency (SPEC §4): tokens are stable-sorted by expert and the encoder runs as ONE grouped
 matmul against ``W_enc`` stored internally as ``[N, d, n]`` (experts with zero tokens are
@@ -31,54 +49,51 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import kernels
-from .base import SAE, Encoding, SAEConfig
+from .base import Encoding
+from .moe import MoEConfig, MoESAE
 
 
 @dataclass
-class SwitchConfig(SAEConfig):
-    """Switch SAE hyper-parameters."""
+class SwitchConfig(MoEConfig):
+    """Switch SAE hyper-parameters.
 
-    n_experts: int = 8  # N experts; expert i owns latents [i * M/N, (i+1) * M/N)
-    alpha: float = 3.0  # load-balancing loss coefficient
+    Inherited from :class:`MoEConfig`: ``n_experts`` (8), ``alpha`` (3.0), ``alpha_units``
+    ("paper": the balance term is ``alpha * act_norm_factor**2 * N sum f_i P_i``, i.e. alpha
+    is the paper's coefficient on raw activations; "normalised": ``alpha * N sum f_i P_i``),
+    ``auxk`` (True), ``auxk_expert_weight`` (True), ``k_aux`` (None -> d_in // 2),
+    ``aux_coeff`` (1/32), ``dead_tokens`` (10M).
+    """
+
     heaviside: bool = False  # ablation: gate = 1 instead of p_{i*}
-    dead_tokens: int = 10_000_000  # tokens without firing after which a latent is dead
 
     ARCH: ClassVar[str] = "switch"
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not isinstance(self.n_experts, int) or self.n_experts <= 0:
-            raise ValueError(f"n_experts must be a positive int, got {self.n_experts!r}")
-        if self.width % self.n_experts:
-            raise ValueError(
-                f"width={self.width} must be divisible by n_experts={self.n_experts}"
-            )
-        if self.k > self.width // self.n_experts:
+        if self.k > self.expert_width:
             raise ValueError(
                 f"k={self.k} must be <= latents per expert width // n_experts = "
-                f"{self.width // self.n_experts}"
+                f"{self.expert_width}"
             )
-        if self.alpha < 0:
-            raise ValueError(f"alpha must be >= 0, got {self.alpha!r}")
-        if self.dead_tokens < 0:
-            raise ValueError(f"dead_tokens must be >= 0, got {self.dead_tokens!r}")
+        if not isinstance(self.heaviside, bool):
+            raise ValueError(f"heaviside must be a bool, got {self.heaviside!r}")
 
     def flops_per_token(self) -> int:
         """``2 d N`` router + ``2 d (M/N)`` routed expert encoder + ``2 d k`` sparse decoder."""
         d, N, k = self.d_in, self.n_experts, self.k
         return 2 * d * N + 2 * d * self.expert_width + 2 * d * k
 
+    def n_params(self) -> int:
+        """``W_enc`` d M + ``W_dec`` M d + ``W_router`` d N + ``b_router`` d + ``b_dec`` d."""
+        d, M, N = self.d_in, self.width, self.n_experts
+        return 2 * d * M + d * N + 2 * d
+
     def encoder_fraction(self) -> float:
         """Only the routed expert's M/N encoder rows run."""
         return 1.0 / self.n_experts
 
-    @property
-    def expert_width(self) -> int:
-        """n = width // n_experts latents per expert."""
-        return self.width // self.n_experts
 
-
-class SwitchSAE(SAE):
+class SwitchSAE(MoESAE):
     """Top-1 routed mixture of TopK experts with a shared decoder pre-bias."""
 
     cfg: SwitchConfig
@@ -123,22 +138,18 @@ class SwitchSAE(SAE):
         acts_BK = F.relu(vals_BK)[inverse_B]
         idx_BK = expert_B[:, None] * n + local_BK[inverse_B]
         enc = Encoding(acts_BK, idx_BK, gate_B, expert_B, probs_BN, experts_BE=expert_B[:, None])
-        return enc, {"counts_N": counts_N}
+        return enc, {"top1_counts_N": counts_N}
 
-    def _aux_losses(
-        self, x_n_BD: Tensor, x_hat_n_BD: Tensor, enc: Encoding, extras: dict[str, Tensor]
-    ) -> dict[str, Tensor]:
-        """``{"balance": alpha * N * sum_i f_i P_i}`` (f_i carries no gradient)."""
-        N = self.cfg.n_experts
-        f_N = extras["counts_N"].to(enc.probs_BN.dtype) / x_n_BD.shape[0]
-        P_N = enc.probs_BN.mean(0)
-        return {"balance": self.cfg.alpha * N * (f_N * P_N).sum()}
+    def _dead_encoder(
+        self, dead_A: Tensor, extras: dict[str, Tensor]
+    ) -> tuple[Tensor, Tensor | None]:
+        """``W_enc`` columns of the dead latents as ``[A, d]``; Switch has no encoder bias."""
+        n = self.cfg.expert_width
+        return self.W_enc[dead_A // n, :, dead_A % n], None
 
-    @torch.no_grad()
-    def init_from_batch(self, x_BD: Tensor) -> None:
-        """``b_dec`` and ``b_router`` = geometric median of the (normalised) first batch."""
-        super().init_from_batch(x_BD)
-        self.b_router.copy_(self.b_dec)
+    def expert_weights_BN(self, enc: Encoding) -> Tensor | None:
+        """Gate of expert i when routed: ``p_i`` (None = 1 with ``heaviside``)."""
+        return None if self.cfg.heaviside else enc.probs_BN
 
     def _saved_tensors(self) -> dict[str, Tensor]:
         M, N = self.cfg.width, self.cfg.n_experts
@@ -163,4 +174,4 @@ class SwitchSAE(SAE):
         self.b_router.copy_(tensors["b_router"])
 
     def saved_metadata(self) -> dict[str, Any]:
-        return {**super().saved_metadata(), "n_experts": self.cfg.n_experts, "active_experts": 1}
+        return {**super().saved_metadata(), "active_experts": 1}

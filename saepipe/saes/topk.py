@@ -30,11 +30,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import kernels
-from .base import SAE, Encoding, SAEConfig
+from .base import SAE, AuxKConfigMixin, Encoding, SAEConfig
 
 
 @dataclass
-class TopKConfig(SAEConfig):
+class TopKConfig(AuxKConfigMixin, SAEConfig):
     """TopK SAE hyper-parameters."""
 
     auxk: bool = True  # add the AuxK dead-latent loss during training
@@ -46,18 +46,7 @@ class TopKConfig(SAEConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.k_aux is not None and (not isinstance(self.k_aux, int) or self.k_aux <= 0):
-            raise ValueError(f"k_aux must be a positive int or None, got {self.k_aux!r}")
-        if self.dead_tokens < 0:
-            raise ValueError(f"dead_tokens must be >= 0, got {self.dead_tokens!r}")
-        if self.aux_coeff < 0:
-            raise ValueError(f"aux_coeff must be >= 0, got {self.aux_coeff!r}")
-
-
-    @property
-    def k_aux_effective(self) -> int:
-        """``k_aux``, defaulting to ``d_in // 2`` (at least 1)."""
-        return self.k_aux if self.k_aux is not None else max(1, self.d_in // 2)
+        self._validate_auxk()
 
 
 class TopKSAE(SAE):
@@ -90,14 +79,6 @@ class TopKSAE(SAE):
         extras = {"aux_vals_BA": vals_aux_BA, "aux_idx_BA": idx_aux_BA} if k_aux else {}
         return Encoding(F.relu(vals_BK), idx_BK), extras
 
-    def _auxk_selection(self) -> tuple[Tensor | None, int]:
-        """``(dead_mask_M, k_aux)`` when AuxK applies to this forward, else ``(None, 0)``."""
-        if not (self.training and self.cfg.auxk):
-            return None, 0
-        dead_M = self.dead_mask()
-        n_dead = int(dead_M.sum())  # one host sync per training step
-        return (dead_M, min(self.cfg.k_aux_effective, n_dead)) if n_dead else (None, 0)
-
     def _aux_losses(
         self, x_n_BD: Tensor, x_hat_n_BD: Tensor, enc: Encoding, extras: dict[str, Tensor]
     ) -> dict[str, Tensor]:
@@ -106,11 +87,8 @@ class TopKSAE(SAE):
             return {}
         if "aux_idx_BA" not in extras:
             return {"auxk": x_n_BD.new_zeros(())}
-        acts_BA = F.relu(extras["aux_vals_BA"])
-        e_hat_BD = kernels.sparse_decode(extras["aux_idx_BA"], acts_BA, self.W_dec)
-        e_BD = (x_n_BD - x_hat_n_BD).detach()
-        denom = (e_BD - e_BD.mean(0)).pow(2).sum().clamp_min(1e-12)
-        return {"auxk": self.cfg.aux_coeff * (e_BD - e_hat_BD).pow(2).sum() / denom}
+        return {"auxk": kernels.auxk_loss(x_n_BD - x_hat_n_BD, extras["aux_vals_BA"],
+                                          extras["aux_idx_BA"], self.W_dec, self.cfg.aux_coeff)}
 
     def _saved_tensors(self) -> dict[str, Tensor]:
         return {**super()._saved_tensors(), "W_enc": self.W_enc, "b_enc": self.b_enc}
