@@ -44,9 +44,10 @@ with ``w_i(x)`` the weight expert i gets on token x when routed: Switch ``p_i`` 
 the feature magnitude; dead latents trained by an unweighted AuxK learn pre-activations
 ~``w`` times too small and never win the routed TopK. Measured (tests/test_moe_fairness.py
 setting: d=32, M=256, N=4, half the latents poisoned dead, 300 steps): dead fraction
-0.50 -> 0.50 for Switch and Scale with ``auxk_expert_weight=False`` (as with AuxK off),
-while an unweighted AuxK does revive when the weight is 1 (Switch ``heaviside``: 0.50 ->
-0.02). ``False`` gives the unweighted form (Gao's literal TopK form).
+0.50 -> 0.00 for Switch and Scale with the weight; 0.50 -> ~0.50 with
+``auxk_expert_weight=False`` (as with AuxK off), while the unweighted form does revive when
+the weight is 1 (Switch ``heaviside``: 0.50 -> 0.02). ``False`` gives the unweighted form
+(Gao's TopK form taken literally).
 """
 
 from __future__ import annotations
@@ -144,9 +145,9 @@ class MoESAE(SAE):
         return losses
 
     def _balance_loss(self, probs_BN: Tensor, top1_counts_N: Tensor) -> Tensor:
-        """``balance_coeff * N * sum_i f_i P_i`` (f_i carries no gradient)."""
-        f_N = top1_counts_N.to(probs_BN.dtype) / probs_BN.shape[0]
-        return self.cfg.balance_coeff * self.cfg.n_experts * (f_N * probs_BN.mean(0)).sum()
+        """``balance_coeff * N * sum_i f_i P_i`` (f_i carries no gradient; fp32 under autocast)."""
+        f_N = top1_counts_N.float() / probs_BN.shape[0]
+        return self.cfg.balance_coeff * self.cfg.n_experts * (f_N * probs_BN.float().mean(0)).sum()
 
     def _auxk_loss(self, x_n_BD: Tensor, x_hat_n_BD: Tensor, enc: Encoding,
                    extras: dict[str, Tensor]) -> Tensor:
