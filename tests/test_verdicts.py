@@ -386,3 +386,13 @@ def test_shipped_config_states_the_defaults_and_matches_the_schema():
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate({"min_seeds": 1}, section)
     assert "verdicts" not in schema.get("required", [])
+
+
+def test_module_imports_neither_matplotlib_nor_snakemake():
+    import subprocess
+    import sys
+
+    code = ("import sys, saepipe.verdicts; bad = [m for m in ('matplotlib', 'snakemake', 'torch') if m in sys.modules]; "
+            "assert not bad, bad")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
