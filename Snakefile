@@ -25,6 +25,8 @@ from saepipe.train import split_runtime
 
 # Every SAE of the sweep: id -> {"group", "sae", "train"} (see saepipe/sweep.py).
 SAES = expand_sweep(config, d_in=d_model(config))  # native lm.d_model or model.d_model
+# Feature inspection (MaxAct, autointerp) reads one SAE per sweep point: its first seed.
+INSPECTED = list({p["point"]: sid for sid, p in reversed(list(SAES.items()))}.values())[::-1]
 MAXACT = config.get("maxact", {})
 AUTOINTERP = endpoint_params(config.get("autointerp", {}))  # env overrides applied; errors early
 SHARDS = {

@@ -44,8 +44,8 @@ rule autointerp:
 
 rule feature_report:
     input:
-        maxact=expand("results/saes/{sae}/maxact.parquet", sae=SAES),
-        autointerp=expand("results/saes/{sae}/autointerp.parquet", sae=SAES) if AUTOINTERP["enabled"] else [],
+        maxact=expand("results/saes/{sae}/maxact.parquet", sae=INSPECTED),  # first seed of each point
+        autointerp=expand("results/saes/{sae}/autointerp.parquet", sae=INSPECTED) if AUTOINTERP["enabled"] else [],
     output:
         report("results/plots/features.html", caption="../report/features.rst",
                category="5. Feature inspection"),
@@ -60,7 +60,7 @@ rule feature_report:
 rule plot_autointerp:
     input:
         table=rules.aggregate.output,
-        verdicts=expand("results/saes/{sae}/autointerp.parquet", sae=SAES),
+        verdicts=expand("results/saes/{sae}/autointerp.parquet", sae=INSPECTED),
     output:
         report("results/plots/autointerp.png", caption="../report/autointerp.rst",
                category="5. Feature inspection"),

@@ -5,7 +5,7 @@ rule aggregate:
     input:
         metrics=expand("results/saes/{sae}/metrics.json", sae=SAES),
         configs=expand("results/saes/{sae}/config.json", sae=SAES),
-        extra=expand("results/saes/{sae}/autointerp.json", sae=SAES) if AUTOINTERP["enabled"] else [],
+        extra=expand("results/saes/{sae}/autointerp.json", sae=INSPECTED) if AUTOINTERP["enabled"] else [],
     output:
         "results/table.parquet",
     params:

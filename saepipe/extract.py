@@ -48,9 +48,11 @@ class ExtractConfig:
     MaxAct see whole sequences; the list is recorded in each shard's metadata (with
     `kept_token_count`), `Shard.kept_acts()` returns the kept rows, and the shard's
     `mean_norm` (the SAEs' input normalisation) is computed over kept positions only.
-    Honoured by the normalisation and the training stream (saepipe/data/loader.py); the
-    reconstruction metrics (saepipe/evaluate/metrics.py) and the MaxAct scan still read every
-    row until they call `Shard.kept_acts()` / `keep_mask`."""
+    Honoured by the normalisation, the training stream (saepipe/data/loader.py), the
+    reconstruction metrics and the MaxAct scan (`Shard.kept_acts()`), and the CE splices of
+    evaluation: the SAE reconstruction and the zero-ablation baseline both leave these
+    positions as the clean activation (saepipe.lm.keep_positions_clean), so no SAE is charged
+    for a token it never saw."""
 
     def tokens(self, split: str) -> int:
         return {"train": self.train_tokens, "eval": self.eval_tokens}[split]

@@ -90,15 +90,31 @@ def _match_train_flops(group: str, values: dict, baseline, base_train: dict, tra
     """The widest valid width whose training FLOPs/token do not exceed the baseline's (monotone in width)."""
     target = _train_flops(baseline, base_train, group)
     step = int(values.get("n_experts", 1))
-    lo, hi = step, step
-    while _train_flops(_sae_config({**values, "width": hi * 2}, d_in), train, group) <= target:
+
+    def cost(width: int) -> float | None:  # None: the architecture rejects this width
+        try:
+            return _train_flops(_sae_config({**values, "width": width}, d_in), train, group)
+        except SweepError:
+            raise
+        except ValueError:
+            return None
+
+    lo = step
+    while cost(lo) is None:  # the smallest valid width (e.g. k <= M / N)
+        lo *= 2
+        if lo > 2**40:
+            raise SweepError(f"sweep.{group}: no valid width for {values}")
+    if cost(lo) > target:
+        raise SweepError(f"sweep.{group}: even the smallest valid width ({lo}) costs more training "
+                         f"FLOPs/token ({cost(lo):,.0f}) than the baseline ({target:,.0f})")
+    hi = lo
+    while cost(hi) <= target:
         hi *= 2
         if hi > 2**40:
             raise SweepError(f"sweep.{group}: no width reaches the baseline's training FLOPs")
-    hi *= 2
-    while hi - lo > step:  # invariant: width lo fits (or is the smallest), width hi does not
+    while hi - lo > step:  # invariant: width lo fits, width hi does not
         mid = (lo + hi) // 2 // step * step
-        if _train_flops(_sae_config({**values, "width": mid}, d_in), train, group) <= target:
+        if cost(mid) <= target:
             lo = mid
         else:
             hi = mid

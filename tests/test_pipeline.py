@@ -68,7 +68,8 @@ def test_outputs_complete_and_consistent(micro_run):
                     "expert_entropy_normalised", "train_tokens_per_s", "wall_time_s"):
             assert row[key] is not None, (row["sae_id"], key)
         assert row["expert_cdf"][-1] == pytest.approx(1.0)
-        assert sum(row["expert_counts"]) == row["n_tokens"]
+        # every routed expert counts: e per token for Scale, 1 for Switch and the dense SAEs
+        assert sum(row["expert_counts"]) == (row.get("active_experts") or 1) * row["n_tokens"]
         moe = row["arch"] in ("switch", "scale")
         assert (row["intra_expert_redundancy"] is not None) == moe
         assert len(row["expert_counts"]) == (row["n_experts"] if moe else 1)

@@ -16,15 +16,22 @@ def _expand(sweep, d_in=64):
 def test_default_config_sweep():
     cfg = yaml.safe_load((REPO / "config.yaml").read_text())
     points = expand_sweep(cfg, cfg["lm"]["d_model"])
-    assert len(points) == 19
+    assert len(points) == 24
     assert {p["sae"]["arch"] for p in points.values()} == set(ARCHITECTURES)  # one of each
-    assert points["switch_flop-k16"]["sae"]["width"] == 8 * points["topk-k16"]["sae"]["width"]
-    assert points["switch_width-k16"]["sae"]["width"] == points["topk-k16"]["sae"]["width"]
-    assert points["scale_flop-k16"]["sae"]["width"] == 4 * points["topk-k16"]["sae"]["width"]
-    # the Scale ablations: e in {1, 4} (short axis name in the id), feature scaling off
-    assert points["scale_e-e1"]["sae"]["width"] == 8 * points["topk-k16"]["sae"]["width"]
-    assert points["scale_e-e4"]["sae"]["width"] == 2 * points["topk-k16"]["sae"]["width"]
-    assert points["scale_nofs"]["sae"]["feature_scaling"] is False
+    # the comparison groups have two seeds each, pooled into one point
+    assert points["switch_flop-k16-s1"]["point"] == "switch_flop-k16"
+    assert {p["train"]["seed"] for sid, p in points.items() if p["point"] == "topk-k32"} == {0, 1}
+    assert points["switch_flop-k16-s0"]["sae"]["width"] == 4 * points["topk-k16-s0"]["sae"]["width"]
+    assert points["switch_width-k16-s0"]["sae"]["width"] == points["topk-k16-s0"]["sae"]["width"]
+    assert points["scale_flop-k16-s0"]["sae"]["width"] == 2 * points["topk-k16-s0"]["sae"]["width"]
+    # the Scale e-ablation holds N and M fixed at scale_flop's (e = 2), only e changes
+    scale = points["scale_flop-k32-s0"]["sae"]
+    for e in (1, 4):
+        ablation = points[f"scale_e-e{e}"]["sae"]
+        assert (ablation["n_experts"], ablation["width"], ablation["k"]) == (scale["n_experts"], scale["width"], 32)
+    assert points["scale_nofs-s0"]["sae"]["feature_scaling"] is False
+    # every TopK-family SAE has AuxK (the architectures' default) with the same dead window
+    assert all(p["sae"].get("auxk", True) for p in points.values())
 
 
 def test_grid_axes_ids_and_training_overrides():

@@ -28,10 +28,10 @@ from saepipe.io import read_json, write_json
 from saepipe.lm import ce_loss, load_lm
 from saepipe.saes import load_sae
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 """metrics.json semantics. 3: the CE splices keep the shards' exclude_positions clean,
 expert usage counts every routed expert (e per token), activation similarity divides by
-the measured L0 of its token set."""
+the measured L0 of its token set. 4: training cost per token (FLOPs and wall-clock)."""
 
 
 @dataclass
@@ -83,6 +83,10 @@ class SAEMetrics:
     omega: list[float] | None  # Scale: learned feature-scaling omega per expert
     train_tokens_per_s: float | None  # from the training run (config.json "run")
     wall_time_s: float | None         # training wall time (config.json "run")
+    train_flops_per_token: float | None  # forward + backward + optimizer FLOPs per training token
+    #   (SAEConfig.train_flops_per_token at the run's batch size: 3 x forward + (12 x parameters
+    #   (Adam) + 6 x decoder weights (norm constraint)) / batch_size)
+    train_wall_s_per_token: float | None  # measured training wall-clock seconds per token (this machine)
     schema_version: int = SCHEMA_VERSION
 
 
@@ -209,6 +213,14 @@ def dictionary_stats(sae) -> dict:
             "omega": None if omega is None else omega.detach().cpu().tolist()}
 
 
+def _training_cost(cfg, run: dict) -> dict:
+    """Training FLOPs per token (analytic, at the run's batch size) and measured seconds per token."""
+    batch = run.get("train", {}).get("batch_size")
+    wall, tokens = run.get("wall_time_s"), cfg.training_tokens
+    return {"train_flops_per_token": float(cfg.train_flops_per_token(batch)) if isinstance(batch, int) else None,
+            "train_wall_s_per_token": wall / tokens if wall and tokens else None}
+
+
 def evaluate_sae(cfg: EvalConfig, sae_dir: str, model_dir: str, shards: list[str],
                  baseline_json: str, out_json: str) -> SAEMetrics:
     """The `evaluate` stage for one SAE; writes metrics.json."""
@@ -245,6 +257,7 @@ def evaluate_sae(cfg: EvalConfig, sae_dir: str, model_dir: str, shards: list[str
         loss_recovered=(zero - recon) / (zero - orig), delta_ce=recon - orig,
         flops_per_token=int(sae.flops_per_token()),
         train_tokens_per_s=run.get("train_tokens_per_s"), wall_time_s=run.get("wall_time_s"),
+        **_training_cost(sae.cfg, run),
     )
     write_json(out_json, asdict(metrics))
     print(f"evaluate {metrics.sae_id}: l0 {metrics.l0:.1f}, fvu {metrics.fvu:.4f}, "

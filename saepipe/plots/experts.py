@@ -76,7 +76,7 @@ def plot_expert_usage(table_parquet: str, out_png: str) -> None:
         ax.xaxis.set_major_formatter(PercentFormatter(1.0, decimals=1))
         ax.yaxis.set_major_formatter(PercentFormatter(1.0, decimals=1))
         ax.set_xlabel("experts, sorted busiest first  (fraction of the N experts)")
-        ax.set_ylabel("cumulative share of routed tokens (held-out)")
+        ax.set_ylabel("cumulative share of routings (held-out; e per token)")
         ax.set_title("Sorted expert activation CDF  (diagonal = balanced)")
         ax.grid(True, alpha=0.3)
         if len(cdfs) <= 10:
@@ -96,7 +96,7 @@ def plot_expert_usage(table_parquet: str, out_png: str) -> None:
         ax.set_xlabel("normalised routing entropy  H / log N  (1 = uniform)")
         ax.set_title("Routing entropy (held-out tokens)")
         ax.grid(True, axis="x", alpha=0.3)
-    fig.suptitle("Expert usage of the MoE SAEs (top-1 routed expert per token)", fontsize=12)
+    fig.suptitle("Expert usage of the MoE SAEs (every routed expert: 1 per token for Switch, e for Scale)", fontsize=12)
     _save(fig, out_png)
 
 

@@ -183,7 +183,7 @@ def plot_activation_similarity(table_parquet: str, out_png: str) -> None:
     ax.set_yticks(ys, [_detail(r) for r in sim], fontsize=8)
     ax.invert_yaxis()
     ax.set_xlim(0, max(vals) * 1.18 or 1)
-    ax.set_xlabel("activation similarity  (mean over token pairs of |S_i ∩ S_j| / k)")
+    ax.set_xlabel("activation similarity  (mean over token pairs of |S_i ∩ S_j| / measured L0)")
     ax.set_title("Per SAE, grouped by architecture (held-out tokens)")
     ax.grid(True, axis="x", alpha=0.3)
     handles = [matplotlib.patches.Patch(facecolor=bcol[b], hatch="//" if b == "Scale, ω off" else None,
