@@ -16,11 +16,12 @@ def _expand(sweep, d_in=64):
 def test_default_config_sweep():
     cfg = yaml.safe_load((REPO / "config.yaml").read_text())
     points = expand_sweep(cfg, cfg["lm"]["d_model"])
-    assert len(points) == 24
+    assert len(points) == 30
     assert {p["sae"]["arch"] for p in points.values()} == set(ARCHITECTURES)  # one of each
     # the comparison groups have two seeds each, pooled into one point
     assert points["switch_flop-k16-s1"]["point"] == "switch_flop-k16"
-    assert {p["train"]["seed"] for sid, p in points.items() if p["point"] == "topk-k32"} == {0, 1}
+    assert {p["train"]["seed"] for sid, p in points.items() if p["point"] == "topk-k32"} == {0, 1, 2}
+    assert {p["train"]["seed"] for sid, p in points.items() if p["point"] == "scale_flop-k32"} == {0, 1}
     assert points["switch_flop-k16-s0"]["sae"]["width"] == 4 * points["topk-k16-s0"]["sae"]["width"]
     assert points["switch_width-k16-s0"]["sae"]["width"] == points["topk-k16-s0"]["sae"]["width"]
     assert points["scale_flop-k16-s0"]["sae"]["width"] == 2 * points["topk-k16-s0"]["sae"]["width"]
