@@ -41,6 +41,24 @@ class Estimate:
         return d
 
 
+def finite(v) -> float | None:
+    """``v`` as a float when it is a finite number, else None (None, NaN, inf, strings, bools):
+    how figures and verdicts read a table cell that may be missing."""
+    if v is None or isinstance(v, (bool, str, bytes)):
+        return None
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return f if math.isfinite(f) else None
+
+
+def point_of(row: dict) -> str:
+    """The sweep point a table row belongs to: ``point_id`` (the seeds of one point share it),
+    or ``sae_id`` when the table has no (or an empty) ``point_id``: every row its own point."""
+    return row.get("point_id") or row["sae_id"]
+
+
 def mean_ci(values: Iterable[float], confidence: float = 0.95) -> Estimate:
     """Mean and Student-t confidence interval of ``values`` (finite floats, at least one)."""
     xs = tuple(float(v) for v in values)

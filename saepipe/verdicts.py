@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import html
 import json
-import math
 import sys
 import types
 from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
@@ -47,7 +46,7 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 from saepipe.htmlpage import write_page
 from saepipe.io import atomic_path, write_json
-from saepipe.stats import mean_ci
+from saepipe.stats import finite, mean_ci, point_of
 
 SCHEMA_VERSION = "1.0"
 Status = Literal["supported", "contradicted", "inconclusive", "not_in_sweep"]
@@ -281,19 +280,8 @@ class VerdictReport:
 
 # ------------------------------------------------------------------------------ the verdicts
 
-def _num(value: Any) -> float | None:
-    """A finite number, or None (missing column, None, NaN)."""
-    if value is None or isinstance(value, bool):
-        return None
-    try:
-        x = float(value)
-    except (TypeError, ValueError):
-        return None
-    return x if math.isfinite(x) else None
-
-
-def _point(row: dict) -> str:
-    return row.get("point_id") or row["sae_id"]
+_num = finite  # a finite number, or None (missing column, None, NaN)
+_point = point_of  # the sweep point of a row
 
 
 def _seed(row: dict) -> Any:

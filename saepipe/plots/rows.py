@@ -8,7 +8,6 @@ nothing applicable is left.
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import matplotlib
@@ -18,6 +17,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
 from saepipe.io import atomic_path  # noqa: E402
+from saepipe.stats import finite  # noqa: E402
 
 ARCH_ORDER = ("topk", "batchtopk", "relu", "jumprelu", "gated", "switch", "scale")
 ARCH_LABEL = {"topk": "TopK", "batchtopk": "BatchTopK", "relu": "ReLU (L1)", "jumprelu": "JumpReLU",
@@ -31,15 +31,7 @@ def _rows(table_parquet: str) -> list[dict]:
     return pq.read_table(table_parquet).to_pylist()
 
 
-def _num(v) -> float | None:
-    """A finite float, or None for None / NaN / inf / non-numbers."""
-    if isinstance(v, bool) or v is None:
-        return None
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        return None
-    return f if math.isfinite(f) else None
+_num = finite  # a finite float, or None for None / NaN / inf / non-numbers
 
 
 def _floats(v) -> list[float] | None:

@@ -10,9 +10,9 @@ without ``point_id`` (older pipelines) is read as one seed per point (point = ``
 """
 from __future__ import annotations
 
-import math
 from typing import Iterable
 
+from saepipe import stats
 from saepipe.stats import Estimate, mean_ci
 
 MARKERS = "osD^v<>ph*P"
@@ -28,21 +28,8 @@ def group_styles(groups) -> dict[str, dict]:
             for i, name in enumerate(sorted(set(groups)))}
 
 
-def finite(v) -> float | None:
-    """v as a float when it is a finite number, else None (None, NaN, inf, strings, bools)."""
-    if v is None or isinstance(v, (bool, str, bytes)):
-        return None
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        return None
-    return f if math.isfinite(f) else None
-
-
-def point_key(row: dict) -> str:
-    """The sweep point a table row belongs to: ``point_id``, or ``sae_id`` when the table has no
-    (or an empty) ``point_id``, i.e. every row is its own point."""
-    return row.get("point_id") or row["sae_id"]
+finite = stats.finite  # a table cell as a finite float or None
+point_key = stats.point_of  # the sweep point of a row (point_id, else sae_id)
 
 
 def mean_over_seeds(rows: Iterable[dict], metrics: Iterable[str],
