@@ -145,18 +145,18 @@ def _apply_match(group: str, values: dict, match: dict, groups: dict, d_in: int,
             width = _match_train_flops(group, values, baseline, base_train, train, d_in)
         derived = _sae_config({**values, "width": width}, d_in)
         mine, theirs = _train_flops(derived, train, group), _train_flops(baseline, base_train, group)
-        kind = "training FLOPs/token"
+        kind, matched = "training FLOPs/token", "training-FLOP-matched"
     else:
         if width is None:  # derive: same active encoder width as the baseline
             trial = _sae_config({**values, "width": baseline.width}, d_in)
             width = round(baseline.width * baseline.encoder_fraction() / trial.encoder_fraction())
         derived = _sae_config({**values, "width": width}, d_in)
         mine, theirs = derived.flops_per_token(), baseline.flops_per_token()
-        kind = "FLOPs/token"
+        kind, matched = "FLOPs/token", "FLOP-matched"
     ratio = mine / theirs
     if abs(ratio - 1) > FLOP_TOLERANCE:
         raise SweepError(
-            f"sweep.{group} is declared {match['by']}-matched to {base_name!r} but is not: "
+            f"sweep.{group} is declared {matched} to {base_name!r} but is not: "
             f"{mine:,.0f} vs {theirs:,.0f} {kind} (ratio {ratio:.3f}, tolerance {FLOP_TOLERANCE}); "
             "drop `width` to derive it"
         )

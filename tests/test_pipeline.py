@@ -65,8 +65,12 @@ def test_outputs_complete_and_consistent(micro_run):
             assert row["l0"] <= row["k"] + 1e-6
         assert row["ce_loss_original"] < row["ce_loss_zero"]
         for key in ("redundancy_09", "redundancy_08", "mean_max_cos", "activation_similarity",
-                    "expert_entropy_normalised", "train_tokens_per_s", "wall_time_s"):
+                    "expert_entropy_normalised", "train_tokens_per_s", "wall_time_s",
+                    "train_flops_per_token", "train_wall_s_per_token", "point_id", "seed"):
             assert row[key] is not None, (row["sae_id"], key)
+        # training cost: forward + backward (3x forward) + the optimizer's per-parameter work
+        assert row["train_flops_per_token"] > 3 * row["flops_per_token"]
+        assert row["train_wall_s_per_token"] == pytest.approx(row["wall_time_s"] / row["training_tokens"])
         assert row["expert_cdf"][-1] == pytest.approx(1.0)
         # every routed expert counts: e per token for Scale, 1 for Switch and the dense SAEs
         assert sum(row["expert_counts"]) == (row.get("active_experts") or 1) * row["n_tokens"]
@@ -254,6 +258,18 @@ def test_adding_a_point_runs_only_it(micro_copy):
     edit_config(micro_copy, lambda c: c["sweep"]["topk"].update(k=[4, 8, 16]))
     assert planned_jobs(micro_copy) == {**PER_SAE, **DOWNSTREAM}
     assert "results/saes/topk-k16/metrics.json" in planned_outputs(micro_copy)
+
+
+def test_seeds_in_train_make_every_point_a_seed_axis(micro_copy):
+    """`train.seed: [0, 1]`: every SAE trains twice (ids -s0/-s1), MaxAct reads one seed per point."""
+    edit_config(micro_copy, lambda c: c["train"].update(seed=[0, 1]))
+    jobs = planned_jobs(micro_copy)
+    assert jobs["train"] == jobs["evaluate"] == 2 * N_SAES and jobs["maxact"] == N_SAES
+    outputs = planned_outputs(micro_copy)
+    for sid in MICRO_SAES:
+        assert {f"results/saes/{sid}-s0/metrics.json", f"results/saes/{sid}-s1/metrics.json"} <= outputs
+        assert f"results/saes/{sid}-s0/maxact.parquet" in outputs
+        assert f"results/saes/{sid}-s1/maxact.parquet" not in outputs
 
 
 def test_editing_extraction_reruns_it_and_everything_after(micro_copy):
