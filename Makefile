@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 CORES  ?= all
 
-.PHONY: demo test venv report clean
+.PHONY: demo test lint venv report clean
 
 $(BIN)/activate: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,11 @@ report: venv
 
 test: venv
 	$(BIN)/python -m pytest -q
+
+# Static gates (CI runs them before the tests): the workflow must lint clean.
+lint: venv
+	@out="$$($(BIN)/snakemake --lint 2>&1)"; echo "$$out"; \
+	  echo "$$out" | grep -q "your workflow is in a good condition" || { echo "snakemake --lint found lints (above)"; exit 1; }
 
 clean:
 	rm -rf results .snakemake

@@ -14,7 +14,8 @@ validate(config, "schemas/config.schema.yaml")
 
 # Use the saepipe of this checkout, here and in every job's script.
 sys.path.insert(0, workflow.basedir)
-os.environ["PYTHONPATH"] = os.pathsep.join([workflow.basedir, os.environ.get("PYTHONPATH", "")])
+# (set, never read: jobs inherit it, so their scripts import this checkout's saepipe too)
+os.environ.update(PYTHONPATH=os.pathsep.join([workflow.basedir, os.environ.get("PYTHONPATH", "")]))
 
 from saepipe.codeversion import fingerprint
 from saepipe.features.autointerp import endpoint_params
@@ -57,6 +58,7 @@ wildcard_constraints:
     sae="|".join(sorted(SAES, key=len, reverse=True)),
 
 
+include: "rules/common.smk"
 include: "rules/data.smk"
 include: "rules/sae.smk"
 include: "rules/report.smk"

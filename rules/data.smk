@@ -26,12 +26,6 @@ _LOCAL_DATA = local_dataset_files(config["corpus"]["dataset"]["path"]) \
 DATASET_FILES = _LOCAL_DATA[1] if _LOCAL_DATA else []
 
 
-def extract_slice(split):
-    """The part of config["extract"] that one split's shards depend on."""
-    cfg = dict(config["extract"])
-    other = "eval" if split == "train" else "train"
-    cfg.pop(f"{other}_tokens")
-    return canonical(cfg)
 
 
 rule corpus:
@@ -54,6 +48,8 @@ rule corpus:
         "results/logs/corpus.log",
     benchmark:
         "results/benchmarks/corpus.tsv",
+    conda:
+        "../envs/saepipe.yaml"
     script:
         "../workflow_scripts/corpus.py"
 
@@ -78,6 +74,8 @@ if not PRETRAINED:
             "results/logs/lm.log",
         benchmark:
             "results/benchmarks/lm.tsv",
+        conda:
+            "../envs/saepipe.yaml"
         script:
             "../workflow_scripts/lm.py"
 
@@ -100,6 +98,8 @@ else:
             "results/logs/lm.log",
         benchmark:
             "results/benchmarks/lm.tsv",
+        conda:
+            "../envs/saepipe.yaml"
         script:
             "../workflow_scripts/lm.py"
 
@@ -122,5 +122,7 @@ rule extract:
         "results/logs/extract/{split}-{shard}.log",
     benchmark:
         "results/benchmarks/extract/{split}-{shard}.tsv",
+    conda:
+        "../envs/saepipe.yaml"
     script:
         "../workflow_scripts/extract.py"

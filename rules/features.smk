@@ -20,6 +20,8 @@ rule maxact:
         "results/logs/maxact/{sae}.log",
     benchmark:
         "results/benchmarks/maxact/{sae}.tsv",
+    conda:
+        "../envs/saepipe.yaml"
     script:
         "../workflow_scripts/maxact.py"
 
@@ -38,6 +40,8 @@ rule autointerp:
         "results/logs/autointerp/{sae}.log",
     benchmark:
         "results/benchmarks/autointerp/{sae}.tsv",
+    conda:
+        "../envs/saepipe.yaml"
     script:
         "../workflow_scripts/autointerp.py"
 
@@ -53,6 +57,8 @@ rule feature_report:
         code=fingerprint("saepipe.features.report"),
     log:
         "results/logs/feature_report.log",
+    conda:
+        "../envs/saepipe.yaml"
     script:
         "../workflow_scripts/feature_report.py"
 
@@ -68,5 +74,7 @@ rule plot_autointerp:
         code=fingerprint("saepipe.plots.autointerp"),
     log:
         "results/logs/plot_autointerp.log",
+    conda:
+        "../envs/saepipe.yaml"
     script:
         "../workflow_scripts/plot_autointerp.py"

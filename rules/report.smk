@@ -15,6 +15,8 @@ rule aggregate:
         "results/logs/aggregate.log",
     benchmark:
         "results/benchmarks/aggregate.tsv",
+    conda:
+        "../envs/saepipe.yaml"
     script:
         "../workflow_scripts/aggregate.py"
 
@@ -28,6 +30,8 @@ rule metrics_table:
         code=fingerprint("saepipe.plots.metrics_table"),
     log:
         "results/logs/metrics_table.log",
+    conda:
+        "../envs/saepipe.yaml"
     script:
         "../workflow_scripts/metrics_table.py"
 
@@ -47,6 +51,8 @@ rule plot_frontier:
         "results/logs/plot_frontier.log",
     benchmark:
         "results/benchmarks/plot_frontier.tsv",
+    conda:
+        "../envs/saepipe.yaml"
     script:
         "../workflow_scripts/plot_frontier.py"
 
@@ -66,12 +72,10 @@ rule plot_scaling:
         "results/logs/plot_scaling.log",
     benchmark:
         "results/benchmarks/plot_scaling.tsv",
+    conda:
+        "../envs/saepipe.yaml"
     script:
         "../workflow_scripts/plot_scaling.py"
-
-
-def moe_logs(arch=("switch", "scale")):
-    return expand("results/saes/{sae}/train_log.jsonl", sae=moe_ids(sweep_rows(SAES), set(arch)))
 
 
 rule plot_redundancy:
@@ -84,6 +88,8 @@ rule plot_redundancy:
         code=fingerprint("saepipe.plots.redundancy"),
     log:
         "results/logs/plot_redundancy.log",
+    conda:
+        "../envs/saepipe.yaml"
     script:
         "../workflow_scripts/plot_moe.py"
 
@@ -98,6 +104,8 @@ rule plot_activation_similarity:
         code=fingerprint("saepipe.plots.redundancy"),
     log:
         "results/logs/plot_activation_similarity.log",
+    conda:
+        "../envs/saepipe.yaml"
     script:
         "../workflow_scripts/plot_moe.py"
 
@@ -112,6 +120,8 @@ rule plot_expert_usage:
         code=fingerprint("saepipe.plots.experts"),
     log:
         "results/logs/plot_expert_usage.log",
+    conda:
+        "../envs/saepipe.yaml"
     script:
         "../workflow_scripts/plot_moe.py"
 
@@ -126,6 +136,8 @@ rule plot_expert_load:
         code=fingerprint("saepipe.plots.experts"),
     log:
         "results/logs/plot_expert_load.log",
+    conda:
+        "../envs/saepipe.yaml"
     script:
         "../workflow_scripts/plot_moe.py"
 
@@ -140,12 +152,10 @@ rule plot_omega:
         code=fingerprint("saepipe.plots.omega"),
     log:
         "results/logs/plot_omega.log",
+    conda:
+        "../envs/saepipe.yaml"
     script:
         "../workflow_scripts/plot_moe.py"
-
-
-def geometry_inputs(wildcards):
-    return expand("results/saes/{sae}/sae.safetensors", sae=geometry_ids(sweep_rows(SAES)))
 
 
 rule plot_feature_geometry:
@@ -158,6 +168,8 @@ rule plot_feature_geometry:
         code=fingerprint("saepipe.plots.geometry"),
     log:
         "results/logs/plot_feature_geometry.log",
+    conda:
+        "../envs/saepipe.yaml"
     script:
         "../workflow_scripts/plot_geometry.py"
 
@@ -171,5 +183,7 @@ rule plot_tsne:
         code=fingerprint("saepipe.plots.geometry"),
     log:
         "results/logs/plot_tsne.log",
+    conda:
+        "../envs/saepipe.yaml"
     script:
         "../workflow_scripts/plot_geometry.py"

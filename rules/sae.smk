@@ -20,6 +20,8 @@ rule train:
         "results/logs/train/{sae}.log",
     benchmark:
         "results/benchmarks/train/{sae}.tsv",
+    conda:
+        "../envs/saepipe.yaml"
     script:
         "../workflow_scripts/train.py"
 
@@ -41,6 +43,8 @@ rule lm_baseline:
         "results/logs/lm_baseline.log",
     benchmark:
         "results/benchmarks/lm_baseline.tsv",
+    conda:
+        "../envs/saepipe.yaml"
     script:
         "../workflow_scripts/lm_baseline.py"
 
@@ -65,5 +69,7 @@ rule evaluate:
         "results/logs/evaluate/{sae}.log",
     benchmark:
         "results/benchmarks/evaluate/{sae}.tsv",
+    conda:
+        "../envs/saepipe.yaml"
     script:
         "../workflow_scripts/evaluate.py"

@@ -16,5 +16,7 @@ rule verdicts:
         code=fingerprint("saepipe.verdicts"),
     log:
         "results/logs/verdicts.log",
+    conda:
+        "../envs/saepipe.yaml"
     script:
         "../workflow_scripts/verdicts.py"

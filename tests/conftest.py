@@ -11,7 +11,8 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-WORKFLOW_PARTS = ["Snakefile", "config.yaml", "rules", "workflow_scripts", "schemas", "report", "saepipe", "profiles"]
+WORKFLOW_PARTS = ["Snakefile", "config.yaml", "rules", "workflow_scripts", "schemas", "report", "saepipe", "profiles",
+                  "envs"]
 SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
 
 
