@@ -8,13 +8,15 @@ from dataclasses import asdict
 from pathlib import Path
 
 from saepipe.data.corpus import local_dataset_files
-from saepipe.lm import model_config
+from saepipe.lm import check_native_config, model_config
 
 MODEL = model_config(config)
 PRETRAINED = MODEL.source == "pretrained"
 if not PRETRAINED and "lm" not in config:
     raise ValueError("config.yaml has no `lm` section: the default native model needs one "
                      "(or set model.source: pretrained)")
+if not PRETRAINED:  # before any job: lm.n_heads divides lm.d_model, extract.hook exists in the model
+    check_native_config(config["lm"], config["extract"]["hook"])
 # A pretrained model in a local directory: its files are inputs, so new weights (or a new
 # tokenizer) rerun what depends on them. Hub models are pinned by model.revision instead.
 MODEL_FILES = sorted(str(p) for p in Path(MODEL.name_or_path).iterdir() if p.is_file()) \

@@ -20,7 +20,7 @@ import hashlib
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -97,6 +97,55 @@ class LMConfig:
     """Linear warm-up steps."""
     seed: int = 0
     """Seed of the initialisation and of the batch order."""
+
+    def __post_init__(self) -> None:
+        for name in ("d_model", "n_layers", "n_heads", "d_mlp", "batch_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"lm.{name} must be a positive integer, got {value!r}")
+        if self.d_model % self.n_heads:
+            raise ValueError(f"lm.d_model ({self.d_model}) must be divisible by lm.n_heads ({self.n_heads}): "
+                             f"each head gets d_model / n_heads dimensions; e.g. n_heads: "
+                             f"{max(h for h in range(1, self.n_heads + 1) if self.d_model % h == 0)}")
+
+
+# The hook points of the TransformerLens-native model (TransformerBridge.boot_native), known
+# without importing TransformerLens (seconds at every Snakefile parse): the names of one block,
+# with {i} its index, and the model-level ones. tests/test_lm.py checks them against a booted model.
+NATIVE_BLOCK_HOOKS = tuple(f"blocks.{{i}}.{name}" for name in (
+    *(f"attn.hook_{h}" for h in ("attn_in", "attn_scores", "hidden_states", "in", "k", "k_input", "out",
+                                 "pattern", "q", "q_input", "result", "v", "v_input", "z")),
+    *(f"attn.{p}.hook_{io}" for p in "koqv" for io in ("in", "out")),
+    *(f"hook_{h}" for h in ("attn_in", "attn_out", "in", "k_input", "mlp_in", "mlp_out", "out", "q_input",
+                            "resid_mid", "resid_post", "resid_pre", "v_input")),
+    *(f"{ln}.hook_{h}" for ln in ("ln1", "ln2") for h in ("in", "normalized", "out", "scale")),
+    *(f"mlp.hook_{h}" for h in ("in", "out", "post", "pre")),
+    *(f"mlp.{p}.hook_{io}" for p in ("in", "out") for io in ("in", "out")),
+))
+NATIVE_MODEL_HOOKS = ("embed.hook_in", "embed.hook_out", "hook_embed", "hook_pos_embed", "hook_unembed",
+                      "ln_final.hook_in", "ln_final.hook_normalized", "ln_final.hook_out", "ln_final.hook_scale",
+                      "pos_embed.hook_in", "pos_embed.hook_out", "unembed.hook_in", "unembed.hook_out")
+
+
+def native_hook_names(n_layers: int) -> list[str]:
+    """Every hook name of the native model with `n_layers` blocks, sorted (as `hook_names`)."""
+    return sorted([h.format(i=i) for i in range(n_layers) for h in NATIVE_BLOCK_HOOKS] + list(NATIVE_MODEL_HOOKS))
+
+
+def check_native_config(lm: dict, hook: str) -> LMConfig:
+    """The `lm:` section as an LMConfig, with `extract.hook` checked against the native model's
+    hook names: a config error at parse time (before any job), naming the valid hooks."""
+    known = {f.name for f in fields(LMConfig)}
+    unknown = sorted(set(lm) - known)
+    if unknown:
+        raise ValueError(f"unknown lm field(s) {unknown}; valid: {sorted(known)}")
+    cfg = LMConfig(**lm)
+    valid = native_hook_names(cfg.n_layers)
+    if hook not in valid:
+        raise ValueError(f"extract.hook {hook!r} does not exist in the native model ({cfg.n_layers} blocks). "
+                         f"Set extract.hook in config.yaml to one of these {len(valid)} names:\n  "
+                         + "\n  ".join(valid))
+    return cfg
 
 
 def _bridge_config(arch: dict):

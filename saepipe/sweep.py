@@ -179,8 +179,8 @@ def expand_sweep(config: dict, d_in: int) -> dict[str, dict]:
         unknown = sorted(set(spec) - allowed)
         if unknown:
             raise SweepError(
-                f"sweep.{group}: unknown key(s) {unknown} for arch {arch!r}; "
-                f"valid keys: {sorted(allowed)}"
+                f"{', '.join(f'sweep.{group}.{key}' for key in unknown)}: unknown key(s) {unknown} "
+                f"for arch {arch!r}; valid keys: {sorted(allowed)}"
             )
         # list-valued `train` fields are axes of every group that does not set them itself
         spec = {**{k: v for k, v in default_axes.items() if k not in spec}, **spec}
@@ -194,12 +194,17 @@ def expand_sweep(config: dict, d_in: int) -> dict[str, dict]:
             point = group + "".join(p for k, p in parts if k != SEED_FIELD)
             sae = {k: v for k, v in values.items() if k in arch_fields(arch)}
             train = {**defaults, **{k: v for k, v in values.items() if k in defaults or k in TRAIN_FIELDS}}
-            if match:
-                base_train = {**defaults, **{k: v for k, v in groups.get(match["baseline"], {}).items()
-                                             if k in defaults or k in TRAIN_FIELDS}}
-                base_train = {k: (train[k] if isinstance(v, list) else v) for k, v in base_train.items()}
-                sae = _apply_match(group, sae, match, groups, d_in, train, base_train)
-            _sae_config(sae, d_in)  # validates the architecture's own constraints
+            try:  # matching, then the architecture's own constraints (its config dataclass)
+                if match:
+                    base_train = {**defaults, **{k: v for k, v in groups.get(match["baseline"], {}).items()
+                                                 if k in defaults or k in TRAIN_FIELDS}}
+                    base_train = {k: (train[k] if isinstance(v, list) else v) for k, v in base_train.items()}
+                    sae = _apply_match(group, sae, match, groups, d_in, train, base_train)
+                _sae_config(sae, d_in)
+            except SweepError:
+                raise
+            except (ValueError, TypeError) as err:
+                raise SweepError(f"sweep.{group} (point {sid}): {err}") from err
             if sid in points:
                 raise SweepError(f"two sweep points are both named {sid!r}")
             points[sid] = {"group": group, "point": point, "sae": sae, "train": train,

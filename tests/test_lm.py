@@ -75,3 +75,24 @@ def test_ce_loss_keeps_positions_clean(model):
     assert zero_kept != pytest.approx(ce_loss(model, tokens, hook, torch.zeros_like), abs=1e-4)
     with pytest.raises(ValueError, match="hook"):
         ce_loss(model, tokens, None, torch.zeros_like)
+
+
+@pytest.mark.parametrize("n_layers", [1, 3])
+def test_native_hook_names_match_the_booted_model(n_layers):
+    """The parse-time hook list (no TransformerLens import) is the booted model's, exactly."""
+    from saepipe.lm import LMConfig, build_native, hook_names, native_hook_names
+
+    model, _ = build_native(LMConfig(d_model=16, n_layers=n_layers, n_heads=2, d_mlp=32), 50, 8)
+    assert native_hook_names(n_layers) == hook_names(model)
+
+
+def test_native_config_errors_name_the_fix():
+    from saepipe.lm import check_native_config
+
+    with pytest.raises(ValueError, match=r"lm.d_model \(30\) must be divisible by lm.n_heads \(4\).*n_heads: 3"):
+        check_native_config({"d_model": 30, "n_heads": 4}, "blocks.0.hook_resid_pre")
+    with pytest.raises(ValueError, match=r"(?s)'blocks.2.hook_resid_pre' does not exist .*blocks.1.hook_resid_post"):
+        check_native_config({"n_layers": 2}, "blocks.2.hook_resid_pre")
+    with pytest.raises(ValueError, match=r"unknown lm field\(s\) \['layers'\]"):
+        check_native_config({"layers": 2}, "blocks.0.hook_resid_pre")
+    assert check_native_config({"n_layers": 2}, "blocks.1.hook_resid_pre").n_layers == 2

@@ -311,6 +311,8 @@ def test_library_code_change_reruns_dependent_stages(micro_copy):
     (lambda c: c["extract"].pop("hook"), "hook"),
     (lambda c: c["sweep"]["topk"].update(n_experts=4), "n_experts"),
     (lambda c: c["verdicts"].update(min_seeds=1), "min_seeds"),
+    (lambda c: c["lm"].update(n_heads=3), "must be divisible by lm.n_heads"),  # d_model 32
+    (lambda c: c["extract"].update(hook="blocks.5.hook_resid_pre"), "does not exist in the native model"),
 ])
 def test_invalid_config_stops_before_any_job(tmp_path, change, needle):
     cfg = micro_config()

@@ -107,3 +107,12 @@ def test_train_flops_matching_derives_the_widest_width_within_the_baseline_cost(
     assert sae["width"] < 4 * 512
     with pytest.raises(SweepError, match="numeric train.batch_size"):
         expand_sweep({"train": {**TRAIN, "batch_size": "auto"}, "sweep": sweep}, 64)
+
+
+def test_errors_name_the_group_and_key():
+    with pytest.raises(SweepError, match=r"sweep\.t\.n_experts: unknown key"):
+        _expand({"t": {"arch": "topk", "width": 64, "k": 4, "n_experts": 4}})
+    with pytest.raises(SweepError, match=r"sweep\.t \(point t\): k must be a positive int, got 'eight'"):
+        _expand({"t": {"arch": "topk", "width": 64, "k": "eight"}})
+    with pytest.raises(SweepError, match=r"sweep\.s \(point s\): width=100 must be divisible by n_experts=8"):
+        _expand({"s": {"arch": "switch", "width": 100, "n_experts": 8, "k": 4}})
