@@ -48,7 +48,7 @@ def _imported_modules(module: str, path: Path) -> set[str]:
             found.add(base)
             found.update(f"{base}.{alias.name}" for alias in node.names)
     # a module import also runs every parent package's __init__
-    with_parents = set()
+    with_parents: set[str] = set()
     for name in found:
         parts = name.split(".")
         with_parents.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))

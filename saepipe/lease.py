@@ -172,7 +172,7 @@ def gpu_lease(log: IO | None = None) -> Iterator[Lease]:
         fd, index = _acquire(n_gpus, directory, log)
         lease = Lease("lease", str(index), index, directory / f"gpu{index}.lock")
         note = f" lock={lease.lock_path} waited={time.time() - asked:.1f}s"
-        os.environ["CUDA_VISIBLE_DEVICES"] = lease.cuda_visible_devices
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(index)
     gpu, start = lease.cuda_visible_devices or "none", time.time()
     _log(log, f"gpu={gpu} source={lease.source} CUDA_VISIBLE_DEVICES={lease.cuda_visible_devices or ''} "
               f"host={socket.gethostname()} pid={os.getpid()} start={start:.3f}{note}")
@@ -191,7 +191,7 @@ def read_leases(log_text: str) -> list[dict]:
     Keys: ``gpu``, ``source``, ``CUDA_VISIBLE_DEVICES``, ``host``, ``pid`` (strings),
     ``start`` and ``end`` (unix times; ``end`` is None if the job died holding it).
     """
-    leases = []
+    leases: list[dict] = []
     for line in log_text.splitlines():
         if not line.startswith(LOG_PREFIX):
             continue

@@ -65,6 +65,13 @@ class ModelConfig:
         if self.dtype not in DTYPES:
             raise ValueError(f"model.dtype must be one of {sorted(DTYPES)}, not {self.dtype!r}")
 
+    @property
+    def pretrained_name(self) -> str:
+        """`name_or_path` of a pretrained model (set: __post_init__ checks it)."""
+        if not self.name_or_path:
+            raise ValueError("model.name_or_path is not set: a pretrained model needs its hub name or directory")
+        return self.name_or_path
+
 
 def model_config(config: dict) -> ModelConfig:
     """The `model:` section of a whole config (absent: the native default)."""
@@ -74,7 +81,7 @@ def model_config(config: dict) -> ModelConfig:
 def d_model(config: dict) -> int:
     """Residual width of the configured model (the SAEs' d_in), known without loading it."""
     cfg = model_config(config)
-    return cfg.d_model if cfg.source == "pretrained" else int(config["lm"]["d_model"])
+    return int(cfg.d_model) if cfg.source == "pretrained" and cfg.d_model else int(config["lm"]["d_model"])
 
 
 @dataclass
@@ -287,13 +294,14 @@ def _weights_digest(directory: Path) -> str:
 
 def _pretrained_id(cfg: ModelConfig) -> str:
     """`<name>@<12 hex>`: the hash of a local directory's weights, or the hub snapshot's commit."""
-    path = Path(cfg.name_or_path)
+    name = cfg.pretrained_name
+    path = Path(name)
     if path.is_dir():
         return f"{path.resolve().name}@{_weights_digest(path)}"
     from huggingface_hub import snapshot_download
 
-    snapshot = Path(snapshot_download(cfg.name_or_path, revision=cfg.revision, allow_patterns=["config.json"]))
-    return f"{cfg.name_or_path}@{snapshot.name[:12]}"
+    snapshot = Path(snapshot_download(name, revision=cfg.revision, allow_patterns=["config.json"]))
+    return f"{name}@{snapshot.name[:12]}"
 
 
 def prepare_pretrained(cfg: ModelConfig, out_dir: str | Path) -> dict:
@@ -302,14 +310,15 @@ def prepare_pretrained(cfg: ModelConfig, out_dir: str | Path) -> dict:
     right), then writes `model.json` and the tokenizer files (`save_pretrained`, which
     includes `tokenizer.json`) into `out_dir`, the model directory of every later stage."""
     out_dir = Path(out_dir)
-    tokenizer = load_hf_tokenizer(cfg.name_or_path, cfg.revision)
-    model = _boot_pretrained(cfg.name_or_path, cfg.dtype, cfg.revision, "cpu", tokenizer)
+    name = cfg.pretrained_name
+    tokenizer = load_hf_tokenizer(name, cfg.revision)
+    model = _boot_pretrained(name, cfg.dtype, cfg.revision, "cpu", tokenizer)
     if model.cfg.d_model != cfg.d_model:
-        raise ValueError(f"model.d_model is {cfg.d_model} but {cfg.name_or_path!r} has d_model "
+        raise ValueError(f"model.d_model is {cfg.d_model} but {name!r} has d_model "
                          f"{model.cfg.d_model}; set model.d_model: {model.cfg.d_model} in the config")
     info = {
         "kind": "pretrained",
-        "name_or_path": str(Path(cfg.name_or_path).resolve()) if Path(cfg.name_or_path).is_dir() else cfg.name_or_path,
+        "name_or_path": str(Path(name).resolve()) if Path(name).is_dir() else name,
         "revision": cfg.revision,
         "dtype": cfg.dtype,
         "d_model": int(model.cfg.d_model),

@@ -100,21 +100,26 @@ def _match_train_flops(group: str, values: dict, baseline, base_train: dict, tra
             return None
 
     lo = step
-    while cost(lo) is None:  # the smallest valid width (e.g. k <= M / N)
+    while (lo_cost := cost(lo)) is None:  # the smallest valid width (e.g. k <= M / N)
         lo *= 2
         if lo > 2**40:
             raise SweepError(f"sweep.{group}: no valid width for {values}")
-    if cost(lo) > target:
+    if lo_cost > target:
         raise SweepError(f"sweep.{group}: even the smallest valid width ({lo}) costs more training "
-                         f"FLOPs/token ({cost(lo):,.0f}) than the baseline ({target:,.0f})")
+                         f"FLOPs/token ({lo_cost:,.0f}) than the baseline ({target:,.0f})")
+
+    def fits(width: int) -> bool:  # widths >= lo are valid (the constraints only bound M from below)
+        c = cost(width)
+        return c is not None and c <= target
+
     hi = lo
-    while cost(hi) <= target:
+    while fits(hi):
         hi *= 2
         if hi > 2**40:
             raise SweepError(f"sweep.{group}: no width reaches the baseline's training FLOPs")
     while hi - lo > step:  # invariant: width lo fits, width hi does not
         mid = (lo + hi) // 2 // step * step
-        if cost(mid) <= target:
+        if fits(mid):
             lo = mid
         else:
             hi = mid
@@ -122,7 +127,7 @@ def _match_train_flops(group: str, values: dict, baseline, base_train: dict, tra
 
 
 def _apply_match(group: str, values: dict, match: dict, groups: dict, d_in: int,
-                 train: dict | None = None, base_train: dict | None = None) -> dict:
+                 train: dict, base_train: dict) -> dict:
     base_name = match["baseline"]
     if base_name not in groups:
         raise SweepError(f"sweep.{group}.match.baseline: no group named {base_name!r}")
@@ -175,6 +180,8 @@ def expand_sweep(config: dict, d_in: int) -> dict[str, dict]:
         spec = dict(spec)
         match = spec.pop("match", None)
         arch = spec.get("arch")
+        if not isinstance(arch, str):
+            raise SweepError(f"sweep.{group}.arch: missing or not a name ({arch!r}); known: {sorted(ARCHITECTURES)}")
         allowed = arch_fields(arch) | set(defaults) | TRAIN_FIELDS
         unknown = sorted(set(spec) - allowed)
         if unknown:

@@ -84,10 +84,11 @@ def local_dataset_files(path: str) -> tuple[str, list[str]] | None:
                                     f"({', '.join(sorted(DATASET_FORMATS))})")
         return None
     kinds = {DATASET_FORMATS.get(Path(f).suffix) for f in files}
-    if None in kinds or len(kinds) > 1:
+    builder = kinds.pop() if len(kinds) == 1 else None
+    if builder is None:
         raise ValueError(f"corpus.dataset.path {path!r} must hold files of one format among "
                          f"{sorted(DATASET_FORMATS)}; found {sorted({Path(f).suffix for f in files})}")
-    return kinds.pop(), files
+    return builder, files
 
 
 def dataset_documents(cfg: DatasetConfig) -> Iterator[str]:
@@ -321,13 +322,16 @@ def build_corpus(cfg: CorpusConfig, out_dir: str | os.PathLike, pretrained_token
         hf_tokenizer = load_hf_tokenizer(pretrained_tokenizer, revision)
         tokenizer = hf_tokenizer.backend_tokenizer
     if cfg.source == "dataset":
+        if cfg.dataset is None:
+            raise ValueError("corpus.source is 'dataset' but corpus.dataset is missing: give "
+                             "corpus.dataset: {path: ..., split: ..., text_column: ...}")
         texts: Iterator[str] = dataset_documents(DatasetConfig(**cfg.dataset))
     else:
         texts = iter(_python_docs_texts(cfg))
     if hf_tokenizer is None:  # BPE trained on the train documents: they are read first
-        texts = list(texts)
-        tokenizer = train_tokenizer([t for t in texts if split_of(t) == "train"], cfg.vocab_size)
-        texts = iter(texts)
+        docs = list(texts)
+        tokenizer = train_tokenizer([t for t in docs if split_of(t) == "train"], cfg.vocab_size)
+        texts = iter(docs)
     eot, bos = _special_ids(tokenizer, hf_tokenizer, cfg.prepend_bos)
     with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
         writers = {name: SequenceWriter(Path(tmp) / name, cfg.seq_len, bos) for name in ("train", "eval")}

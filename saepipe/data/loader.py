@@ -124,8 +124,9 @@ class ShardStream:
         plan = self._plan(start * self.batch_size, count * self.batch_size)
         if self.cached:
             cache = self._load_cache()
-            windows = (torch.from_numpy(self._window_sources(*w)).to(self.device) for w in plan)
-            batches = self._assemble(windows, count, lambda idx: cache.index_select(0, idx).float())
+            sources: Iterator[torch.Tensor] = (torch.from_numpy(self._window_sources(*w)).to(self.device)
+                                               for w in plan)
+            batches = self._assemble(sources, count, lambda idx: cache.index_select(0, idx).float())
         else:
             windows = _ahead((self._read_window(*w) for w in plan), self.prefetch, "ShardStream-windows")
             batches = self._assemble(windows, count, self._to_device)
@@ -143,7 +144,8 @@ class ShardStream:
         """`count` batches of consecutive rows of the windows (rows, or cache indices)."""
         rows, i = None, 0
         for _ in range(count):
-            parts, need = [], self.batch_size
+            parts: list[torch.Tensor] = []
+            need = self.batch_size
             while need:
                 if rows is None or i == len(rows):  # next window; copy the batch's head so the old one is freed
                     parts, rows = [p.clone() for p in parts], None
@@ -179,7 +181,8 @@ class ShardStream:
         n = len(perm)
         dest = np.empty(n, np.int64)
         dest[perm] = np.arange(n)  # input row r goes to output row dest[r]
-        rows, at = None, 0
+        rows: torch.Tensor | None = None
+        at = 0
         for i in window:
             acts = self._read_acts(i)
             if rows is None:
@@ -187,6 +190,8 @@ class ShardStream:
                 rows_np = rows.numpy()
             rows_np[dest[at : at + len(acts)]] = acts
             at += len(acts)
+        if rows is None:
+            raise ValueError("a shuffle window holds no shard: the plan is empty (no training shards?)")
         return rows[first:end]
 
     def _window_sources(self, window: np.ndarray, perm: np.ndarray, first: int, end: int) -> np.ndarray:
@@ -210,6 +215,8 @@ class ShardStream:
     def _load_cache(self) -> torch.Tensor:
         """Every shard's activations on the device, once (fp16, shard i at rows starts[i]:)."""
         if self._cache is None:
+            if self.d_in is None:
+                raise ValueError(f"shard metadata lacks d_in ({self.paths[0]}): regenerate the shards")
             cache = torch.empty((sum(self.lengths), int(self.d_in)), dtype=torch.float16, device=self.device)
             for i, start in enumerate(self.starts):
                 cache[start : start + self.lengths[i]] = torch.from_numpy(self._read_acts(i)).to(self.device)

@@ -83,6 +83,9 @@ def resolve(cfg: dict) -> AutointerpConfig:
 
 def chat(cfg: AutointerpConfig, system: str, user: str) -> str:
     """One chat completion; retries transient failures, then raises with the endpoint named."""
+    if not cfg.base_url:
+        raise ValueError("autointerp.base_url is not set: give the OpenAI-compatible endpoint in config.yaml "
+                         "or $SAEPIPE_AUTOINTERP_BASE_URL")
     url = cfg.base_url.rstrip("/") + "/chat/completions"
     body = json.dumps({"model": cfg.model, "temperature": 0.0, "max_tokens": 256,
                        "messages": [{"role": "system", "content": system},

@@ -7,6 +7,7 @@ random activating contexts; with autointerp, the explanation and detection accur
 from __future__ import annotations
 
 import html
+from collections.abc import Sequence
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -58,7 +59,7 @@ def _feature_row(examples: list[dict], verdict: dict | None, n_top: int, n_rando
     return "<tr>" + "".join(cells) + "</tr>"
 
 
-def feature_report(maxact_parquets: list[str], out_html: str | Path, autointerp_parquets: list[str] = (),
+def feature_report(maxact_parquets: list[str], out_html: str | Path, autointerp_parquets: Sequence[str] = (),
                    n_top: int = 5, n_random: int = 2) -> None:
     """Write the HTML page from every SAE's maxact (and optional autointerp) parquet."""
     verdicts = {}
