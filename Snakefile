@@ -16,11 +16,18 @@ validate(config, "schemas/config.schema.yaml")
 sys.path.insert(0, workflow.basedir)
 # (set, never read: jobs inherit it, so their scripts import this checkout's saepipe too)
 os.environ.update(PYTHONPATH=os.pathsep.join([workflow.basedir, os.environ.get("PYTHONPATH", "")]))
+# Architectures outside saepipe (config `plugins`: importable modules that call
+# saepipe.saes.register_architecture): imported here, and by every job, which inherits
+# SAEPIPE_PLUGINS (saepipe.saes imports the modules it names).
+os.environ.update(SAEPIPE_PLUGINS=",".join(config.get("plugins", [])))
+from saepipe.saes import load_plugins
+
+load_plugins(config.get("plugins", []))
 
 from saepipe.codeversion import fingerprint
 from saepipe.features.autointerp import endpoint_params
 from saepipe.lm import d_model
-from saepipe.plots.availability import geometry_ids, moe_ids, scaling_ks, sweep_rows
+from saepipe.plots.availability import geometry_ids, moe_ids, omega_ids, row_trait, scaling_ks, sweep_rows
 from saepipe.sweep import canonical, expand_sweep
 from saepipe.train import split_runtime
 
@@ -44,7 +51,7 @@ if moe_ids(_rows):
     FIGURES += [f"results/plots/{name}.png" for name in ("expert_usage", "expert_load")]
 if geometry_ids(_rows):
     FIGURES += [f"results/plots/{name}.png" for name in ("feature_geometry", "tsne")]
-if [sid for sid in moe_ids(_rows, {"scale"}) if SAES[sid]["sae"].get("feature_scaling", True)]:
+if omega_ids(_rows):
     FIGURES.append("results/plots/omega.png")
 FIGURES += ["results/plots/metrics.html", "results/plots/features.html"]
 if AUTOINTERP["enabled"]:

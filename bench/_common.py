@@ -99,3 +99,20 @@ def time_steps(model: nn.Module, x: torch.Tensor, steps: int, warmup: int,
         if i >= warmup:
             times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def topk_arch() -> str:
+    """Registry name of the TopK baseline the speed-ups are relative to, by its traits: dense,
+    k fixes L0, no learned threshold; the first such architecture in ``ORDER``."""
+    from saepipe.saes import ARCHITECTURES, arch_traits
+
+    plain = [a for a in ARCHITECTURES if not arch_traits(a)["routed"] and arch_traits(a)["l0_fixed"]
+             and not arch_traits(a)["has_threshold"]]
+    return min(plain, key=lambda a: arch_traits(a)["arch_order"])
+
+
+def routing_fields(arch: str) -> tuple[bool, bool]:
+    """(routed, its experts per token is a config field ``active_experts``) of an architecture."""
+    from saepipe.saes import ARCHITECTURES, arch_traits
+
+    return arch_traits(arch)["routed"], "active_experts" in ARCHITECTURES[arch][1].field_names()

@@ -24,7 +24,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "bench")]
 
-from _common import DenseTopK, ReferenceSwitch, time_steps  # noqa: E402
+from _common import DenseTopK, ReferenceSwitch, routing_fields, time_steps, topk_arch  # noqa: E402
 
 from saepipe.saes import ARCHITECTURES, build_sae  # noqa: E402
 
@@ -35,11 +35,15 @@ PRESETS = {
 
 
 def library_configs(p: dict) -> dict[str, dict]:
-    """One config per registered architecture at total width M (Scale: e=2)."""
+    """One config per registered architecture at total width M (routed: N experts; with a
+    configurable experts per token, as Scale: e=2)."""
     d, M, k, N = p["d"], p["M"], p["k"], p["N"]
-    extra = {"switch": {"n_experts": N}, "scale": {"n_experts": N, "active_experts": 2}}
-    return {arch: {"arch": arch, "d_in": d, "width": M, "k": k, **extra.get(arch, {})}
-            for arch in ARCHITECTURES}
+    out = {}
+    for arch in ARCHITECTURES:
+        routed, per_token = routing_fields(arch)
+        extra = ({"n_experts": N} if routed else {}) | ({"active_experts": 2} if per_token else {})
+        out[arch] = {"arch": arch, "d_in": d, "width": M, "k": k, **extra}
+    return out
 
 
 def main() -> None:
@@ -64,7 +68,7 @@ def main() -> None:
         rows.append({"arch": name, "ms_per_step": 1e3 * sec, "tokens_per_s": p["batch"] / sec})
     by = {r["arch"]: r for r in rows}
     for r in rows:
-        r["speedup_vs_topk"] = by["topk"]["ms_per_step"] / r["ms_per_step"]
+        r["speedup_vs_topk"] = by[topk_arch()]["ms_per_step"] / r["ms_per_step"]
         r["speedup_vs_dense_topk"] = by["dense_topk"]["ms_per_step"] / r["ms_per_step"]
         r["speedup_vs_reference_switch"] = by["reference_switch"]["ms_per_step"] / r["ms_per_step"]
 

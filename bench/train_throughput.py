@@ -54,32 +54,34 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "bench")]
 
-from _common import DenseTopK, ReferenceSwitch, time_steps  # noqa: E402
+from _common import DenseTopK, ReferenceSwitch, routing_fields, time_steps, topk_arch  # noqa: E402
 
 from saepipe.saes import ARCHITECTURES, build_sae, config_from_dict  # noqa: E402
 
 PRESETS = {
     # smoke test only (seconds)
-    "tiny": dict(d=32, M=512, k=8, batch=512, switch_experts=8, scale=[(8, 2)], steps=2, warmup=1,
+    "tiny": dict(d=32, M=512, k=8, batch=512, switch_experts=8, experts_e=[(8, 2)], steps=2, warmup=1,
                  loader_shards=2, shard_tokens=4096, matmul_n=512),
-    "cpu": dict(d=128, M=4096, k=32, batch=4096, switch_experts=16, scale=[(32, 2), (64, 4)], steps=3,
+    "cpu": dict(d=128, M=4096, k=32, batch=4096, switch_experts=16, experts_e=[(32, 2), (64, 4)], steps=3,
                 warmup=1, loader_shards=4, shard_tokens=65536, matmul_n=2048),
-    "h200": dict(d=768, M=24576, k=32, batch=16384, switch_experts=32, scale=[(64, 2), (128, 4)], steps=20,
+    "h200": dict(d=768, M=24576, k=32, batch=16384, switch_experts=32, experts_e=[(64, 2), (128, 4)], steps=20,
                  warmup=5, loader_shards=4, shard_tokens=131072, matmul_n=8192),
 }
 NOMINAL_BF16_TFLOPS = {"H200": 989.4, "H100": 989.4, "A100": 312.0}  # dense, SXM datasheets
 
 
 def arch_configs(p: dict) -> dict[str, dict]:
-    """Name -> SAE config dict: every registered architecture; Scale once per (N, e)."""
+    """Name -> SAE config dict: every registered architecture; routed ones with the preset's N,
+    those with a configurable experts per token (Scale) once per (N, e) of ``p["experts_e"]``."""
     base = {"d_in": p["d"], "width": p["M"], "k": p["k"]}
     out = {}
     for arch in ARCHITECTURES:
-        if arch == "switch":
-            out[f"switch N={p['switch_experts']}"] = {**base, "arch": arch, "n_experts": p["switch_experts"]}
-        elif arch == "scale":
-            for N, e in p["scale"]:
-                out[f"scale N={N} e={e}"] = {**base, "arch": arch, "n_experts": N, "active_experts": e}
+        routed, per_token = routing_fields(arch)
+        if routed and not per_token:
+            out[f"{arch} N={p['switch_experts']}"] = {**base, "arch": arch, "n_experts": p["switch_experts"]}
+        elif routed:
+            for N, e in p["experts_e"]:
+                out[f"{arch} N={N} e={e}"] = {**base, "arch": arch, "n_experts": N, "active_experts": e}
         else:
             out[arch] = {**base, "arch": arch}
     return out
@@ -154,8 +156,8 @@ def bench_archs(p: dict, device: torch.device, autocast: torch.dtype | None, pea
     x = torch.randn(p["batch"], p["d"], device=device)
     configs = arch_configs(p)
     models = {name: (lambda cfg=cfg: build_sae(config_from_dict(cfg)), cfg) for name, cfg in configs.items()}
-    switch = next(c for c in configs.values() if c["arch"] == "switch")
-    models["dense_topk (reference)"] = (lambda: DenseTopK(p["d"], p["M"], p["k"]), configs["topk"])
+    switch = next(c for c in configs.values() if routing_fields(c["arch"]) == (True, False))
+    models["dense_topk (reference)"] = (lambda: DenseTopK(p["d"], p["M"], p["k"]), configs[topk_arch()])
     models["reference_switch (reference)"] = (
         lambda: ReferenceSwitch(p["d"], p["M"], p["k"], switch["n_experts"]), switch)
     rows = []

@@ -9,9 +9,11 @@ def extract_slice(split):
     return canonical(cfg)
 
 
-def moe_logs(arch=("switch", "scale")):
-    """Training logs of the sweep's MoE SAEs of these architectures (expert load, omega figures)."""
-    return expand("results/saes/{sae}/train_log.jsonl", sae=moe_ids(sweep_rows(SAES), set(arch)))
+def moe_logs(trait="routed"):
+    """Training logs of the sweep's SAEs whose architecture has `trait` (saepipe.saes.arch_traits):
+    "routed" for the expert load figure, "has_omega" for the omega figure."""
+    ids = sorted(r["sae_id"] for r in sweep_rows(SAES) if row_trait(r, trait))
+    return expand("results/saes/{sae}/train_log.jsonl", sae=ids)
 
 
 def geometry_inputs(wildcards):

@@ -145,7 +145,7 @@ rule plot_expert_load:
 rule plot_omega:
     input:
         table=rules.aggregate.output,
-        logs=moe_logs(("scale",)),
+        logs=moe_logs("has_omega"),
     output:
         report("results/plots/omega.png", caption="../report/omega.rst", category="4. Experts"),
     params:

@@ -1,4 +1,10 @@
-"""The `aggregate` stage: one parquet table, a row per SAE (config columns + metrics)."""
+"""The `aggregate` stage: one parquet table, a row per SAE (config columns, the architecture's
+traits, metrics).
+
+Trait columns (``saepipe.saes.arch_traits``; figures and verdicts read these, never the
+``arch`` name): ``arch_label``, ``arch_order``, ``l0_fixed``, ``routed``, ``has_omega``,
+``has_threshold``; ``n_experts`` / ``active_experts`` are in every row (1 for dense SAEs).
+"""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,6 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from saepipe.io import atomic_path, read_json
+from saepipe.saes.registry import arch_traits
 
 
 def sae_row(sae_dir: str | Path, metrics_json: str | Path, sweep: dict, extras: list[str] = ()) -> dict:
@@ -23,6 +30,7 @@ def sae_row(sae_dir: str | Path, metrics_json: str | Path, sweep: dict, extras: 
            "match_baseline": sweep.get("baseline"), "match_by": sweep.get("by")}
     run = config.pop("run", {})
     row.update({k: v for k, v in config.items() if not isinstance(v, (dict, list))})
+    row.update(arch_traits(config["arch"]))
     row.update({f"train_{k}": v for k, v in run.pop("train", {}).items()})
     row.update({k: v for k, v in run.items() if k not in ("wall_time_s", "train_tokens_per_s")})
     row.update(read_json(metrics_json))

@@ -157,14 +157,14 @@ def lr_factor(step: int, total: int, cfg: TrainConfig) -> float:
 
 
 def _routing_stats(sae, out) -> dict:
-    """MoE SAEs: this batch's routed-token count per expert; Scale: the learned omega."""
+    """Routed SAEs: this batch's token count per expert (every selected expert, e per token);
+    plus the SAE's learned extra statistics (Scale: omega); see ``SAE.expert_counts`` and
+    ``SAE.extra_stats``."""
     stats = {}
-    routed = out.experts_BE if out.experts_BE is not None else out.expert_B
-    if routed is not None:  # every selected expert (Scale: e per token)
-        stats["expert_counts"] = torch.bincount(routed.reshape(-1), minlength=sae.cfg.n_experts).tolist()
-    omega = getattr(sae, "omega", None)
-    if omega is not None:
-        stats["omega"] = omega.detach().cpu().tolist()
+    counts = sae.expert_counts(out)
+    if counts is not None:
+        stats["expert_counts"] = counts
+    stats.update(sae.extra_stats())
     return stats
 
 

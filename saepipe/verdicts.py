@@ -1,7 +1,9 @@
 """Verdicts on the papers' claims (SPEC §6): measured effect, CI over seeds, one status.
 
 A claim is a row of ``CLAIMS``, a declarative spec, not code: side A and side B are
-selectors over table-row fields (``arch == "switch"``, ``match_by == "flops"``, ...), the
+selectors over table-row fields, the architecture's traits rather than its name (``routed ==
+True``, ``has_omega == False``, ``match_by == "flops"``, ...; rows without the trait columns
+get them from ``saepipe.saes.arch_traits``), the
 two sides are joined on ``k``, ``seed`` and the claim's extra fields (e.g. the Switch row's
 ``match_baseline`` equals the TopK row's ``group``), and the claim states which metric
 should move in which direction. ``verdicts(rows, cfg)`` turns the rows of
@@ -160,12 +162,17 @@ class ClaimSpec:
         "If set, a metric of 0 on both sides for every seed means nothing to measure; the text names it.", None)
 
 
-_SWITCH_FLOP = Side("FLOP-matched Switch", (Where("arch", "==", "switch"), Where("match_by", "==", "flops")))
-_TOPK_BASELINE = Side("its TopK baseline", (Where("arch", "==", "topk"),))
+# Sides by architecture traits (saepipe.saes.arch_traits), never by name:
+# Switch-type = routed without omega; TopK-type = dense, k fixes L0, no learned threshold;
+# Scale-type = routed with a learned omega (feature scaling).
+_SWITCH = (Where("routed", "==", True), Where("has_omega", "==", False))
+_SWITCH_FLOP = Side("FLOP-matched Switch", (*_SWITCH, Where("match_by", "==", "flops")))
+_TOPK_BASELINE = Side("its TopK baseline", (Where("routed", "==", False), Where("l0_fixed", "==", True),
+                                            Where("has_threshold", "==", False)))
 _BASELINE_OF_A = (("match_baseline", "group"),)
-_SCALE_FS = Side("Scale, feature scaling on", (Where("arch", "==", "scale"), Where("feature_scaling", "==", True)))
-_SCALE_NO_FS = Side("Scale, feature scaling off",
-                    (Where("arch", "==", "scale"), Where("feature_scaling", "==", False)))
+_SCALE = (Where("routed", "==", True), Where("has_omega", "==", True))
+_SCALE_FS = Side("Scale, feature scaling on", (*_SCALE, Where("feature_scaling", "==", True)))
+_SCALE_NO_FS = Side("Scale, feature scaling off", (*_SCALE, Where("feature_scaling", "==", False)))
 _SAME_SCALE_SHAPE = (("n_experts", "n_experts"), ("active_experts", "active_experts"), ("width", "width"))
 
 CLAIMS: tuple[ClaimSpec, ...] = (
@@ -179,14 +186,14 @@ CLAIMS: tuple[ClaimSpec, ...] = (
               "close_tolerance worse) at ~N-fold fewer FLOPs.",
               "Switch (width-matched) ≈ TopK, l2", "Switch paper: +15.6% l2 at ~N-fold fewer FLOPs",
               "l2_per_token", "close", "relative",
-              Side("width-matched Switch", (Where("arch", "==", "switch"), Where("match_by", "==", "width"))),
+              Side("width-matched Switch", (*_SWITCH, Where("match_by", "==", "width"))),
               _TOPK_BASELINE, _BASELINE_OF_A),
     ClaimSpec("scale_lower_l2_than_switch", "3",
               "A Scale SAE (e >= 2 active experts, feature scaling) has lower l2 per token than a "
               "Switch SAE FLOP-matched to the same baseline, at equal k.",
               "Scale (e≥2) < Switch, l2", "Scale paper: -24% reconstruction error vs MoE SAEs",
               "l2_per_token", "lower", "relative",
-              Side("FLOP-matched Scale, e >= 2", (Where("arch", "==", "scale"), Where("active_experts", ">=", 2),
+              Side("FLOP-matched Scale, e >= 2", (*_SCALE, Where("active_experts", ">=", 2),
                                                   Where("feature_scaling", "==", True),
                                                   Where("match_by", "==", "flops"))),
               Side("FLOP-matched Switch, same baseline", _SWITCH_FLOP.where),
@@ -441,8 +448,29 @@ def verdicts(rows: list[dict], cfg: VerdictConfig = VerdictConfig(), claims: tup
     for i, row in enumerate(rows):
         if not row.get("sae_id"):
             raise ValueError(f"table row {i} has no sae_id; verdicts need the rows of results/table.parquet")
+    rows = [_with_traits(row) for row in rows]
     found = [v for spec in claims for v in claim_verdicts(spec, rows, cfg)]
     return _plain(VerdictReport(SCHEMA_VERSION, cfg, claims, found))
+
+
+TRAIT_COLUMNS = ("arch_label", "arch_order", "l0_fixed", "routed", "has_omega", "has_threshold")
+"""The table's architecture-trait columns (= ``saepipe.saes.registry.TRAIT_COLUMNS``, not
+imported: this module stays free of torch)."""
+
+
+def _with_traits(row: dict) -> dict:
+    """The row with its architecture's trait columns filled in where missing (tables written
+    before the trait columns, hand-made rows); rows of unregistered archs are left as they are.
+    The registry (torch) is imported only then: the table's rows carry the traits."""
+    if all(row.get(key) is not None for key in TRAIT_COLUMNS):
+        return row
+    from saepipe.saes.registry import arch_traits
+
+    try:
+        traits = arch_traits(row.get("arch"))
+    except ValueError:
+        return row
+    return {**row, **{k: v for k, v in traits.items() if row.get(k) is None}}
 
 
 def read_table_rows(table_parquet: str | Path) -> list[dict]:

@@ -157,7 +157,7 @@ def reconstruction_stats(sae, shards: list[str], batch_size: int, device,
     l2_per_token, fvu, l0, dead_fraction, expert usage (every routed expert of each token,
     `out.experts_BE`: the counts sum to e * n_tokens) and the activation similarity of the
     first `similarity_tokens` kept tokens (divided by their measured L0)."""
-    usage = ExpertUsage(getattr(sae.cfg, "n_experts", 1))
+    usage = ExpertUsage(sae.cfg.expert_count)
     codes: list[tuple[torch.Tensor, torch.Tensor]] = []
     n, sse, sum_sq = 0, 0.0, 0.0
     sum_x = torch.zeros(sae.cfg.d_in, dtype=torch.float64, device=device)
@@ -201,16 +201,15 @@ def _usage_fields(usage: ExpertUsage) -> dict:
 
 @torch.no_grad()
 def dictionary_stats(sae) -> dict:
-    """Decoder geometry (redundancy, expert specialisation) and learned omega."""
+    """Decoder geometry (redundancy, expert specialisation) and the SAE's learned extra
+    statistics (``SAE.extra_stats``; ``omega`` is None for SAEs without one)."""
     W_dec_MD = sae.W_dec.detach()
     red = decoder_redundancy(W_dec_MD, thresholds=(0.9, 0.8))
-    n_experts = getattr(sae.cfg, "n_experts", 1)
+    n_experts = sae.cfg.expert_count
     spec = expert_specialization(W_dec_MD, n_experts) if n_experts > 1 else {
         "intra_expert_redundancy": None, "inter_expert_redundancy": None}
-    omega = getattr(sae, "omega", None)
     return {"redundancy_09": red["redundancy_0.9"], "redundancy_08": red["redundancy_0.8"],
-            "mean_max_cos": red["mean_max_cos"], **spec,
-            "omega": None if omega is None else omega.detach().cpu().tolist()}
+            "mean_max_cos": red["mean_max_cos"], **spec, "omega": None, **sae.extra_stats()}
 
 
 def _training_cost(cfg, run: dict) -> dict:

@@ -220,7 +220,8 @@ def max_activating_examples(cfg: MaxActConfig, sae_dir: str | Path, tokenizer_di
 
     decode = load_tokenizer(tokenizer_dir)
     n_tokens, counts = found["n_tokens"], found["counts"]
-    expert_width = sae.cfg.width // getattr(sae.cfg, "n_experts", 1)
+    n_experts = sae.cfg.expert_count
+    expert_width = sae.cfg.width // n_experts
     records, negatives, pos = [], {}, 0
     for (f, kind, rank, row, act), (a, b) in zip(examples, windows):
         acts_ctx = token_acts[pos : pos + b - a]
@@ -235,7 +236,7 @@ def max_activating_examples(cfg: MaxActConfig, sae_dir: str | Path, tokenizer_di
         marked = row - a
         records.append({
             "sae_id": sae_id, "feature": f,
-            "expert": f // expert_width if getattr(sae.cfg, "n_experts", 1) > 1 else None,
+            "expert": f // expert_width if n_experts > 1 else None,
             "frequency": counts[f].item() / found["n_kept"], "kind": kind, "rank": rank, "row": row,
             "activation": float(act), "token_ids": ids, "tokens": strs,
             "token_acts": [float(v) for v in acts_ctx], "marked": marked,

@@ -47,7 +47,7 @@ def plot_expert_usage(table_parquet: str, out_png: str) -> None:
     rows = _rows(table_parquet)
     moe = sorted((r for r in rows if _is_moe(r)), key=_sort_key)
     if not moe:
-        raise ValueError(f"plot_expert_usage: {table_parquet} has no MoE SAE (arch switch/scale, "
+        raise ValueError(f"plot_expert_usage: {table_parquet} has no MoE SAE (routed architecture trait, "
                          f"n_experts > 1); archs present: {_arches(rows)}")
     cdfs = [(r, _cdf(r)) for r in moe]
     cdfs = [(r, c) for r, c in cdfs if c is not None]

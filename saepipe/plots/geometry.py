@@ -45,11 +45,11 @@ TSNE_MAX_ITER = 750
 def _moe_config(sae_dir: str | os.PathLike):
     """Config of a saved MoE SAE; ``ValueError`` if the SAE has no experts (or just one)."""
     cfg = load_config(sae_dir)
-    n_experts = getattr(cfg, "n_experts", None)
-    if not isinstance(n_experts, int):
+    n_experts = cfg.expert_count
+    if not cfg.ROUTED:
         raise ValueError(
             f"{sae_dir}: arch {cfg.arch!r} is not a mixture-of-experts SAE; the expert "
-            "geometry figures need a Switch or Scale SAE (arch 'switch' or 'scale')")
+            "geometry figures need a routed SAE (ROUTED trait, e.g. Switch or Scale)")
     if n_experts < 2:
         raise ValueError(
             f"{sae_dir}: {cfg.arch} SAE with n_experts={n_experts}; the expert geometry "
@@ -58,7 +58,7 @@ def _moe_config(sae_dir: str | os.PathLike):
 
 
 def _describe(sae_dir: str | os.PathLike, cfg) -> str:
-    return (f"{Path(sae_dir).resolve().name}  ({cfg.arch}, N={cfg.n_experts} experts, "
+    return (f"{Path(sae_dir).resolve().name}  ({cfg.arch}, N={cfg.expert_count} experts, "
             f"M={cfg.width} latents, k={cfg.k})")
 
 
@@ -89,7 +89,7 @@ def plot_feature_geometry(sae_dirs: list[str], out_png: str) -> None:
     rows = fig.subfigures(len(sae_dirs), 1, squeeze=False)[:, 0]
     bins = np.linspace(-1.0, 1.0, N_BINS + 1)
     for subfig, sae_dir, cfg in zip(rows, sae_dirs, cfgs):
-        N = cfg.n_experts
+        N = cfg.expert_count
         W_dec = load_sae(sae_dir).W_dec.detach()
         within, between = (t.numpy() for t in within_between_cosines(W_dec, N, MAX_PAIRS, seed=0))
         sim = expert_similarity_matrix(W_dec, N).numpy()
@@ -143,14 +143,11 @@ def plot_feature_geometry(sae_dirs: list[str], out_png: str) -> None:
 def _encoder_features(sae) -> tuple[torch.Tensor, str]:
     """Encoder feature directions as rows ``[M, d]`` and a panel label.
 
-    Scale SAEs encode with the feature-scaled ``W_hat`` (not the raw saved ``W_enc``), so
-    their effective encoder is used; Switch SAEs have ``W_enc`` (``[d, M]`` on disk).
+    ``SAE.encoder_features_MD``: the encoder as the forward pass uses it (Scale with feature
+    scaling on: the feature-scaled ``W_hat``, not the raw saved ``W_enc``).
     """
-    if callable(getattr(sae, "W_hat", None)) and getattr(sae.cfg, "feature_scaling", False):
-        N, d, n = sae.W_enc.shape
-        W_hat = sae.W_hat().detach()  # [N, d, n]
-        return W_hat.permute(0, 2, 1).reshape(N * n, d), "Encoder (effective Ŵ_enc columns)"
-    return sae.W_enc_DM().detach().T, "Encoder (W_enc columns)"
+    label = "Encoder (effective Ŵ_enc columns)" if sae.cfg.omega_active else "Encoder (W_enc columns)"
+    return sae.encoder_features_MD(), label
 
 
 def _expert_colors(N: int):
@@ -182,7 +179,7 @@ def plot_tsne(sae_dir: str, out_png: str, max_points: int = 3000, seed: int = 0)
     if max_points < 4:
         raise ValueError(f"max_points must be >= 4, got {max_points}")
     sae = load_sae(sae_dir)
-    N, M = cfg.n_experts, cfg.width
+    N, M = cfg.expert_count, cfg.width
     n = M // N
     W_enc_MD, enc_label = _encoder_features(sae)
     W_dec_MD = sae.W_dec.detach()

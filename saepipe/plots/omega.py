@@ -1,4 +1,5 @@
-"""The Scale SAE's learned feature-scaling gain omega (Scale paper Fig. 2)."""
+"""The learned feature-scaling gain omega (Scale paper Fig. 2) of the SAEs that have one
+(``has_omega`` trait: Scale)."""
 from __future__ import annotations
 
 import matplotlib
@@ -10,7 +11,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import EngFormatter  # noqa: E402
 
 from saepipe.plots.rows import (  # noqa: E402
-    MARKERS, TOKENS_AXIS, _detail, _e, _floats, _fs, _n_experts, _num, _palette, _read_log, _rows, _save, _sort_key)
+    MARKERS, TOKENS_AXIS, _detail, _e, _floats, _fs, _n_experts, _num, _palette, _read_log, _rows, _save, _sort_key,
+    _trait)
 
 
 def plot_omega(table_parquet: str, train_logs: dict[str, str], out_png: str) -> None:
@@ -18,13 +20,13 @@ def plot_omega(table_parquet: str, train_logs: dict[str, str], out_png: str) -> 
     final omega (mean, min–max over experts) vs active experts e."""
     rows = {r.get("sae_id"): r for r in _rows(table_parquet)}
     # SAEs with feature scaling off keep omega at 0 (unused), so they are left out.
-    on = sorted((r for r in rows.values() if r.get("arch") == "scale" and _fs(r) is not False),
+    on = sorted((r for r in rows.values() if _trait(r, "has_omega") and _fs(r) is not False),
                 key=_sort_key)
     traj: dict[str, tuple[list[float], list[list[float]]]] = {}
     for sae_id, path in sorted(train_logs.items(),
                                key=lambda kv: _sort_key(rows.get(kv[0], {"sae_id": kv[0]}))):
         r = rows.get(sae_id)
-        if r is not None and (r.get("arch") != "scale" or _fs(r) is False):
+        if r is not None and (not _trait(r, "has_omega") or _fs(r) is False):
             continue
         tok, oms = [], []
         for i, row in enumerate(_read_log(path)):
@@ -46,7 +48,7 @@ def plot_omega(table_parquet: str, train_logs: dict[str, str], out_png: str) -> 
     if not traj and not final:
         raise ValueError(
             f"plot_omega: no Scale SAE with feature scaling on has a learned omega: {table_parquet} "
-            f"has {sum(r.get('arch') == 'scale' for r in rows.values())} Scale rows "
+            f"has {sum(bool(_trait(r, 'has_omega')) for r in rows.values())} rows of SAEs with an omega "
             f"({len(on)} with feature scaling on, omega column "
             f"{'present' if any('omega' in r for r in rows.values()) else 'missing'}) and none of the "
             f"{len(train_logs)} train logs has non-zero 'omega' rows")

@@ -13,7 +13,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import PercentFormatter, ScalarFormatter  # noqa: E402
 
 from saepipe.plots.rows import (  # noqa: E402
-    ARCH_LABEL, MARKERS, MEASURED_L0_ARCHS, _bar_values, _detail, _e, _fs, _is_moe, _n_experts, _num, _palette, _rows, _save, _sort_key)
+    MARKERS, _bar_values, _detail, _e, _fs, _is_moe, _label, _measured_l0, _n_experts, _num, _palette, _rows, _save,
+    _sort_key, _trait)
 
 
 def _line_key(r: dict, varying: set[str]) -> tuple:
@@ -25,10 +26,14 @@ def plot_redundancy(table_parquet: str, out_png: str) -> None:
     """redundancy_0.9 vs k per group, vs active experts e (Scale), intra vs inter expert."""
     rows = sorted(_rows(table_parquet), key=_sort_key)
     red = [r for r in rows if _num(r.get("redundancy_09")) is not None]
-    vs_k = [r for r in red if ((_num(r.get("l0")) if r.get("arch") in MEASURED_L0_ARCHS
+    vs_k = [r for r in red if ((_num(r.get("l0")) if _measured_l0(r)
                                 else _num(r.get("k"))) or 0) > 0]  # log x axis
-    scale = [r for r in red if r.get("arch") == "scale"]
-    vs_e = scale if len({_e(r) for r in scale}) >= 2 else []
+    # routed architectures with at least two values of e (Scale; Switch always routes 1)
+    e_values: dict[str, set[int]] = {}
+    for r in red:
+        if _trait(r, "routed"):
+            e_values.setdefault(str(r.get("arch")), set()).add(_e(r))
+    vs_e = [r for r in red if len(e_values.get(str(r.get("arch")), ())) >= 2]
     spec = [r for r in rows if _is_moe(r) and _num(r.get("intra_expert_redundancy")) is not None
             and _num(r.get("inter_expert_redundancy")) is not None]
     if not vs_k and not vs_e and not spec:
@@ -61,15 +66,14 @@ def plot_redundancy(table_parquet: str, out_png: str) -> None:
                 lines.append((g, key, lrows))
         cols = _palette(len(lines))
         for i, (g, key, lrows) in enumerate(lines):
-            arch = lrows[0].get("arch")
-            measured = arch in MEASURED_L0_ARCHS
+            measured = _measured_l0(lrows[0])
             xs = [_num(r.get("l0")) if measured else _num(r.get("k")) for r in lrows]
             pts = sorted(zip(xs, (_num(r["redundancy_09"]) for r in lrows)))
             extra = ", ".join(f"N={v}" if f == "n_experts" else f"e={v}" if f == "active_experts"
                               else "ω on" if v else "ω off" for f, v in key)
             if _fs(lrows[0]) is False and "ω" not in extra:
                 extra = ", ".join(x for x in (extra, "ω off") if x)
-            label = f"{g}  ({ARCH_LABEL.get(arch, arch)}" + (f", {extra}" if extra else "") + \
+            label = f"{g}  ({_label(lrows[0])}" + (f", {extra}" if extra else "") + \
                 (", at measured L0)" if measured else ")")
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=MARKERS[i % len(MARKERS)],
                     color=cols[i], lw=1.6, markersize=6, label=label,
@@ -104,7 +108,7 @@ def plot_redundancy(table_parquet: str, out_png: str) -> None:
         ax.set_ylim(bottom=0)
         ax.set_xlabel("e  (active experts per token, log scale)")
         ax.set_ylabel("redundancy: features with max cos > 0.9")
-        ax.set_title("Scale SAEs: redundancy vs active experts")
+        ax.set_title(f"{' / '.join(sorted({_label(r) for r in vs_e}))} SAEs: redundancy vs active experts")
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2)
     if spec:
@@ -135,9 +139,9 @@ def plot_redundancy(table_parquet: str, out_png: str) -> None:
 
 
 def _arch_bucket(r: dict) -> str:
-    if r.get("arch") == "scale" and _fs(r) is not None:
-        return "Scale, ω on" if _fs(r) else "Scale, ω off"
-    return ARCH_LABEL.get(r.get("arch"), str(r.get("arch")))
+    if _fs(r) is not None:
+        return f"{_label(r)}, ω on" if _fs(r) else f"{_label(r)}, ω off"
+    return _label(r)
 
 
 def plot_activation_similarity(table_parquet: str, out_png: str) -> None:
@@ -186,7 +190,7 @@ def plot_activation_similarity(table_parquet: str, out_png: str) -> None:
     ax.set_xlabel("activation similarity  (mean over token pairs of |S_i ∩ S_j| / measured L0)")
     ax.set_title("Per SAE, grouped by architecture (held-out tokens)")
     ax.grid(True, axis="x", alpha=0.3)
-    handles = [matplotlib.patches.Patch(facecolor=bcol[b], hatch="//" if b == "Scale, ω off" else None,
+    handles = [matplotlib.patches.Patch(facecolor=bcol[b], hatch="//" if b.endswith(", ω off") else None,
                                         label=b) for b in buckets]
     ax.legend(handles=handles, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.09),
               ncol=min(4, len(handles)))
@@ -199,9 +203,10 @@ def plot_activation_similarity(table_parquet: str, out_png: str) -> None:
             on.append(_num(p[True]["activation_similarity"]))
         x = list(range(len(labels)))
         w = 0.38
-        b_off = ax.bar([v - w / 2 for v in x], off, width=w, color=bcol.get("Scale, ω off", "0.6"),
+        first = next(iter(pairs.values()))
+        b_off = ax.bar([v - w / 2 for v in x], off, width=w, color=bcol.get(_arch_bucket(first[False]), "0.6"),
                        hatch="//", label="feature scaling off")
-        b_on = ax.bar([v + w / 2 for v in x], on, width=w, color=bcol.get("Scale, ω on", "tab:red"),
+        b_on = ax.bar([v + w / 2 for v in x], on, width=w, color=bcol.get(_arch_bucket(first[True]), "tab:red"),
                       label="feature scaling on")
         _bar_values(ax, b_off, off, "{:.3g}")
         _bar_values(ax, b_on, on, "{:.3g}")
@@ -209,7 +214,7 @@ def plot_activation_similarity(table_parquet: str, out_png: str) -> None:
                       ha="right" if len(labels) > 4 else "center")
         ax.set_ylim(0, max(off + on) * 1.15 or 1)
         ax.set_ylabel("activation similarity  (lower = more distinct codes)")
-        ax.set_title("Scale SAEs: feature scaling off vs on (Scale Fig. 7)")
+        ax.set_title(f"{_label(first[True])} SAEs: feature scaling off vs on (Scale Fig. 7)")
         ax.grid(True, axis="y", alpha=0.3)
         ax.legend(fontsize=8, loc="upper left")
     fig.suptitle("Activation similarity: overlap of the active-latent sets of two tokens", fontsize=12)

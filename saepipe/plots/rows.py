@@ -1,7 +1,10 @@
 """Row helpers and conventions shared by the MoE / redundancy figures.
 
 Table rows come from ``results/table.parquet``; values that are ``None``/NaN, or columns an
-older table lacks, count as missing (``_num``/``_floats`` return None). Figures omit panels
+older table lacks, count as missing (``_num``/``_floats`` return None). What an architecture
+is (label, order, measured L0, routed, omega) comes from the row's trait columns
+(``saepipe.saes.arch_traits``; :func:`_trait` falls back to the registry for tables without
+them, see ``saepipe.plots.availability.row_trait``), never from its ``arch`` name. Figures omit panels
 without data (never an empty axes) and raise ``ValueError`` naming what is missing when
 nothing applicable is left.
 """
@@ -17,12 +20,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
 from saepipe.io import atomic_path  # noqa: E402
+from saepipe.plots.availability import row_trait as _trait  # noqa: E402
 from saepipe.stats import finite  # noqa: E402
 
-ARCH_ORDER = ("topk", "batchtopk", "relu", "jumprelu", "gated", "switch", "scale")
-ARCH_LABEL = {"topk": "TopK", "batchtopk": "BatchTopK", "relu": "ReLU (L1)", "jumprelu": "JumpReLU",
-              "gated": "Gated", "switch": "Switch", "scale": "Scale"}
-MEASURED_L0_ARCHS = ("relu", "jumprelu", "gated")  # their `k` is only the expected L0
 MARKERS = "osD^v<>ph*P"
 TOKENS_AXIS = "training tokens"
 
@@ -45,29 +45,38 @@ def _floats(v) -> list[float] | None:
     return out if out and all(x is not None for x in out) else None
 
 
+def _label(r: dict) -> str:
+    """Display label of the row's architecture ('TopK', 'ReLU (L1)', ...)."""
+    return str(_trait(r, "arch_label"))
+
+
+def _measured_l0(r: dict) -> bool:
+    """True when L0 is measured (ReLU-type SAEs: their `k` is only the expected L0)."""
+    return not _trait(r, "l0_fixed")
+
+
 def _n_experts(r: dict) -> int:
     return int(_num(r.get("n_experts")) or 1)
 
 
 def _is_moe(r: dict) -> bool:
-    return _n_experts(r) > 1 or r.get("arch") in ("switch", "scale")
+    return _n_experts(r) > 1 or bool(_trait(r, "routed"))
 
 
 def _e(r: dict) -> int:
-    """Active experts per token: Scale's e, 1 for everything else."""
-    return int(_num(r.get("active_experts")) or 1) if r.get("arch") == "scale" else 1
+    """Active experts per token: the row's active_experts for routed SAEs, 1 for dense ones."""
+    return int(_num(r.get("active_experts")) or 1) if _trait(r, "routed") else 1
 
 
 def _fs(r: dict) -> bool | None:
-    """Scale's feature_scaling flag (None for other archs or when unknown)."""
+    """feature_scaling flag of SAEs with a learned omega (None for others or when unknown)."""
     v = r.get("feature_scaling")
-    return bool(v) if r.get("arch") == "scale" and v is not None else None
+    return bool(v) if _trait(r, "has_omega") and v is not None else None
 
 
 def _sort_key(r: dict):
-    arch = r.get("arch")
     fs = _fs(r)
-    return (ARCH_ORDER.index(arch) if arch in ARCH_ORDER else len(ARCH_ORDER), str(arch),
+    return (_trait(r, "arch_order"), str(r.get("arch")),
             str(r.get("group")), _n_experts(r), _e(r), fs is not False, _num(r.get("k")) or 0,
             str(r.get("sae_id")))
 
@@ -77,12 +86,12 @@ def _detail(r: dict) -> str:
     parts = []
     if _is_moe(r):
         parts.append(f"N={_n_experts(r)}")
-    if r.get("arch") == "scale":
+    if _trait(r, "has_omega"):
         parts.append(f"e={_e(r)}")
         if _fs(r) is not None:
             parts.append("ω on" if _fs(r) else "ω off")
-    elif r.get("arch") not in (None, "switch") and r.get("arch") not in str(r.get("sae_id")):
-        parts.append(ARCH_LABEL.get(r["arch"], r["arch"]))
+    elif r.get("arch") is not None and not _trait(r, "routed") and r["arch"] not in str(r.get("sae_id")):
+        parts.append(_label(r))
     return f"{r.get('sae_id')}  ({', '.join(parts)})" if parts else str(r.get("sae_id"))
 
 

@@ -19,7 +19,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 from matplotlib.ticker import NullFormatter  # noqa: E402
 
-from saepipe.plots.availability import FIXED_K_ARCHS, scaling_ks  # noqa: E402
+from saepipe.plots.availability import row_trait, scaling_ks  # noqa: E402
 from saepipe.plots.style import (decorate, draw_series, group_styles, mean_over_seeds,  # noqa: E402
                                  n_suffix, save, seeds_note)
 
@@ -35,7 +35,7 @@ def training_flops(row: dict) -> float:
 def scaling_points(rows: list[dict]) -> list[dict]:
     """The plotted points: the fixed-k SAEs' rows folded over seeds (one per ``point_id``,
     ``sae_id`` when absent), ``training_flops`` and ``l2_per_token`` as `Estimate` s."""
-    fixed = [{**r, "training_flops": training_flops(r)} for r in rows if r["arch"] in FIXED_K_ARCHS]
+    fixed = [{**r, "training_flops": training_flops(r)} for r in rows if row_trait(r, "l0_fixed")]
     return [p for p in mean_over_seeds(fixed, METRICS) if p["l2_per_token"] is not None]
 
 

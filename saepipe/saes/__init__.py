@@ -1,6 +1,7 @@
 """SAE architectures of saepipe: ReLU, TopK, BatchTopK, JumpReLU, Gated, Switch and Scale SAEs, registry and saved format.
 
 Pure torch (+ safetensors); imports nothing from the rest of saepipe.
+New architectures: one module + one ``register_architecture`` call (:mod:`.registry`).
 See :mod:`saepipe.saes.base` for units (``act_norm_factor``) and the training protocol, and
 :mod:`saepipe.saes.moe` for what the routed SAEs (Switch, Scale) share: the balance loss in the
 papers' units (``alpha_units``) and AuxK over the whole dictionary.
@@ -9,10 +10,14 @@ papers' units (``alpha_units``) and AuxK over the whole dictionary.
 from .base import SAE, Encoding, SAEConfig, SAEOutput
 from .registry import (
     ARCHITECTURES,
+    arch_traits,
     build_sae,
     config_from_dict,
     load_config,
+    load_env_plugins,
+    load_plugins,
     load_sae,
+    register_architecture,
     save_sae,
 )
 from .batchtopk import BatchTopKConfig, BatchTopKSAE
@@ -46,9 +51,17 @@ __all__ = [
     "SwitchSAE",
     "TopKConfig",
     "TopKSAE",
+    "arch_traits",
     "build_sae",
     "config_from_dict",
     "load_config",
+    "load_env_plugins",
+    "load_plugins",
     "load_sae",
+    "register_architecture",
     "save_sae",
 ]
+
+# Architectures registered by plugin modules named in $SAEPIPE_PLUGINS (set by the Snakefile
+# from the config's `plugins`): imported last, so they can import anything above.
+load_env_plugins()

@@ -66,6 +66,17 @@ class SAEConfig:
 
     ARCH: ClassVar[str] = ""  # registry name this config class belongs to ("" = any)
 
+    # ---- traits: what the rest of saepipe (table, figures, rules, verdicts) knows of an
+    # architecture; callers read these (via ``registry.arch_traits`` or the table's trait
+    # columns), never the registry name.
+    LABEL: ClassVar[str] = ""  # display label in figures and tables ("" = the registry name)
+    ORDER: ClassVar[int] = 100  # sort order of the architecture in figures (smaller first)
+    L0_FIXED: ClassVar[bool] = True  # True: k sets L0 per token; False: L0 is measured (k = its
+    #                                  expected value, only used by the FLOP estimate)
+    ROUTED: ClassVar[bool] = False  # a router picks experts (blocks of latents) per token
+    HAS_OMEGA: ClassVar[bool] = False  # learned per-expert feature-scaling gain ``omega``
+    HAS_THRESHOLD: ClassVar[bool] = False  # learned activation threshold (inference or per latent)
+
     def __post_init__(self) -> None:
         for name in ("d_in", "width", "k"):
             value = getattr(self, name)
@@ -114,6 +125,22 @@ class SAEConfig:
         per_step = (ADAM_FLOPS_PER_PARAM * self.n_params()
                     + DECODER_FLOPS_PER_WEIGHT * self.width * self.d_in)
         return 3.0 * self.flops_per_token() + per_step / batch_size
+
+    @property
+    def expert_count(self) -> int:
+        """Experts N the latents are split into (1 for dense SAEs; MoE: ``n_experts``)."""
+        return 1
+
+    @property
+    def experts_per_token(self) -> int:
+        """Experts routed per token, e (1 for dense SAEs and Switch; Scale: ``active_experts``)."""
+        return 1
+
+    @property
+    def omega_active(self) -> bool:
+        """Whether the learned ``omega`` enters the forward pass (``HAS_OMEGA`` and not switched
+        off by a flag such as Scale's ``feature_scaling``)."""
+        return self.HAS_OMEGA
 
     def encoder_fraction(self) -> float:
         """Fraction of the M encoder rows computed per token (dense 1, Switch 1/N).
@@ -285,6 +312,33 @@ class SAE(nn.Module):
         """Fraction of latents currently dead (see :meth:`dead_mask`)."""
         return float(self.dead_mask().float().mean())
 
+    # ---- statistics callers read (train log, evaluation, figures) ---------------------------
+    @torch.no_grad()
+    def expert_counts(self, out: SAEOutput) -> list[int] | None:
+        """Tokens routed to each of the ``cfg.expert_count`` experts in the batch of ``out``,
+        counting every selected expert of a token (``out.experts_BE``, else the top-1
+        ``out.expert_B``); None for SAEs that route nothing (dense)."""
+        routed = out.experts_BE if out.experts_BE is not None else out.expert_B
+        if routed is None:
+            return None
+        return torch.bincount(routed.reshape(-1), minlength=self.cfg.expert_count).tolist()
+
+    def extra_stats(self) -> dict[str, list[float]]:
+        """Learned per-SAE quantities logged during training and stored in ``metrics.json``
+        (name -> values; Scale: ``{"omega": [...]}``, one per expert). Default: none."""
+        return {}
+
+    def encoder_features_MD(self) -> Tensor:
+        """Encoder feature directions as the forward pass uses them, one row per latent
+        ``[M, d]`` (default: the saved ``W_enc [d, M]`` transposed; Scale: its feature-scaled
+        ``W_hat``)."""
+        W_enc_DM = self._saved_tensors().get("W_enc")
+        if W_enc_DM is None:
+            raise NotImplementedError(
+                f"{type(self).__name__} saves no 'W_enc'; override encoder_features_MD() to "
+                "return its encoder directions [M, d]")
+        return W_enc_DM.detach().T
+
     def _auxk_selection(self) -> tuple[Tensor | None, int]:
         """``(dead_mask_M, k_aux)`` when AuxK applies to this forward, else ``(None, 0)``.
 
@@ -335,6 +389,7 @@ class SAE(nn.Module):
 
     def saved_metadata(self) -> dict[str, Any]:
         """Extra informational keys for config.json (must be in ``METADATA_KEYS`` or fields)."""
-        return {"n_experts": 1, "active_experts": 1, "d_sae": self.cfg.width,
+        return {"n_experts": self.cfg.expert_count, "active_experts": self.cfg.experts_per_token,
+                "d_sae": self.cfg.width,
                 "format": "saepipe-sae", "format_version": 1, "dtype": "float32",
                 "weights_space": "normalised: use on x * act_norm_factor"}

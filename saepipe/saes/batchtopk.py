@@ -49,6 +49,10 @@ class BatchTopKConfig(TopKConfig):
     threshold_momentum: float = 0.01  # EMA rate of the inference threshold (1 = last batch only)
 
     ARCH: ClassVar[str] = "batchtopk"
+    LABEL: ClassVar[str] = "BatchTopK"
+    ORDER: ClassVar[int] = 1
+    HAS_THRESHOLD: ClassVar[bool] = True
+    # (inherits TopK's traits otherwise)
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -59,6 +59,9 @@ class GatedConfig(SAEConfig):
     dead_tokens: int = 10_000_000  # tokens without firing after which a latent counts as dead
 
     ARCH: ClassVar[str] = "gated"
+    LABEL: ClassVar[str] = "Gated"
+    ORDER: ClassVar[int] = 4
+    L0_FIXED: ClassVar[bool] = False  # L0 is measured; k is its expected value
 
     def __post_init__(self) -> None:
         super().__post_init__()

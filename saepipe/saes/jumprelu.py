@@ -116,6 +116,10 @@ class JumpReLUConfig(SAEConfig):
     dead_tokens: int = 10_000_000  # tokens without firing after which a latent counts as dead
 
     ARCH: ClassVar[str] = "jumprelu"
+    LABEL: ClassVar[str] = "JumpReLU"
+    ORDER: ClassVar[int] = 3
+    L0_FIXED: ClassVar[bool] = False  # L0 is measured; k is its expected value
+    HAS_THRESHOLD: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -53,7 +53,7 @@ the weight is 1 (Switch ``heaviside``: 0.50 -> 0.02). ``False`` gives the unweig
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -98,6 +98,13 @@ class MoEConfig(AuxKConfigMixin, SAEConfig):
         self._validate_auxk()
         if not isinstance(self.auxk_expert_weight, bool):
             raise ValueError(f"auxk_expert_weight must be a bool, got {self.auxk_expert_weight!r}")
+
+    ROUTED: ClassVar[bool] = True
+
+    @property
+    def expert_count(self) -> int:
+        """N = ``n_experts``."""
+        return self.n_experts
 
     @property
     def expert_width(self) -> int:
@@ -175,6 +182,3 @@ class MoESAE(SAE):
         """``b_dec`` and ``b_router`` = geometric median of the (normalised) first batch."""
         super().init_from_batch(x_BD)
         self.b_router.copy_(self.b_dec)
-
-    def saved_metadata(self) -> dict[str, Any]:
-        return {**super().saved_metadata(), "n_experts": self.cfg.n_experts}

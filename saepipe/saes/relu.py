@@ -61,6 +61,9 @@ class ReLUConfig(SAEConfig):
     dead_tokens: int = 10_000_000  # tokens without firing after which a latent counts as dead
 
     ARCH: ClassVar[str] = "relu"
+    LABEL: ClassVar[str] = "ReLU (L1)"
+    ORDER: ClassVar[int] = 2
+    L0_FIXED: ClassVar[bool] = False  # L0 is measured; k is its expected value
 
     def __post_init__(self) -> None:
         super().__post_init__()

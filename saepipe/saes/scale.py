@@ -84,7 +84,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -122,6 +122,9 @@ class ScaleConfig(MoEConfig):
     decoder_norm: str = "rows"  # unit-norm "rows" (features) | "columns" (reference code)
 
     ARCH: ClassVar[str] = "scale"
+    LABEL: ClassVar[str] = "Scale"
+    ORDER: ClassVar[int] = 6
+    HAS_OMEGA: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -141,6 +144,16 @@ class ScaleConfig(MoEConfig):
                     f"{name} must be one of {list(allowed)}, got {getattr(self, name)!r}")
         if not isinstance(self.feature_scaling, bool):
             raise ValueError(f"feature_scaling must be a bool, got {self.feature_scaling!r}")
+
+    @property
+    def experts_per_token(self) -> int:
+        """e = ``active_experts``."""
+        return self.active_experts
+
+    @property
+    def omega_active(self) -> bool:
+        """omega scales the encoder only with ``feature_scaling`` on."""
+        return self.feature_scaling
 
     def flops_per_token(self) -> int:
         """``2 d N`` router + ``2 d (e M/N)`` selected encoders + ``2 d k`` sparse decoder."""
@@ -313,5 +326,11 @@ class ScaleSAE(MoESAE):
                     f"version, or load it with lowpass='mean' to drop the learned low-pass.")
             self.lowpass_A.copy_(tensors["lowpass_A"])
 
-    def saved_metadata(self) -> dict[str, Any]:
-        return {**super().saved_metadata(), "active_experts": self.cfg.active_experts}
+    def extra_stats(self) -> dict[str, list[float]]:
+        """``{"omega": [...]}``: the learned feature-scaling gain of each expert."""
+        return {"omega": self.omega.detach().cpu().tolist()}
+
+    def encoder_features_MD(self) -> Tensor:
+        """Rows of the effective encoder ``W_hat`` (= ``W_enc`` with feature scaling off)."""
+        N, d, n = self.W_enc.shape
+        return self.W_hat().detach().permute(0, 2, 1).reshape(N * n, d)

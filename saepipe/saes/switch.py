@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -67,6 +67,8 @@ class SwitchConfig(MoEConfig):
     heaviside: bool = False  # ablation: gate = 1 instead of p_{i*}
 
     ARCH: ClassVar[str] = "switch"
+    LABEL: ClassVar[str] = "Switch"
+    ORDER: ClassVar[int] = 5
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -172,6 +174,3 @@ class SwitchSAE(MoESAE):
         self.W_enc.copy_(tensors["W_enc"].reshape(d, N, n).permute(1, 0, 2))
         self.W_router.copy_(tensors["W_router"])
         self.b_router.copy_(tensors["b_router"])
-
-    def saved_metadata(self) -> dict[str, Any]:
-        return {**super().saved_metadata(), "active_experts": 1}

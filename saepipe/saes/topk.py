@@ -43,6 +43,8 @@ class TopKConfig(AuxKConfigMixin, SAEConfig):
     aux_coeff: float = 1 / 32  # AuxK loss coefficient
 
     ARCH: ClassVar[str] = "topk"
+    LABEL: ClassVar[str] = "TopK"
+    ORDER: ClassVar[int] = 0
 
     def __post_init__(self) -> None:
         super().__post_init__()
