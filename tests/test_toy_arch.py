@@ -69,6 +69,24 @@ def test_trait_columns_agree_between_registry_and_verdicts():
     assert verdicts.TRAIT_COLUMNS == registry.TRAIT_COLUMNS
 
 
+def test_nothing_outside_saepipe_saes_tests_an_architecture_name():
+    """Callers read traits: no quoted built-in arch name outside saepipe/saes, tests, configs."""
+    from saepipe.saes.registry import ARCHITECTURES
+
+    names = "|".join(sorted(a for a in ARCHITECTURES if a != "toymoe"))
+    pattern = re.compile(rf'"({names})"')
+    skip = ("saepipe/saes/", "tests/", "configs/", ".venv/", "config.yaml")
+    not_archs = {"saepipe/lm.py": "hook_{h}"}  # TransformerLens hook names (ln*.hook_scale)
+    found = []
+    for path in sorted(REPO.rglob("*")):
+        rel = path.relative_to(REPO).as_posix()
+        if (path.suffix in (".py", ".smk", ".yaml") or path.name == "Snakefile") and path.is_file() \
+                and not rel.startswith(skip) and "/." not in f"/{rel}":
+            found += [f"{rel}:{i}: {line.strip()}" for i, line in enumerate(path.read_text().splitlines(), 1)
+                      if pattern.search(line) and not (rel in not_archs and not_archs[rel] in line)]
+    assert not found, "\n".join(found)
+
+
 def test_a_missing_plugin_names_the_module_and_the_fix():
     env_code = ("import os; os.environ['SAEPIPE_PLUGINS'] = 'no_such_saepipe_plugin'; import saepipe.saes")
     proc = subprocess.run([sys.executable, "-c", env_code], cwd=REPO, capture_output=True, text=True)
@@ -77,8 +95,12 @@ def test_a_missing_plugin_names_the_module_and_the_fix():
 
 
 def _toy_config() -> dict:
+    """The micro config with one training shard and the toy next to TopK (k = 4 each)."""
     cfg = micro_config()
     cfg["plugins"] = ["toy_arch"]
+    cfg["corpus"].update(min_tokens=30_000)
+    cfg["extract"].update(train_tokens=8_192)
+    cfg["train"].update(tokens=8_192)
     cfg["sweep"] = {
         "topk": {"arch": "topk", "width": 128, "k": 4, "dead_tokens": 4096},
         "toy": {"arch": "toymoe", "width": 128, "n_experts": 4, "k": 4, "dead_tokens": 4096},
@@ -99,13 +121,16 @@ def _figure_texts(monkeypatch) -> list[str]:
     return texts
 
 
-def _planned_inputs(workdir: Path, rule: str) -> str:
-    """The input line(s) of `rule`'s job in a forced dry run (the files Snakemake passes it)."""
-    proc = snakemake(workdir, "-n", "--forcerun", rule, "--", f"results/plots/{rule.removeprefix('plot_')}.png",
-                     pythonpath=(TESTS,))
-    block = re.search(rf"rule {rule}:\n(.*?)(?:\n\n|\Z)", proc.stdout, re.S)
-    assert block, proc.stdout[-3000:]
-    return block.group(1)
+def _planned_inputs(workdir: Path, rules: tuple[str, ...]) -> dict[str, str]:
+    """Rule -> the text of its job in a forced dry run (input files: what Snakemake passes it)."""
+    targets = [f"results/plots/{rule.removeprefix('plot_')}.png" for rule in rules]
+    proc = snakemake(workdir, "-n", "--forcerun", *rules, "--", *targets, pythonpath=(TESTS,))
+    jobs = {}
+    for rule in rules:
+        block = re.search(rf"rule {rule}:\n(.*?)(?:\n\n|\Z)", proc.stdout, re.S)
+        assert block, (rule, proc.stdout[-3000:])
+        jobs[rule] = block.group(1)
+    return jobs
 
 
 def test_toy_architecture_runs_through_the_pipeline(tmp_path, monkeypatch, toy_registered):
@@ -132,9 +157,10 @@ def test_toy_architecture_runs_through_the_pipeline(tmp_path, monkeypatch, toy_r
         assert (plots / f"{figure}.png").read_bytes().startswith(b"\x89PNG"), figure
     assert not (plots / "omega.png").exists()
     # ... with the toy among the files the rules pass to the figures that read SAEs or logs
-    assert f"results/saes/{TOY_SAE}/train_log.jsonl" in _planned_inputs(workdir, "plot_expert_load")
+    jobs = _planned_inputs(workdir, ("plot_expert_load", "plot_feature_geometry", "plot_tsne"))
+    assert f"results/saes/{TOY_SAE}/train_log.jsonl" in jobs["plot_expert_load"]
     for rule in ("plot_feature_geometry", "plot_tsne"):
-        assert f"results/saes/{TOY_SAE}/sae.safetensors" in _planned_inputs(workdir, rule)
+        assert f"results/saes/{TOY_SAE}/sae.safetensors" in jobs[rule]
     # ... and drawn: its id, group or label is in each figure's text
     from saepipe.plots.experts import plot_expert_load, plot_expert_usage
     from saepipe.plots.frontier import plot_frontier

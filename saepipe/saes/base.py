@@ -231,6 +231,11 @@ class SAE(nn.Module):
     ``_encode_n`` (normalised input -> (Encoding, extras)),
     ``_init_encoder``, ``flops_per_token`` and may extend ``_aux_losses``,
     ``init_from_batch``, ``_saved_tensors`` and ``_load_saved_tensors``.
+
+    Callers outside ``saepipe.saes`` read an SAE through the config's traits and properties
+    (``ROUTED``, ``expert_count``, ...) and these methods, never by probing attributes:
+    :meth:`expert_counts` (routed tokens per expert of a batch), :meth:`extra_stats`
+    (learned statistics such as Scale's omega) and :meth:`encoder_features_MD`.
     """
 
     def __init__(self, cfg: SAEConfig):
