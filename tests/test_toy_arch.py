@@ -16,7 +16,6 @@ import matplotlib.figure
 import matplotlib.text
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import REPO, copy_workflow, micro_config, snakemake
 
 matplotlib.use("Agg")
@@ -44,10 +43,11 @@ def toy_registered():
 
 
 def test_registry_exposes_the_toy_traits(toy_registered):
+    from toy_arch import ToyMoEConfig, ToyMoESAE
+
     from saepipe.saes import arch_traits, build_sae, register_architecture
     from saepipe.saes.switch import SwitchSAE
     from saepipe.saes.topk import TopKConfig
-    from toy_arch import ToyMoEConfig, ToyMoESAE
 
     assert arch_traits("toymoe") == {"arch_label": "Toy MoE", "arch_order": 50, "l0_fixed": True,
                                      "routed": True, "has_omega": False, "has_threshold": False}

@@ -8,6 +8,10 @@ papers' units (``alpha_units``) and AuxK over the whole dictionary.
 """
 
 from .base import SAE, Encoding, SAEConfig, SAEOutput
+from .batchtopk import BatchTopKConfig, BatchTopKSAE
+from .gated import GatedConfig, GatedSAE
+from .jumprelu import JumpReLUConfig, JumpReLUSAE
+from .moe import MoEConfig, MoESAE
 from .registry import (
     ARCHITECTURES,
     arch_traits,
@@ -20,10 +24,6 @@ from .registry import (
     register_architecture,
     save_sae,
 )
-from .batchtopk import BatchTopKConfig, BatchTopKSAE
-from .gated import GatedConfig, GatedSAE
-from .jumprelu import JumpReLUConfig, JumpReLUSAE
-from .moe import MoEConfig, MoESAE
 from .relu import ReLUConfig, ReLUSAE
 from .scale import ScaleConfig, ScaleSAE
 from .switch import SwitchConfig, SwitchSAE

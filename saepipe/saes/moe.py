@@ -81,6 +81,8 @@ class MoEConfig(AuxKConfigMixin, SAEConfig):
     aux_coeff: float = 1 / 32  # AuxK loss coefficient
     dead_tokens: int = 10_000_000  # tokens without firing after which a latent is dead
 
+    ROUTED: ClassVar[bool] = True  # trait: a router picks experts per token
+
     def __post_init__(self) -> None:
         super().__post_init__()
         N = self.n_experts
@@ -98,8 +100,6 @@ class MoEConfig(AuxKConfigMixin, SAEConfig):
         self._validate_auxk()
         if not isinstance(self.auxk_expert_weight, bool):
             raise ValueError(f"auxk_expert_weight must be a bool, got {self.auxk_expert_weight!r}")
-
-    ROUTED: ClassVar[bool] = True
 
     @property
     def expert_count(self) -> int:
