@@ -5,12 +5,12 @@ the loader alone against the fastest consumer.
     python bench/train_throughput.py --preset h200   # GPU, GPT-2 scale (d=768, M=24576, k=32, batch 16384, bf16)
 
 Per architecture (every registered one at total width M; Switch with M/N = M/32 latents per
-expert; Scale at (N, e) with e*M/N equal to Switch's expert width, the SPEC's FLOP-matched
+expert; Scale at (N, e) with e*M/N equal to Switch's expert width, the FLOP-matched
 (64, 2) and (128, 4) at GPT-2 scale) one full training step is timed: the trainer's own
 `saepipe.train.train_step` (forward under bf16 autocast on GPU, fp32 on CPU; backward;
 decoder hooks; Adam, fused on CUDA), median of --steps after --warmup, on one fixed batch.
 
-- roofline: tokens/s if a step cost 3x the forward FLOPs/token of SPEC §1
+- roofline: tokens/s if a step cost 3x the forward FLOPs/token of docs/reference.md §1
   (`config.flops_per_token()`) at the device's dense matmul peak, measured in the same run
   with a large torch.mm (fp32 on CPU, bf16 on GPU). References are charged their library
   twin's FLOPs (same model, more work), so their % shows the waste. The TopK family's

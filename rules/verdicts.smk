@@ -1,4 +1,4 @@
-# Verdicts on the papers' claims (SPEC §6) from the table: results/verdicts.json, the report's
+# Verdicts on the papers' claims (docs/reference.md §6) from the table: results/verdicts.json, the report's
 # first page, and the summary fragment shown on the report's landing page (report/workflow.rst).
 from saepipe.verdicts import VerdictConfig
 

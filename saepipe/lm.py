@@ -421,7 +421,7 @@ def keep_positions_clean(replace: Callable[[torch.Tensor], torch.Tensor],
     A position `p >= S` is simply absent from that batch. This is how the CE losses honour
     the shards' `exclude_positions` (e.g. GPT-2's BOS, residual norm ~50x the others): those
     positions are never trained on nor scored by the reconstruction metrics, so both the SAE
-    splice and the zero-ablation baseline must leave them clean (SPEC §5), or every SAE is
+    splice and the zero-ablation baseline must leave them clean (docs/reference.md §5), or every SAE is
     charged for a token it never saw. `replace` still runs on the whole activation (its
     output at the kept positions is discarded, NaN/inf included). Empty `keep_positions`:
     `replace` itself.

@@ -1,4 +1,4 @@
-"""Verdicts on the papers' claims (SPEC §6): measured effect, CI over seeds, one status.
+"""Verdicts on the papers' claims (docs/reference.md §6): measured effect, CI over seeds, one status.
 
 A claim is a row of ``CLAIMS``, a declarative spec, not code: side A and side B are
 selectors over table-row fields, the architecture's traits rather than its name (``routed ==
@@ -145,7 +145,7 @@ class ClaimSpec:
     """A testable claim: side A should beat side B on `metric` in `direction`, paired by seed."""
 
     id: str = _field("Stable identifier of the claim.")
-    number: str = _field("Its number in SPEC §6.")
+    number: str = _field("Its number in docs/reference.md §6.")
     text: str = _field("The claim in words.")
     short: str = _field("A few words for narrow tables.")
     paper: str = _field("The papers' reported effect.")
@@ -243,7 +243,7 @@ class Verdict:
     """One claim tested at one k on one pair of sweep points (A vs B), paired by seed."""
 
     claim: str = _field("Claim id (see `claims`).")
-    number: str = _field("Claim number in SPEC §6.")
+    number: str = _field("Claim number in docs/reference.md §6.")
     claim_text: str = _field("The claim in words.")
     paper: str = _field("The papers' reported effect, as text.")
     k: int | None = _field("The k of both sides (None for a claim not in the sweep).")
@@ -276,7 +276,7 @@ class Verdict:
 
 @dataclass(frozen=True)
 class VerdictReport:
-    """results/verdicts.json: the verdict of every claim of SPEC §6 the sweep can test."""
+    """results/verdicts.json: the verdict of every claim of docs/reference.md §6 the sweep can test."""
 
     schema_version: str = _field("Version of this format.")
     config: VerdictConfig = _field("The thresholds used.")
@@ -544,7 +544,7 @@ def format_table(result: dict) -> str:
              for v in result["verdicts"]]
     widths = [max(len(row[i]) for row in [head, *lines]) for i in range(len(head) - 1)]
     cfg = result["config"]
-    out = [f"Verdicts on the papers' claims (SPEC §6): {cfg['confidence']:.0%} CI over seeds, paired by seed; "
+    out = [f"Verdicts on the papers' claims (docs/reference.md §6): {cfg['confidence']:.0%} CI over seeds, paired by seed; "
            f"min_seeds {cfg['min_seeds']}, max_dead_fraction {cfg['max_dead_fraction']}, "
            f"close_tolerance {cfg['close_tolerance']}"]
     for row in [head, *lines]:
@@ -564,7 +564,7 @@ def _status_html(status: str, reason: str = "") -> str:
 
 def _how_to_read(cfg: dict) -> str:
     return (
-        "One row per claim of the Switch and Scale SAE papers (SPEC §6) at every k the sweep covers. "
+        "One row per claim of the Switch and Scale SAE papers (docs/reference.md §6) at every k the sweep covers. "
         "Side A is the architecture the claim is about, side B what it is compared with; the two are "
         "paired by seed (same k, same seed, same matching). <b>Effect</b> = mean over the seed pairs of "
         "the relative difference (A − B) / B (or, for redundancy, the difference A − B in percentage "

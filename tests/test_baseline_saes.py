@@ -1,7 +1,7 @@
 """Tests for the baseline SAEs (ReLU/L1, BatchTopK, JumpReLU, Gated): efficient paths vs naive
 dense references (outputs, losses, every gradient), arch-specific mechanics (L1 weighting and
 warm-up, batch selection and threshold, STE, detached auxiliary loss, decoder-norm hooks),
-the SPEC §2 saved format, config checks, and a small feature-recovery run per arch (CPU)."""
+the docs/reference.md §2 saved format, config checks, and a small feature-recovery run per arch (CPU)."""
 
 from __future__ import annotations
 

@@ -118,7 +118,7 @@ def test_metrics_json_is_complete(setup):
     assert 0 <= saved["activation_similarity"] <= 1 and saved["intra_expert_redundancy"] is not None
 
 
-# ---- excluded positions in the CE splices (SPEC §5) -----------------------------------------
+# ---- excluded positions in the CE splices (docs/reference.md §5) -----------------------------------------
 
 BOS_SPIKE, BOS_THRESHOLD = 60.0, 20.0  # x[0] at position 0 ~ 60, elsewhere |x[0]| of order 1
 

@@ -1,4 +1,4 @@
-"""Fair-comparison settings of the routed SAEs (SPEC §5): the balance weight alpha in the
+"""Fair-comparison settings of the routed SAEs (docs/reference.md §5): the balance weight alpha in the
 papers' units, AuxK for Switch and Scale (value vs a dense reference, revival of dead latents
 in training), and the cost accounting on the configs (parameters, training FLOPs)."""
 

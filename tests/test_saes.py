@@ -288,7 +288,7 @@ def test_config_errors_registry_and_flops():
     assert config_from_dict(cfg.to_dict()) == cfg
     for name, (sae_cls, cfg_cls) in ARCHITECTURES.items():
         assert issubclass(sae_cls, SAE) and cfg_cls.ARCH == name
-    t = build_sae(TopKConfig("topk", 32, 256, 8))  # FLOPs per token, SPEC §1
+    t = build_sae(TopKConfig("topk", 32, 256, 8))  # FLOPs per token, docs/reference.md §1
     assert t.flops_per_token() == 2 * 32 * 256 + 2 * 32 * 8
     s = build_sae(SwitchConfig("switch", 32, 256, 8, n_experts=4))
     assert s.flops_per_token() == 2 * 32 * 4 + 2 * 32 * 64 + 2 * 32 * 8

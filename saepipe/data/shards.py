@@ -7,7 +7,7 @@ Layout of `<split>/<index>.zarr`:
     zarr.json  attributes: the shard's metadata (model, hook, dtype, token_count, mean_norm,
                d_in, seq_len, split, index, ...)
 fp16 activations barely compress, so chunks are stored raw; each inner chunk is >= 1 MB
-and a whole shard is read with one slice per array (SPEC §4).
+and a whole shard is read with one slice per array (docs/reference.md §4).
 
 Integrity: every chunk carries a crc32c checksum and every chunk file is written (even one
 equal to the fill value), so a flipped byte, a truncated chunk and a deleted chunk are all

@@ -1,1 +1,1 @@
-"""Evaluation of trained SAEs on held-out activations (SPEC §3)."""
+"""Evaluation of trained SAEs on held-out activations (docs/reference.md §3)."""

@@ -1,4 +1,4 @@
-"""Dictionary geometry and routing metrics (SPEC §3): redundancy, expert specialization,
+"""Dictionary geometry and routing metrics (docs/reference.md §3): redundancy, expert specialization,
 expert similarity, activation similarity and expert usage.
 
 All functions take torch tensors on any device (CPU included) and compute in float32 on
@@ -14,7 +14,7 @@ Conventions
   non-negative activations the two features cannot stand in for each other. Thresholds are
   strict (``cos > threshold``).
 * Experts own contiguous latent blocks: expert ``i`` owns ``[i * n, (i + 1) * n)`` with
-  ``n = M // N`` (Switch and Scale, SPEC §1).
+  ``n = M // N`` (Switch and Scale, docs/reference.md §1).
 """
 from __future__ import annotations
 
@@ -108,7 +108,7 @@ def decoder_redundancy(
 def expert_specialization(
     W_dec_MD: Tensor, n_experts: int, threshold: float = 0.9, seed: int = 0, chunk: int = 4096
 ) -> dict:
-    """Intra- vs inter-expert redundancy (SPEC §3, expert specialization).
+    """Intra- vs inter-expert redundancy (docs/reference.md §3, expert specialization).
 
     * ``intra_expert_redundancy``: mean over experts of the fraction of that expert's
       ``n = M / N`` features whose max cosine to ANOTHER feature of the SAME expert exceeds

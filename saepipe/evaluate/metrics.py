@@ -6,7 +6,7 @@ units. CE losses run the LM on whole eval sequences taken from those shards: cle
 model by `lm_baseline`), and with it replaced by the SAE's reconstruction. The sequence
 positions the shards list in `exclude_positions` (e.g. GPT-2's BOS) are left out of the
 reconstruction metrics and keep their clean activation in BOTH spliced CE losses (zero and
-SAE), so no SAE is charged for a token it never trained on (SPEC §5); the CE itself still
+SAE), so no SAE is charged for a token it never trained on (docs/reference.md §5); the CE itself still
 averages over every next-token prediction.
 """
 from __future__ import annotations
@@ -65,7 +65,7 @@ class SAEMetrics:
     ce_loss_zero: float
     loss_recovered: float     # (CE_zero - CE_recon) / (CE_zero - CE_orig)
     delta_ce: float           # CE_recon - CE_orig
-    flops_per_token: int      # forward FLOPs per token (SPEC §1)
+    flops_per_token: int      # forward FLOPs per token (docs/reference.md §1)
     redundancy_09: float      # fraction of decoder rows with max cosine to another row > 0.9
     redundancy_08: float      # same at 0.8
     mean_max_cos: float       # mean over decoder rows of the max cosine to another row

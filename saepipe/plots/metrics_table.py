@@ -1,4 +1,4 @@
-"""The report's metrics page: every SAE's scalar metrics (SPEC §3) in one HTML table.
+"""The report's metrics page: every SAE's scalar metrics (docs/reference.md §3) in one HTML table.
 
 Rows follow the sweep (grouped by group, then k); a column is shown when at least one SAE
 has a value. Per-expert lists (counts, CDF, omega) are in the figures and the parquet.

@@ -1,6 +1,6 @@
 """Compute scaling (Switch paper Fig. 1): training FLOPs vs reconstruction at fixed k.
 
-Training FLOPs of an SAE = 3 x forward FLOPs/token x training tokens (SPEC §1: a training
+Training FLOPs of an SAE = 3 x forward FLOPs/token x training tokens (docs/reference.md §1: a training
 step costs about three forward passes; the paper's convention, which leaves out the
 optimizer -- the frontier's equal-training-cost panel uses the table's
 ``train_flops_per_token``, optimizer included). One panel per k shared by at least two

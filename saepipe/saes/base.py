@@ -11,11 +11,11 @@ the normalised space: ``mse = ||x_n - x_hat_n||^2 / d`` (mean over tokens) equal
 against the RAW squared error (the MoE balance weight ``alpha``) is therefore multiplied by
 ``act_norm_factor**2`` in the normalised loss (see ``alpha_units`` in :mod:`saepipe.saes.moe`).
 
-The saved weights (``sae.safetensors``, SPEC §2: ``W_enc [d, M]``, ``b_enc [M]``,
+The saved weights (``sae.safetensors``, docs/reference.md §2: ``W_enc [d, M]``, ``b_enc [M]``,
 ``W_dec [M, d]``, ``b_dec [d]``, MoE archs add ``W_router [d, N]``, ``b_router [d]``,
 ``router_bias [N]``) are the normalised-space weights. To use them on raw activations:
 ``x_n = x * act_norm_factor`` (``act_norm_factor`` from ``config.json``), run the
-architecture's forward pass (SPEC §1) on ``x_n``, then divide ``x_hat_n`` by
+architecture's forward pass (docs/reference.md §1) on ``x_n``, then divide ``x_hat_n`` by
 ``act_norm_factor``. Feature directions (rows of ``W_dec``) are unchanged by this scaling.
 
 Training protocol expected from the trainer: ``init_from_batch(first_batch)`` once;
@@ -90,7 +90,7 @@ class SAEConfig:
             raise ValueError(f"{type(self).__name__} needs arch={self.ARCH!r}, got {self.arch!r}")
 
     def flops_per_token(self) -> int:
-        """Forward FLOPs per token (SPEC §1, multiply-add = 2 FLOPs).
+        """Forward FLOPs per token (docs/reference.md §1, multiply-add = 2 FLOPs).
 
         Default: the dense family, ``2 d M`` encoder + ``2 d k`` sparse decoder (for archs
         whose L0 is measured, ``k`` is the expected L0). MoE archs override it.
@@ -107,7 +107,7 @@ class SAEConfig:
         return 2 * d * M + M + d
 
     def train_flops_per_token(self, batch_size: int) -> float:
-        """Training FLOPs per token, one formula for every architecture (SPEC §5 cost matching)::
+        """Training FLOPs per token, one formula for every architecture (docs/reference.md §5 cost matching)::
 
             3 * flops_per_token()                                  # forward + backward (~2x fwd)
             + (ADAM_FLOPS_PER_PARAM * n_params()                   # Adam touches every parameter
@@ -262,7 +262,7 @@ class SAE(nn.Module):
         raise NotImplementedError
 
     def flops_per_token(self) -> int:
-        """Forward FLOPs per token (SPEC §1, multiply-add = 2 FLOPs); see the config's method."""
+        """Forward FLOPs per token (docs/reference.md §1, multiply-add = 2 FLOPs); see the config's method."""
         return self.cfg.flops_per_token()
 
     # ---- public API ---------------------------------------------------------------------
@@ -383,7 +383,7 @@ class SAE(nn.Module):
         kernels.normalise_rows_(self.W_dec.data)
 
     def _saved_tensors(self) -> dict[str, Tensor]:
-        """Tensors in the SPEC §2 names/shapes (subclasses add theirs)."""
+        """Tensors in the docs/reference.md §2 names/shapes (subclasses add theirs)."""
         return {"W_dec": self.W_dec, "b_dec": self.b_dec}
 
     @torch.no_grad()

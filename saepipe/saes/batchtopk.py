@@ -1,4 +1,4 @@
-"""BatchTopK SAE (Bussmann, Leask, Nanda 2024; SPEC §1).
+"""BatchTopK SAE (Bussmann, Leask, Nanda 2024; docs/reference.md §1).
 
 Forward (normalised space, ``x_n = x * act_norm_factor``)::
 

@@ -1,4 +1,4 @@
-"""Gated SAE (Rajamanoharan et al. 2024, "Improving Dictionary Learning with Gated SAEs"; SPEC §1).
+"""Gated SAE (Rajamanoharan et al. 2024, "Improving Dictionary Learning with Gated SAEs"; docs/reference.md §1).
 
 Forward (normalised space, ``x_n = x * act_norm_factor``; ``W = W_enc`` [d, M] is the gate
 encoder, the magnitude encoder is ``W_mag = exp(r_mag) * W`` column-wise, so ONE dense matmul
@@ -27,7 +27,7 @@ r_mag, b_mag zero; the small default (0.05) avoids the initial overshoot of ~M/2
 latents on unit decoder rows (synthetic recovery test, l1_coeff 2: recovery 0.97 at 0.05 vs
 0.75 at 0.1).
 
-Saved (SPEC §2): ``W_enc`` = W [d, M], ``b_enc`` = zeros [M] (the arch has no such bias),
+Saved (docs/reference.md §2): ``W_enc`` = W [d, M], ``b_enc`` = zeros [M] (the arch has no such bias),
 ``b_gate``, ``r_mag``, ``b_mag`` [M], ``W_dec``, ``b_dec``. Variable L0 -> the padded
 ``(acts_BL, idx_BL)`` code of :func:`kernels.padded_code`.
 """

@@ -1,4 +1,4 @@
-"""JumpReLU SAE (Rajamanoharan et al. 2024, "Jumping Ahead"; SPEC §1).
+"""JumpReLU SAE (Rajamanoharan et al. 2024, "Jumping Ahead"; docs/reference.md §1).
 
 Forward (normalised space, ``x_n = x * act_norm_factor``)::
 
@@ -24,7 +24,7 @@ space). The measured L0 is ``(acts_BK > 0).sum(-1)`` (exact: padded code below) 
 ``l0_penalty * d / l0_coeff``.
 
 Threshold parameterisation: the raw threshold, not the paper's log-threshold: it is saved
-exactly as SPEC §2 ``threshold`` [M], and Adam moves it at a useful speed from its small init
+exactly as docs/reference.md §2 ``threshold`` [M], and Adam moves it at a useful speed from its small init
 (``threshold_init``, paper 1e-3; a log-parameter moves multiplicatively, ~lr per step). It is
 clamped to ``>= 0`` after every step (a negative threshold would count the zeros of ``r`` as
 active). Decoder rows unit-norm (base hooks).

@@ -1,7 +1,7 @@
 """Shared compute kernels for the SAE architectures (pure torch).
 
 - :func:`sparse_decode` - one ``F.embedding_bag`` over GLOBAL latent indices; never builds a
-  dense ``[B, M]`` code (SPEC §4).
+  dense ``[B, M]`` code (docs/reference.md §4).
 - :func:`topk_linear` - dense encoder ``x W + b`` followed by TopK (optionally a second TopK
   over a masked subset, for AuxK) whose backward is sparse: only the selected ``B x k`` entries
   reach ``W`` / ``b`` (embedding_bag weight-gradient kernel), never a dense ``[B, M]`` grad.

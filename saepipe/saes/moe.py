@@ -19,9 +19,9 @@ activations, while this project's ``mse`` term is computed on ``x_n = f x``
 the whole normalised loss is ``f**2`` times the papers' objective, so ``alpha`` means the
 papers' alpha (``alpha = 3`` is their default). ``"normalised"`` keeps ``alpha`` relative to
 the normalised reconstruction (E||x_n|| ~ sqrt(d)), which is scale-free across models but is
-the papers' ``alpha * (E||x_raw||)^2 / d`` (about 8x for GPT-2 layer 8, SPEC §5).
+the papers' ``alpha * (E||x_raw||)^2 / d`` (about 8x for GPT-2 layer 8, docs/reference.md §5).
 
-``auxk`` (Gao et al. 2024 AuxK, SPEC §1/§5; training mode only, ``auxk=True``): latents that
+``auxk`` (Gao et al. 2024 AuxK, docs/reference.md §1, §5; training mode only, ``auxk=True``): latents that
 have not fired for more than ``dead_tokens`` tokens are dead. Their pre-activations are
 computed over the WHOLE dictionary, regardless of routing (the arch's ``_dead_encoder``:
 Switch ``W_enc`` columns, no bias; Scale feature-scaled ``W_hat`` columns + ``b_enc``), on

@@ -1,4 +1,4 @@
-"""Architecture registry, architecture traits, plugins and the on-disk SAE format (SPEC §2).
+"""Architecture registry, architecture traits, plugins and the on-disk SAE format (docs/reference.md §2).
 
 ``ARCHITECTURES`` maps a registry name to ``(SAE class, config class)``. A new architecture
 is one module with its config class (``SAEConfig`` subclass declaring its traits: ``LABEL``,
@@ -14,7 +14,7 @@ imports :mod:`saepipe.saes` (each job's script) imports the modules named there
 
 A saved SAE is a directory with
 
-- ``sae.safetensors``: float32 tensors in the SPEC §2 names/shapes (normalised-space weights;
+- ``sae.safetensors``: float32 tensors in the docs/reference.md §2 names/shapes (normalised-space weights;
   see :mod:`saepipe.saes.base` for how ``act_norm_factor`` applies), and
 - ``config.json``: ``cfg.to_dict()`` plus informational keys (``n_experts``,
   ``active_experts``, ``d_sae``, format tags), ``sort_keys=True, indent=2``.

@@ -1,4 +1,4 @@
-"""ReLU (L1) SAE, Anthropic April-2024 recipe (SPEC §1), and the padded sparse code shared by
+"""ReLU (L1) SAE, Anthropic April-2024 recipe (docs/reference.md §1), and the padded sparse code shared by
 the variable-L0 architectures (ReLU, BatchTopK, JumpReLU, Gated) lives in kernels.py.
 
 Forward (normalised space, ``x_n = x * act_norm_factor``)::

@@ -1,4 +1,4 @@
-"""Scale SAE (Xu et al. 2025, arXiv 2511.05745, §2.2 and App. C; SPEC §1).
+"""Scale SAE (Xu et al. 2025, arXiv 2511.05745, §2.2 and App. C; docs/reference.md §1).
 
 Forward (normalised space, ``x_n = x * act_norm_factor``; N experts of n = M / N latents,
 expert i owns the global latents ``[i n, (i+1) n)``)::
@@ -55,7 +55,7 @@ Paper vs reference code (every difference is a flag; the paper's form is the def
 - ``alpha_units``: "paper" (default): alpha is the paper's coefficient of eq. 2.2 on RAW
   activations; "normalised": alpha applied to the loss on normalised activations.
 - ``auxk``: neither the paper nor its code uses Gao's AuxK; default True for fair
-  comparisons with TopK (SPEC §5), False to reproduce the paper.
+  comparisons with TopK (docs/reference.md §5), False to reproduce the paper.
 - ``weight_order``: "after_topk" (paper eqs. 2.3-2.4: TopK on unweighted activations, then
   ``x_hat = sum_i p_i W_dec_i z_i``) | "before_topk" (reference code: weights applied before
   the TopK, so they influence which latents are selected).
@@ -67,13 +67,13 @@ Paper vs reference code (every difference is a flag; the paper's form is the def
 - ``decoder_norm``: "rows" (unit-norm features, as every TopK SAE) | "columns" (reference
   code, per-expert column normalisation; looks like a bug).
 
-Efficiency (SPEC §4): the B*e (token, selected expert) pairs are stable-sorted by expert and
+Efficiency (docs/reference.md §4): the B*e (token, selected expert) pairs are stable-sorted by expert and
 encoded by ONE grouped matmul against ``W_hat [N, d, n]`` (recomputed per forward, O(dM));
 each pair keeps its top-min(k, n) latents (the global top-k is a subset of their union: a
 per-pair positive weight does not change the order inside a pair), then one TopK over the
 ``e * min(k, n)`` candidates per token; decode is one ``F.embedding_bag``.
 
-Saved format (SPEC §2): ``W_enc [d, M]`` (raw, not ``W_hat``), ``b_enc [M]``, ``W_dec``,
+Saved format (docs/reference.md §2): ``W_enc [d, M]`` (raw, not ``W_hat``), ``b_enc [M]``, ``W_dec``,
 ``b_dec``, ``W_router [d, N]``, ``b_router [d]``, ``router_bias [N]``, ``omega [N]``
 (+ ``lowpass_A [d, d]`` when ``lowpass="learned"``). SAEs saved before the App. C
 definitions (``lowpass_logits``, and ``"identity"`` meaning ``LP = 0``) are not loadable as

@@ -1,4 +1,4 @@
-"""Switch SAE (Mudide et al. 2024, arXiv 2410.08201; SPEC §1).
+"""Switch SAE (Mudide et al. 2024, arXiv 2410.08201; docs/reference.md §1).
 
 Forward (normalised space, ``x_n = x * act_norm_factor``; N experts of n = M / N latents)::
 
@@ -22,13 +22,13 @@ Paper vs reference code (every difference is a flag; the paper's form is the def
   ``||x - x_hat||^2 / d + alpha L_lb`` on RAW activations (as the reference code computes
   it); "normalised" applies alpha to the loss on normalised activations (scale-free).
 - ``auxk``: neither the paper nor its code trains with Gao's AuxK (the code's variant is
-  nearly inert); default True for fair comparisons with TopK (SPEC §5), False to reproduce the
+  nearly inert); default True for fair comparisons with TopK (docs/reference.md §5), False to reproduce the
   paper.
 - ``heaviside``: the paper's ablation (gate 1 instead of p_{i*}); default False = the paper.
 - The reference code encodes all M latents densely and masks them; here only the routed
   expert's are computed (same values, real FLOP saving).
 
-Efficiency (SPEC §4): tokens are stable-sorted by expert and the encoder runs as ONE grouped
+Efficiency (docs/reference.md §4): tokens are stable-sorted by expert and the encoder runs as ONE grouped
 matmul against ``W_enc`` stored internally as ``[N, d, n]`` (experts with zero tokens are
 fine); decode is one ``F.embedding_bag`` over global indices ``i* n + local``. No dense
 ``[B, M]`` tensor and no Python loop over experts on the hot path (the loop exists only as

@@ -1,4 +1,4 @@
-"""TopK SAE with AuxK (Gao et al. 2024; SPEC §1).
+"""TopK SAE with AuxK (Gao et al. 2024; docs/reference.md §1).
 
 Forward (normalised space, ``x_n = x * act_norm_factor``)::
 
