@@ -7,6 +7,7 @@ Trait columns (``saepipe.saes.arch_traits``; figures and verdicts read these, ne
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import pyarrow as pa
@@ -16,7 +17,7 @@ from saepipe.io import atomic_path, read_json
 from saepipe.saes.registry import arch_traits
 
 
-def sae_row(sae_dir: str | Path, metrics_json: str | Path, sweep: dict, extras: list[str] = ()) -> dict:
+def sae_row(sae_dir: str | Path, metrics_json: str | Path, sweep: dict, extras: Sequence[str] = ()) -> dict:
     """One table row; `sweep` = {"group": name, "point": the id without the seed axis, and for
     matched groups "baseline", "by"}; `extras`: more JSON files of flat columns (e.g.
     autointerp.json) from this SAE's directory.
@@ -40,7 +41,7 @@ def sae_row(sae_dir: str | Path, metrics_json: str | Path, sweep: dict, extras: 
 
 
 def aggregate(sae_dirs: list[str], metrics: list[str], sweep: list[dict], out_parquet: str,
-              extras: list[str] = ()) -> pa.Table:
+              extras: Sequence[str] = ()) -> pa.Table:
     """Write the table; `extras` are per-SAE JSON files, matched to SAEs by directory."""
     by_dir: dict[Path, list[str]] = {}
     for extra in extras:

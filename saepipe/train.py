@@ -223,10 +223,12 @@ def train_sae(sae_fields: dict, cfg: TrainConfig, shards: list[str], out_dir: st
     })
     device = resolve_device(cfg.device)
     cfg = cfg.resolved(device)
+    batch_size, cache_gb = cfg.batch_size, cfg.device_cache_gb
+    assert isinstance(batch_size, int) and isinstance(cache_gb, float), "resolved() replaces every 'auto'"
     torch.manual_seed(cfg.seed)
     sae = build_sae(sae_cfg).to(device)
-    stream = ShardStream(shards, cfg.batch_size, cfg.tokens, seed=cfg.seed, buffer_shards=cfg.buffer_shards,
-                         device=device, prefetch=cfg.prefetch_windows, cache_bytes=cfg.device_cache_gb * 2**30)
+    stream = ShardStream(shards, batch_size, cfg.tokens, seed=cfg.seed, buffer_shards=cfg.buffer_shards,
+                         device=device, prefetch=cfg.prefetch_windows, cache_bytes=cache_gb * 2**30)
     total = len(stream)
     if total == 0:
         raise ValueError(f"train.tokens ({cfg.tokens}) is smaller than one batch ({cfg.batch_size})")
@@ -241,7 +243,7 @@ def train_sae(sae_fields: dict, cfg: TrainConfig, shards: list[str], out_dir: st
     ckpt = Checkpoint(ckpt_path, _job_key(sae_fields, cfg, shards, metas), sae, opt, sched)
     start, log, resumes, elapsed = ckpt.restore()
     t0 = time.time() - elapsed
-    t_log, tokens_at_log, t_ckpt = time.time(), start * cfg.batch_size, time.monotonic()
+    t_log, tokens_at_log, t_ckpt = time.time(), start * batch_size, time.monotonic()
     bar = tqdm(total=total, initial=start, desc=f"train {out_dir.name}", file=sys.stderr, mininterval=5)
     print(f"train {out_dir.name}: {device}, batch {cfg.batch_size}, {cfg.precision}, "
           + ("activations cached on the device" if stream.cached else
@@ -255,7 +257,7 @@ def train_sae(sae_fields: dict, cfg: TrainConfig, shards: list[str], out_dir: st
             bar.update()
             if step % cfg.log_every == 0 or step == total - 1:  # the only host syncs of the loop
                 ckpt.check_finite(loss, step, state=False)
-                now, tokens = time.time(), (step + 1) * cfg.batch_size
+                now, tokens = time.time(), (step + 1) * batch_size
                 row = {
                     "step": step, "tokens": tokens, "lr": sched.get_last_lr()[0],
                     "loss": loss.item(), **{k: v.item() for k, v in out.losses.items()},

@@ -33,7 +33,7 @@ from __future__ import annotations
 import os
 import queue
 import threading
-from typing import Callable, Iterator, TypeVar
+from typing import Callable, Iterator, Sequence, TypeVar
 
 import numpy as np
 import torch
@@ -77,7 +77,7 @@ class ShardStream:
     Neither changes the batches.
     """
 
-    def __init__(self, paths: list[str | os.PathLike], batch_size: int, total_tokens: int,
+    def __init__(self, paths: Sequence[str | os.PathLike], batch_size: int, total_tokens: int,
                  seed: int = 0, buffer_shards: int = 2, device: torch.device | str = "cpu",
                  prefetch: int = 1, cache_bytes: float = 0):
         if not paths:

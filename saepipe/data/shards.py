@@ -18,6 +18,7 @@ Shards of another model, hook, dtype or width are refused by `check_compatible`.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -177,7 +178,7 @@ def verify_shard(path: str | os.PathLike) -> dict:
 COMPATIBILITY_KEYS = ("model", "hook", "dtype", "d_in")
 
 
-def check_compatible(metas: list[dict], paths: list[str | os.PathLike]) -> dict:
+def check_compatible(metas: Sequence[dict], paths: Sequence[str | os.PathLike]) -> dict:
     """All shards must come from one model, hook, dtype and width (`COMPATIBILITY_KEYS`);
     returns the first meta. Called by training, evaluation and MaxAct on their shards."""
     first = metas[0]

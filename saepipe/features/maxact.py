@@ -153,6 +153,8 @@ class _EvalTokens:
 
     def acts(self, rows: np.ndarray) -> np.ndarray:
         """Activations of the given (sorted, unique) rows, reading each shard once."""
+        if len(rows) == 0:
+            return np.zeros((0, 0), np.float16)
         out = None
         for i, path in enumerate(self.shards[: len(self.starts)]):
             stop = self.starts[i + 1] if i + 1 < len(self.starts) else len(self.tokens_T)
@@ -161,6 +163,8 @@ class _EvalTokens:
                 acts_TD = read_shard(path).acts_TD
                 out = np.empty((len(rows), acts_TD.shape[1]), np.float16) if out is None else out
                 out[np.searchsorted(rows, sel)] = acts_TD[sel - self.starts[i]]
+        if out is None:
+            raise ValueError(f"none of the {len(rows)} requested rows is in the eval shards")
         return out
 
 
@@ -222,7 +226,9 @@ def max_activating_examples(cfg: MaxActConfig, sae_dir: str | Path, tokenizer_di
     n_tokens, counts = found["n_tokens"], found["counts"]
     n_experts = sae.cfg.expert_count
     expert_width = sae.cfg.width // n_experts
-    records, negatives, pos = [], {}, 0
+    records: list[dict] = []
+    negatives: dict = {}
+    pos = 0
     for (f, kind, rank, row, act), (a, b) in zip(examples, windows):
         acts_ctx = token_acts[pos : pos + b - a]
         pos += b - a

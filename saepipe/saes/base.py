@@ -238,6 +238,8 @@ class SAE(nn.Module):
     (learned statistics such as Scale's omega) and :meth:`encoder_features_MD`.
     """
 
+    tokens_since_fired: Tensor  # buffer [M], long: tokens since each latent last fired
+
     def __init__(self, cfg: SAEConfig):
         super().__init__()
         self.cfg = cfg
@@ -351,11 +353,12 @@ class SAE(nn.Module):
         :class:`AuxKConfigMixin`) and at least one dead latent; ``k_aux = min(k_aux, n_dead)``.
         One host sync per training step (the dead count).
         """
-        if not (self.training and getattr(self.cfg, "auxk", False)):
+        cfg = self.cfg
+        if not (self.training and isinstance(cfg, AuxKConfigMixin) and cfg.auxk):
             return None, 0
         dead_M = self.dead_mask()
         n_dead = int(dead_M.sum())
-        return (dead_M, min(self.cfg.k_aux_effective, n_dead)) if n_dead else (None, 0)
+        return (dead_M, min(cfg.k_aux_effective, n_dead)) if n_dead else (None, 0)
 
     # ---- shared internals ---------------------------------------------------------------
     def _decode_n(self, enc: Encoding) -> Tensor:

@@ -65,6 +65,8 @@ class BatchTopKSAE(TopKSAE):
     """BatchTopK in training, learned global threshold at inference."""
 
     cfg: BatchTopKConfig
+    threshold: Tensor  # buffer []: the inference threshold (running estimate)
+    threshold_updates: Tensor  # buffer [], long: training steps that updated it
 
     def __init__(self, cfg: BatchTopKConfig):
         super().__init__(cfg)
@@ -90,7 +92,7 @@ class BatchTopKSAE(TopKSAE):
             self._update_threshold(vals_S.detach())
             acts_BL, idx_BL = kernels.pad_rows(rows_S, cols_S, vals_S, B)
             aux_mask_M, k_aux = self._auxk_selection()
-            if k_aux:
+            if k_aux and aux_mask_M is not None:
                 vals_BA, idx_BA = pre_BM.masked_fill(~aux_mask_M, float("-inf")).topk(k_aux, dim=1)
                 extras = {"aux_vals_BA": vals_BA, "aux_idx_BA": idx_BA}
         else:

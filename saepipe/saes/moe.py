@@ -146,6 +146,8 @@ class MoESAE(SAE):
         self, x_n_BD: Tensor, x_hat_n_BD: Tensor, enc: Encoding, extras: dict[str, Tensor]
     ) -> dict[str, Tensor]:
         """``{"balance": ..., "auxk": ...}`` (``auxk`` only in training mode with AuxK on)."""
+        if enc.probs_BN is None:
+            raise ValueError(f"{type(self).__name__}._encode_n must return the router probabilities (probs_BN)")
         losses = {"balance": self._balance_loss(enc.probs_BN, extras["top1_counts_N"])}
         if self.training and self.cfg.auxk:
             losses["auxk"] = self._auxk_loss(x_n_BD, x_hat_n_BD, enc, extras)

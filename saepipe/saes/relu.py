@@ -94,6 +94,7 @@ class ReLUSAE(SAE):
     """ReLU SAE with decoder-norm-weighted L1, lambda warm-up, unconstrained decoder."""
 
     cfg: ReLUConfig
+    tokens_seen: Tensor  # buffer [], long: training tokens so far (lambda warm-up)
 
     def __init__(self, cfg: ReLUConfig):
         super().__init__(cfg)

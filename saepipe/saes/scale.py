@@ -282,6 +282,8 @@ class ScaleSAE(MoESAE):
         "prob" ``p_i``; "renorm_logits" ``p_i / sum_{j in S} p_j``; "code_softmax_of_probs"
         ``exp(p_i) / sum_{j in S} exp(p_j)``."""
         probs_BN, experts_BE = enc.probs_BN, enc.experts_BE
+        if probs_BN is None or experts_BE is None:
+            raise ValueError("expert_weights_BN needs the routing of the encoding (probs_BN, experts_BE)")
         mode = self.cfg.expert_weighting
         if mode == "prob":
             return probs_BN
