@@ -362,13 +362,22 @@ def fmt_effect(kind: str, value: float | None) -> str:
 
 
 def _ratio(pairs: list[tuple[dict, dict]], column: str) -> float | None:
-    ratios = [_num(b.get(column)) / _num(a.get(column)) for a, b in pairs
-              if _num(a.get(column)) and _num(b.get(column)) is not None]
+    ratios = [y / x for x, y in ((_num(a.get(column)), _num(b.get(column))) for a, b in pairs)
+              if x and y is not None]
     return sum(ratios) / len(ratios) if ratios else None
 
 
+def _value(row: dict, column: str) -> float:
+    """A metric of a paired row: finite by construction (`_pairs` keeps only such rows)."""
+    value = _num(row.get(column))
+    if value is None:
+        raise ValueError(f"{row.get('sae_id')}: {column} is missing or not finite in the table")
+    return value
+
+
 def _status(spec: ClaimSpec, cfg: VerdictConfig, n: int, effect: Interval | None,
-            a_vals: list[float], b_vals: list[float], dead: float | None, dead_sae: str | None) -> tuple[str, str]:
+            a_vals: list[float], b_vals: list[float], dead: float | None,
+            dead_sae: str | None) -> tuple[Status, str]:
     if n < cfg.min_seeds:
         return "inconclusive", (f"single_seed: {n} seed pair{'s' if n != 1 else ''} < min_seeds "
                                 f"{cfg.min_seeds}; the effect has no usable confidence interval")
@@ -396,8 +405,8 @@ def _judge(spec: ClaimSpec, key: tuple, by_seed: dict[Any, tuple[dict, dict]], c
     k, a_point, b_point = key
     seeds = sorted(by_seed, key=_seed_key)
     pairs = [by_seed[s] for s in seeds]
-    a_vals = [_num(a[spec.metric]) for a, _ in pairs]
-    b_vals = [_num(b[spec.metric]) for _, b in pairs]
+    a_vals = [_value(a, spec.metric) for a, _ in pairs]
+    b_vals = [_value(b, spec.metric) for _, b in pairs]
     effect = None
     if spec.effect == "difference":
         effect = Interval.of([x - y for x, y in zip(a_vals, b_vals)], cfg.confidence)
@@ -405,8 +414,7 @@ def _judge(spec: ClaimSpec, key: tuple, by_seed: dict[Any, tuple[dict, dict]], c
         effect = Interval.of([(x - y) / y for x, y in zip(a_vals, b_vals)], cfg.confidence)
     lr = [(x, y) for x, y in ((_num(a.get("loss_recovered")), _num(b.get("loss_recovered"))) for a, b in pairs)
           if x is not None and y is not None]
-    dead = [(_num(r.get("dead_fraction")), r["sae_id"]) for pair in pairs for r in pair
-            if _num(r.get("dead_fraction")) is not None]
+    dead = [(d, r["sae_id"]) for pair in pairs for r in pair if (d := _num(r.get("dead_fraction"))) is not None]
     max_dead, max_dead_sae = max(dead, key=lambda d: d[0]) if dead else (None, None)
     status, reason = _status(spec, cfg, len(pairs), effect, a_vals, b_vals, max_dead, max_dead_sae)
     return Verdict(
@@ -467,7 +475,7 @@ def _with_traits(row: dict) -> dict:
     from saepipe.saes.registry import arch_traits
 
     try:
-        traits = arch_traits(row.get("arch"))
+        traits = arch_traits(str(row.get("arch")))
     except ValueError:
         return row
     return {**row, **{k: v for k, v in traits.items() if row.get(k) is None}}
