@@ -9,6 +9,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import math  # noqa: E402
+from typing import Any  # noqa: E402
 
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import EngFormatter, PercentFormatter  # noqa: E402
@@ -49,10 +50,8 @@ def plot_expert_usage(table_parquet: str, out_png: str) -> None:
     if not moe:
         raise ValueError(f"plot_expert_usage: {table_parquet} has no MoE SAE (routed architecture trait, "
                          f"n_experts > 1); archs present: {_arches(rows)}")
-    cdfs = [(r, _cdf(r)) for r in moe]
-    cdfs = [(r, c) for r, c in cdfs if c is not None]
-    ents = [(r, _entropy(r)) for r in moe]
-    ents = [(r, h) for r, h in ents if h is not None]
+    cdfs = [(r, c) for r in moe if (c := _cdf(r)) is not None]
+    ents = [(r, h) for r in moe if (h := _entropy(r)) is not None]
     if not cdfs and not ents:
         raise ValueError(f"plot_expert_usage: the MoE SAEs in {table_parquet} "
                          f"({', '.join(str(r.get('sae_id')) for r in moe)}) have no routing statistics "
@@ -102,7 +101,7 @@ def plot_expert_usage(table_parquet: str, out_png: str) -> None:
 
 # ----------------------------------------------------------------------------- 2. load
 def _load_series(log: list[dict]) -> dict:
-    s = {"tok": [], "max": [], "min": [], "cv": [], "btok": [], "balance": [], "N": None}
+    s: dict[str, Any] = {"tok": [], "max": [], "min": [], "cv": [], "btok": [], "balance": [], "N": None}
     for i, row in enumerate(log):
         tok = _num(row.get("tokens"))
         if tok is None:

@@ -14,7 +14,7 @@ from matplotlib.ticker import PercentFormatter, ScalarFormatter  # noqa: E402
 
 from saepipe.plots.rows import (  # noqa: E402
     MARKERS, _bar_values, _detail, _e, _fs, _is_moe, _label, _measured_l0, _n_experts, _num, _palette, _rows, _save,
-    _sort_key, _trait)
+    _sort_key, _trait, _val)
 
 
 def _line_key(r: dict, varying: set[str]) -> tuple:
@@ -115,8 +115,8 @@ def plot_redundancy(table_parquet: str, out_png: str) -> None:
         ax = axd["spec"]
         n = len(spec)
         y = list(range(n))
-        intra = [_num(r["intra_expert_redundancy"]) for r in spec]
-        inter = [_num(r["inter_expert_redundancy"]) for r in spec]
+        intra = [_val(r, "intra_expert_redundancy") for r in spec]
+        inter = [_val(r, "inter_expert_redundancy") for r in spec]
         h = 0.38
         b1 = ax.barh([v - h / 2 for v in y], intra, height=h, color="tab:blue",
                      label="intra-expert (within one expert's n = M/N features)")
@@ -156,9 +156,10 @@ def plot_activation_similarity(table_parquet: str, out_png: str) -> None:
     # feature scaling off vs on: Scale SAEs equal in everything but the flag
     pairs: dict[tuple, dict[bool, dict]] = {}
     for r in sim:
-        if _fs(r) is not None:
+        fs = _fs(r)
+        if fs is not None:
             key = (_num(r.get("k")), _n_experts(r), _e(r), _num(r.get("width")))
-            pairs.setdefault(key, {})[_fs(r)] = r
+            pairs.setdefault(key, {})[fs] = r
     pairs = {k: v for k, v in sorted(pairs.items(), key=lambda kv: tuple(x or 0 for x in kv[0]))
              if len(v) == 2}
     buckets: list[str] = []
@@ -178,7 +179,7 @@ def plot_activation_similarity(table_parquet: str, out_png: str) -> None:
         ys.append(y)
         prev = _arch_bucket(r)
         y += 1
-    vals = [_num(r["activation_similarity"]) for r in sim]
+    vals = [_val(r, "activation_similarity") for r in sim]
     bars = ax.barh(ys, vals, height=0.75, color=[bcol[_arch_bucket(r)] for r in sim])
     for b, r in zip(bars, sim):
         if _fs(r) is False:
@@ -199,8 +200,8 @@ def plot_activation_similarity(table_parquet: str, out_png: str) -> None:
         labels, off, on = [], [], []
         for (k, N, e, _w), p in pairs.items():
             labels.append(f"k={int(k) if k is not None else '?'}, N={N}, e={e}")
-            off.append(_num(p[False]["activation_similarity"]))
-            on.append(_num(p[True]["activation_similarity"]))
+            off.append(_val(p[False], "activation_similarity"))
+            on.append(_val(p[True], "activation_similarity"))
         x = list(range(len(labels)))
         w = 0.38
         first = next(iter(pairs.values()))

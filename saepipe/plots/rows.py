@@ -39,10 +39,19 @@ def _floats(v) -> list[float] | None:
     if v is None or isinstance(v, (str, bytes)):
         return None
     try:
-        out = [_num(x) for x in v]
+        vals = [_num(x) for x in v]
     except TypeError:
         return None
-    return out if out and all(x is not None for x in out) else None
+    out = [x for x in vals if x is not None]
+    return out if out and len(out) == len(vals) else None
+
+
+def _val(r: dict, key: str) -> float:
+    """``r[key]`` as a finite float, for rows already filtered to have it (ValueError otherwise)."""
+    v = _num(r.get(key))
+    if v is None:
+        raise ValueError(f"{r.get('sae_id')}: {key} is missing in the table; re-run the evaluate stage")
+    return v
 
 
 def _label(r: dict) -> str:
