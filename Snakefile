@@ -16,9 +16,10 @@ validate(config, "schemas/config.schema.yaml")
 sys.path.insert(0, workflow.basedir)
 # (set, never read: jobs inherit it, so their scripts import this checkout's saepipe too)
 os.environ.update(PYTHONPATH=os.pathsep.join([workflow.basedir, os.environ.get("PYTHONPATH", "")]))
-# Architectures outside saepipe (config `plugins`: importable modules that call
-# saepipe.saes.register_architecture): imported here, and by every job, which inherits
-# SAEPIPE_PLUGINS (saepipe.saes imports the modules it names).
+# Architectures and figures outside saepipe (config `plugins`: importable modules that call
+# saepipe.saes.register_architecture or saepipe.plots.registry.register_figure): imported
+# here, before the figure list is built, and by every job, which inherits SAEPIPE_PLUGINS
+# (saepipe.saes imports the modules it names).
 os.environ.update(SAEPIPE_PLUGINS=",".join(config.get("plugins", [])))
 from saepipe.saes import load_plugins
 
@@ -27,7 +28,8 @@ load_plugins(config.get("plugins", []))
 from saepipe.codeversion import fingerprint
 from saepipe.features.autointerp import endpoint_params
 from saepipe.lm import d_model
-from saepipe.plots.availability import geometry_ids, moe_ids, omega_ids, row_trait, scaling_ks, sweep_rows
+from saepipe.plots.availability import geometry_ids, row_trait, sweep_rows
+from saepipe.plots.registry import figures_for
 from saepipe.sweep import canonical, expand_sweep
 from saepipe.train import split_runtime
 
@@ -42,17 +44,10 @@ SHARDS = {
     for split in ("train", "eval")
 }
 
-# Figures adapt to the sweep: a figure whose SAEs are not in the sweep is not built.
-_rows = sweep_rows(SAES)
-FIGURES = [f"results/plots/{name}.png" for name in ("frontier", "redundancy", "activation_similarity")]
-if scaling_ks(_rows):
-    FIGURES.append("results/plots/scaling.png")
-if moe_ids(_rows):
-    FIGURES += [f"results/plots/{name}.png" for name in ("expert_usage", "expert_load")]
-if geometry_ids(_rows):
-    FIGURES += [f"results/plots/{name}.png" for name in ("feature_geometry", "tsne")]
-if omega_ids(_rows):
-    FIGURES.append("results/plots/omega.png")
+# Figures adapt to the sweep: a registered figure (saepipe/plots/registry.py, plugins) is built,
+# with its rule plot_<name> (rules/report.smk), only where it `applies` to the sweep's SAEs.
+FIGURES_TO_BUILD = figures_for(sweep_rows(SAES))
+FIGURES = [fig.output for fig in FIGURES_TO_BUILD]
 FIGURES += ["results/plots/metrics.html", "results/plots/features.html"]
 if AUTOINTERP["enabled"]:
     FIGURES.append("results/plots/autointerp.png")

@@ -9,13 +9,30 @@ def extract_slice(split):
     return canonical(cfg)
 
 
-def moe_logs(trait="routed"):
-    """Training logs of the sweep's SAEs whose architecture has `trait` (saepipe.saes.arch_traits):
-    "routed" for the expert load figure, "has_omega" for the omega figure."""
+def trait_logs(trait):
+    """Training logs of the sweep's SAEs whose architecture has `trait` (saepipe.saes.arch_traits),
+    e.g. "routed" for the expert load figure, "has_omega" for the omega figure."""
     ids = sorted(r["sae_id"] for r in sweep_rows(SAES) if row_trait(r, trait))
     return expand("results/saes/{sae}/train_log.jsonl", sae=ids)
 
 
-def geometry_inputs(wildcards):
+def geometry_weights():
     """Weights of the SAEs the feature-geometry figures show (availability.geometry_ids)."""
     return expand("results/saes/{sae}/sae.safetensors", sae=geometry_ids(sweep_rows(SAES)))
+
+
+def figure_inputs(fig, table):
+    """The named input files of a registered figure's rule, one entry per `fig.inputs`
+    (saepipe.plots.registry; Figure.draw turns them into the drawing function's arguments);
+    `table`: the aggregate rule's output."""
+    files = {}
+    for kind in fig.inputs:
+        if kind == "table":
+            files["table"] = table
+        elif kind.startswith("logs:"):
+            files["logs"] = trait_logs(fig.logs_trait)
+        elif kind == "saes":
+            files["saes"] = geometry_weights()
+        else:  # "sae": the first geometry SAE
+            files["sae"] = geometry_weights()[:1]
+    return files

@@ -36,154 +36,25 @@ rule metrics_table:
         "../workflow_scripts/metrics_table.py"
 
 
-rule plot_frontier:
-    input:
-        rules.aggregate.output,
-    output:
-        report(
-            "results/plots/frontier.png",
-            caption="../report/frontier.rst",
-            category="1. Sparsity-reconstruction frontier",
-        ),
-    params:
-        code=fingerprint("saepipe.plots.frontier"),
-    log:
-        "results/logs/plot_frontier.log",
-    benchmark:
-        "results/benchmarks/plot_frontier.tsv",
-    conda:
-        "../envs/saepipe.yaml"
-    script:
-        "../workflow_scripts/plot_frontier.py"
+# One rule per figure the sweep has (saepipe/plots/registry.py; FIGURES_TO_BUILD, Snakefile):
+# plot_<name> -> results/plots/<name>.png, drawn by the figure's function (workflow_scripts/plot.py).
+for fig in FIGURES_TO_BUILD:
 
-
-rule plot_scaling:
-    input:
-        rules.aggregate.output,
-    output:
-        report(
-            "results/plots/scaling.png",
-            caption="../report/scaling.rst",
-            category="2. Compute scaling",
-        ),
-    params:
-        code=fingerprint("saepipe.plots.scaling"),
-    log:
-        "results/logs/plot_scaling.log",
-    benchmark:
-        "results/benchmarks/plot_scaling.tsv",
-    conda:
-        "../envs/saepipe.yaml"
-    script:
-        "../workflow_scripts/plot_scaling.py"
-
-
-rule plot_redundancy:
-    input:
-        rules.aggregate.output,
-    output:
-        report("results/plots/redundancy.png", caption="../report/redundancy.rst",
-               category="3. Feature geometry"),
-    params:
-        code=fingerprint("saepipe.plots.redundancy"),
-    log:
-        "results/logs/plot_redundancy.log",
-    conda:
-        "../envs/saepipe.yaml"
-    script:
-        "../workflow_scripts/plot_moe.py"
-
-
-rule plot_activation_similarity:
-    input:
-        rules.aggregate.output,
-    output:
-        report("results/plots/activation_similarity.png", caption="../report/activation_similarity.rst",
-               category="3. Feature geometry"),
-    params:
-        code=fingerprint("saepipe.plots.redundancy"),
-    log:
-        "results/logs/plot_activation_similarity.log",
-    conda:
-        "../envs/saepipe.yaml"
-    script:
-        "../workflow_scripts/plot_moe.py"
-
-
-rule plot_expert_usage:
-    input:
-        rules.aggregate.output,
-    output:
-        report("results/plots/expert_usage.png", caption="../report/expert_usage.rst",
-               category="4. Experts"),
-    params:
-        code=fingerprint("saepipe.plots.experts"),
-    log:
-        "results/logs/plot_expert_usage.log",
-    conda:
-        "../envs/saepipe.yaml"
-    script:
-        "../workflow_scripts/plot_moe.py"
-
-
-rule plot_expert_load:
-    input:
-        logs=moe_logs(),
-    output:
-        report("results/plots/expert_load.png", caption="../report/expert_load.rst",
-               category="4. Experts"),
-    params:
-        code=fingerprint("saepipe.plots.experts"),
-    log:
-        "results/logs/plot_expert_load.log",
-    conda:
-        "../envs/saepipe.yaml"
-    script:
-        "../workflow_scripts/plot_moe.py"
-
-
-rule plot_omega:
-    input:
-        table=rules.aggregate.output,
-        logs=moe_logs("has_omega"),
-    output:
-        report("results/plots/omega.png", caption="../report/omega.rst", category="4. Experts"),
-    params:
-        code=fingerprint("saepipe.plots.omega"),
-    log:
-        "results/logs/plot_omega.log",
-    conda:
-        "../envs/saepipe.yaml"
-    script:
-        "../workflow_scripts/plot_moe.py"
-
-
-rule plot_feature_geometry:
-    input:
-        geometry_inputs,
-    output:
-        report("results/plots/feature_geometry.png", caption="../report/feature_geometry.rst",
-               category="3. Feature geometry"),
-    params:
-        code=fingerprint("saepipe.plots.geometry"),
-    log:
-        "results/logs/plot_feature_geometry.log",
-    conda:
-        "../envs/saepipe.yaml"
-    script:
-        "../workflow_scripts/plot_geometry.py"
-
-
-rule plot_tsne:
-    input:
-        lambda wc: geometry_inputs(wc)[:1],
-    output:
-        report("results/plots/tsne.png", caption="../report/tsne.rst", category="3. Feature geometry"),
-    params:
-        code=fingerprint("saepipe.plots.geometry"),
-    log:
-        "results/logs/plot_tsne.log",
-    conda:
-        "../envs/saepipe.yaml"
-    script:
-        "../workflow_scripts/plot_geometry.py"
+    rule:
+        name:
+            f"plot_{fig.name}"
+        input:
+            **figure_inputs(fig, rules.aggregate.output),
+        output:
+            report(fig.output, caption=fig.caption_path(workflow.basedir), category=fig.category),
+        params:
+            figure=fig.name,
+            code=fig.code(),
+        log:
+            f"results/logs/plot_{fig.name}.log",
+        benchmark:
+            f"results/benchmarks/plot_{fig.name}.tsv"
+        conda:
+            "../envs/saepipe.yaml"
+        script:
+            "../workflow_scripts/plot.py"

@@ -4,12 +4,13 @@ Every function takes rows with at least "group", "arch", "k" (and "n_experts" fo
 the table's rows, or the sweep's points flattened by `sweep_rows`. What an architecture is
 comes from the row's trait columns (``saepipe.saes.arch_traits``: ``l0_fixed``, ``routed``,
 ``has_omega``, ...; :func:`row_trait`), never from its ``arch`` name.
+
+saepipe.saes is imported by the functions, not here: importing it imports the plugin modules
+($SAEPIPE_PLUGINS), and a plugin figure (saepipe.plots.registry) may import this module.
 """
 from __future__ import annotations
 
 import dataclasses
-
-from saepipe.saes.registry import ARCHITECTURES, TRAIT_COLUMNS, arch_traits
 
 UNKNOWN_ARCH_TRAITS = {"arch_order": 10_000, "l0_fixed": True, "routed": False, "has_omega": False,
                        "has_threshold": False}
@@ -20,6 +21,8 @@ def row_trait(r: dict, key: str):
     """Architecture trait ``key`` (one of ``TRAIT_COLUMNS``) of a row: its trait column, else
     the registered architecture's trait (tables written before the trait columns), else
     ``UNKNOWN_ARCH_TRAITS`` (label: the arch name)."""
+    from saepipe.saes.registry import TRAIT_COLUMNS, arch_traits
+
     if key not in TRAIT_COLUMNS:
         raise KeyError(f"unknown trait {key!r}; traits: {list(TRAIT_COLUMNS)}")
     v = r.get(key)
@@ -33,6 +36,8 @@ def row_trait(r: dict, key: str):
 
 def _defaults(arch: str) -> dict:
     """Default values of the architecture's config fields (the fields a sweep group omits)."""
+    from saepipe.saes.registry import ARCHITECTURES
+
     if arch not in ARCHITECTURES:
         return {}
     return {f.name: f.default for f in dataclasses.fields(ARCHITECTURES[arch][1])
@@ -42,6 +47,8 @@ def _defaults(arch: str) -> dict:
 def sweep_rows(points: dict[str, dict]) -> list[dict]:
     """Sweep points (saepipe.sweep.expand_sweep) as table-like rows: the config's defaults,
     the point's fields and the architecture's trait columns."""
+    from saepipe.saes.registry import arch_traits
+
     return [{**_defaults(p["sae"]["arch"]), "sae_id": sid, "group": p["group"], **p["sae"],
              **arch_traits(p["sae"]["arch"])} for sid, p in points.items()]
 
