@@ -11,6 +11,7 @@ benchmark step does the same work for them as for the library SAEs.
 - `time_steps`: median seconds of the trainer's own step (saepipe.train.train_step: forward
   under autocast, backward, decoder hooks, Adam, fused on CUDA).
 """
+
 from __future__ import annotations
 
 import statistics
@@ -73,9 +74,9 @@ class ReferenceSwitch(_UnitNormDecoder):
     def forward(self, x: torch.Tensor) -> Out:
         p = torch.softmax((x - self.b_router) @ self.W_router, -1)
         expert = p.argmax(-1)
-        pre = F.relu((x - self.b_dec) @ self.W_enc)                       # every expert, dense
+        pre = F.relu((x - self.b_dec) @ self.W_enc)  # every expert, dense
         owner = torch.arange(pre.shape[1], device=x.device) // self.n
-        pre = pre * (owner[None, :] == expert[:, None])                    # keep the routed one
+        pre = pre * (owner[None, :] == expert[:, None])  # keep the routed one
         vals, idx = pre.topk(self.k, dim=-1)
         z = torch.zeros_like(pre).scatter(-1, idx, vals)
         gate = p.gather(-1, expert[:, None])
@@ -84,8 +85,7 @@ class ReferenceSwitch(_UnitNormDecoder):
         return Out({"mse": (x - x_hat).float().pow(2).mean(), "balance": self.N * (f * p.mean(0)).sum()})
 
 
-def time_steps(model: nn.Module, x: torch.Tensor, steps: int, warmup: int,
-               autocast: torch.dtype | None) -> float:
+def time_steps(model: nn.Module, x: torch.Tensor, steps: int, warmup: int, autocast: torch.dtype | None) -> float:
     """Median wall seconds of one full training step (incl. optimizer) over `steps` after `warmup`."""
     opt = make_optimizer(model, 1e-4)
     times = []
@@ -106,8 +106,11 @@ def topk_arch() -> str:
     k fixes L0, no learned threshold; the first such architecture in ``ORDER``."""
     from saepipe.saes import ARCHITECTURES, arch_traits
 
-    plain = [a for a in ARCHITECTURES if not arch_traits(a)["routed"] and arch_traits(a)["l0_fixed"]
-             and not arch_traits(a)["has_threshold"]]
+    plain = [
+        a
+        for a in ARCHITECTURES
+        if not arch_traits(a)["routed"] and arch_traits(a)["l0_fixed"] and not arch_traits(a)["has_threshold"]
+    ]
     return min(plain, key=lambda a: arch_traits(a)["arch_order"])
 
 

@@ -10,6 +10,7 @@ the library): `dense_topk` (dense encoder AND dense decode, the straightforward 
 masked to the routed expert). Ratios are against dense TopK (`topk`, our sparse decode)
 and against `reference_switch`. Results: a printed table and bench/results/arch_speed-*.json.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -76,14 +77,27 @@ def main() -> None:
     print(f"preset {args.preset} {p} on {dev_name}, torch {torch.__version__}, threads {torch.get_num_threads()}")
     print(f"{'arch':<18}{'ms/step':>10}{'tokens/s':>12}{'vs topk':>9}{'vs dense':>10}{'vs ref-switch':>15}")
     for r in rows:
-        print(f"{r['arch']:<18}{r['ms_per_step']:>10.1f}{r['tokens_per_s']:>12,.0f}{r['speedup_vs_topk']:>9.2f}"
-              f"{r['speedup_vs_dense_topk']:>10.2f}{r['speedup_vs_reference_switch']:>15.2f}")
+        print(
+            f"{r['arch']:<18}{r['ms_per_step']:>10.1f}{r['tokens_per_s']:>12,.0f}{r['speedup_vs_topk']:>9.2f}"
+            f"{r['speedup_vs_dense_topk']:>10.2f}{r['speedup_vs_reference_switch']:>15.2f}"
+        )
     out = args.out or REPO / f"bench/results/arch_speed-{dt.date.today()}-{args.preset}-{device.type}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({
-        "command": "python " + " ".join(sys.argv), "date": dt.datetime.now().isoformat(timespec="seconds"),
-        "device": dev_name, "torch": torch.__version__, "threads": torch.get_num_threads(),
-        "preset": p, "rows": rows}, indent=2) + "\n")
+    out.write_text(
+        json.dumps(
+            {
+                "command": "python " + " ".join(sys.argv),
+                "date": dt.datetime.now().isoformat(timespec="seconds"),
+                "device": dev_name,
+                "torch": torch.__version__,
+                "threads": torch.get_num_threads(),
+                "preset": p,
+                "rows": rows,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     print(f"written {out}")
 
 

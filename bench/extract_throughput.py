@@ -18,6 +18,7 @@
 
 Writes bench/results/extract_throughput-<date>-<device>.json.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -73,8 +74,13 @@ def bare_forward_s(model, seqs: np.ndarray, cfg: ExtractConfig, device) -> float
 
 def throughput(args, model_dir: Path, corpus_dir: Path, work: Path) -> dict:
     """Extraction of one shard vs the bare forward on its sequences (best of `--repeats`)."""
-    cfg = ExtractConfig(hook=args.hook, train_tokens=args.shard_tokens, shard_tokens=args.shard_tokens,
-                        batch_size=args.batch_size, device=args.device)
+    cfg = ExtractConfig(
+        hook=args.hook,
+        train_tokens=args.shard_tokens,
+        shard_tokens=args.shard_tokens,
+        batch_size=args.batch_size,
+        device=args.device,
+    )
     device = resolve_device(args.device)
     model = load_lm(model_dir, device)  # first load: lazy imports, file cache
     load_s = min(_timed(lambda: load_lm(model_dir, device)) for _ in range(3))
@@ -94,11 +100,20 @@ def throughput(args, model_dir: Path, corpus_dir: Path, work: Path) -> dict:
     # each extraction against the mean of the forward passes just before and after it: robust
     # to other load drifting on a shared machine, unlike best-of-each
     paired = float(np.median([x / ((forward[2 * r] + forward[2 * r + 1]) / 2) for r, x in enumerate(extract)]) - 1)
-    return {"tokens": tokens, "model_load_s": load_s, "forward_s": f, "extract_s": e,
-            "forward_runs_s": forward, "extract_runs_s": extract,
-            "forward_tokens_per_s": tokens / f, "extract_tokens_per_s": tokens / e,
-            "overhead_best": e / f - 1, "overhead": paired, "target_overhead": 0.15,
-            "meets_target": paired <= 0.15}
+    return {
+        "tokens": tokens,
+        "model_load_s": load_s,
+        "forward_s": f,
+        "extract_s": e,
+        "forward_runs_s": forward,
+        "extract_runs_s": extract,
+        "forward_tokens_per_s": tokens / f,
+        "extract_tokens_per_s": tokens / e,
+        "overhead_best": e / f - 1,
+        "overhead": paired,
+        "target_overhead": 0.15,
+        "meets_target": paired <= 0.15,
+    }
 
 
 def _timed(fn) -> float:
@@ -139,8 +154,12 @@ def io(args, d: int, work: Path) -> dict:
         read_shard(work / "s.zarr")
 
     out = {"bytes": nbytes}
-    for name, fn in (("raw_write", raw_write), ("zarr_write", zarr_write), ("raw_read", raw_read),
-                     ("zarr_read", zarr_read)):
+    for name, fn in (
+        ("raw_write", raw_write),
+        ("zarr_write", zarr_write),
+        ("raw_read", raw_read),
+        ("zarr_read", zarr_read),
+    ):
         fn()  # warm-up (and the file the read reads)
         best = min(_timed(fn) for _ in range(args.repeats))
         out[f"{name}_s"], out[f"{name}_GBps"] = best, nbytes / best / 1e9
@@ -154,23 +173,54 @@ def io(args, d: int, work: Path) -> dict:
 
 def child(args) -> None:
     """Fresh process: extract every shard of `--tokens` train tokens, print peak RSS."""
-    cfg = ExtractConfig(hook=args.hook, train_tokens=args.tokens, shard_tokens=args.shard_tokens,
-                        batch_size=args.batch_size, device=args.device)
+    cfg = ExtractConfig(
+        hook=args.hook,
+        train_tokens=args.tokens,
+        shard_tokens=args.shard_tokens,
+        batch_size=args.batch_size,
+        device=args.device,
+    )
     for i in range(cfg.n_shards("train")):
         out = Path(args.work) / f"rss-{i}.zarr"
         extract_shard(cfg, args.model_dir, args.corpus_dir, "train", i, out)
         shutil.rmtree(out)
-    print(json.dumps({"tokens": args.tokens, "shards": cfg.n_shards("train"),
-                      "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+    print(
+        json.dumps(
+            {
+                "tokens": args.tokens,
+                "shards": cfg.n_shards("train"),
+                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            }
+        )
+    )
 
 
 def memory(args, model_dir: Path, corpus_dir: Path, work: Path) -> list[dict]:
     rows = []
     for tokens in (args.rss_tokens, 4 * args.rss_tokens):
-        cmd = [sys.executable, __file__, "--child", "--tokens", str(tokens), "--model-dir", str(model_dir),
-               "--corpus-dir", str(corpus_dir), "--work", str(work), "--hook", args.hook,
-               "--shard-tokens", str(args.shard_tokens), "--batch-size", str(args.batch_size),
-               "--device", args.device, "--seq-len", str(args.seq_len)]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--child",
+            "--tokens",
+            str(tokens),
+            "--model-dir",
+            str(model_dir),
+            "--corpus-dir",
+            str(corpus_dir),
+            "--work",
+            str(work),
+            "--hook",
+            args.hook,
+            "--shard-tokens",
+            str(args.shard_tokens),
+            "--batch-size",
+            str(args.batch_size),
+            "--device",
+            args.device,
+            "--seq-len",
+            str(args.seq_len),
+        ]
         proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
         rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
     return rows
@@ -210,10 +260,15 @@ def main() -> None:
         result = {
             "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)",
-            "host": platform.node(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "host": platform.node(),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
             "load_average_at_start": os.getloadavg(),
             "model": info.get("name_or_path") or f"native random d={d}, {info['arch']['n_layers']} layers",
-            "hook": args.hook, "d": d, "seq_len": args.seq_len, "batch_size": args.batch_size,
+            "hook": args.hook,
+            "d": d,
+            "seq_len": args.seq_len,
+            "batch_size": args.batch_size,
             "extraction": throughput(args, model_dir, corpus_dir, work),
             "shard_io": io(args, d, work),
             "memory": memory(args, model_dir, corpus_dir, work),
@@ -224,14 +279,22 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     e, s = result["extraction"], result["shard_io"]
-    print(f"extraction {e['extract_tokens_per_s']:,.0f} tok/s vs bare forward {e['forward_tokens_per_s']:,.0f} "
-          f"tok/s (best runs): overhead {e['overhead']:+.1%} paired median, {e['overhead_best']:+.1%} best "
-          f"vs best (target <= 15%); load average {result['load_average_at_start'][0]:.1f}")
-    print(f"shard {s['bytes'] / 1e6:.0f} MB: zarr write {s['zarr_write_GBps']:.2f} GB/s vs raw {s['raw_write_GBps']:.2f}; "
-          f"zarr read {s['zarr_read_GBps']:.2f} GB/s vs raw {s['raw_read_GBps']:.2f} "
-          f"({s['read_ratio']:.0%} of raw, target >= 50%)")
-    print("peak RSS: " + ", ".join(f"{r['tokens']:,} tokens ({r['shards']} shards) {r['peak_rss_mb']:.0f} MB"
-                                   for r in rss) + f" -> x{result['memory_growth']:.2f}")
+    print(
+        f"extraction {e['extract_tokens_per_s']:,.0f} tok/s vs bare forward {e['forward_tokens_per_s']:,.0f} "
+        f"tok/s (best runs): overhead {e['overhead']:+.1%} paired median, {e['overhead_best']:+.1%} best "
+        f"vs best (target <= 15%); load average {result['load_average_at_start'][0]:.1f}"
+    )
+    print(
+        f"shard {s['bytes'] / 1e6:.0f} MB: zarr write {s['zarr_write_GBps']:.2f} GB/s "
+        f"vs raw {s['raw_write_GBps']:.2f}; "
+        f"zarr read {s['zarr_read_GBps']:.2f} GB/s vs raw {s['raw_read_GBps']:.2f} "
+        f"({s['read_ratio']:.0%} of raw, target >= 50%)"
+    )
+    print(
+        "peak RSS: "
+        + ", ".join(f"{r['tokens']:,} tokens ({r['shards']} shards) {r['peak_rss_mb']:.0f} MB" for r in rss)
+        + f" -> x{result['memory_growth']:.2f}"
+    )
     print(f"wrote {out}")
 
 

@@ -8,6 +8,7 @@ Steps, each timed: git clone of this repository's HEAD -> `make venv` (virtual e
 memory per job comes from the Snakemake `benchmark:` files (max_rss, MB) under
 results/benchmarks/. Figures only; nothing here asserts a time.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,8 +49,7 @@ print(40 * 2 * 1024**3 / (time.perf_counter() - t0) / 1e9)
 
 
 def matmul_gflops(python: Path) -> float:
-    return float(subprocess.run([str(python), "-c", SPEED_PROBE], capture_output=True, text=True,
-                                check=True).stdout)
+    return float(subprocess.run([str(python), "-c", SPEED_PROBE], capture_output=True, text=True, check=True).stdout)
 
 
 def main() -> None:
@@ -67,20 +67,29 @@ def main() -> None:
     speed_before = matmul_gflops(env_bin / "python")
     res["pipeline_s"] = timed([str(env_bin / "snakemake"), "--cores", "all"], clone, work / "pipeline.log")
     res["noop_s"] = timed([str(env_bin / "snakemake"), "--cores", "all"], clone, work / "noop.log")
-    res["report_s"] = timed([str(env_bin / "snakemake"), "--report", "results/report.html"], clone,
-                            work / "report.log")
+    res["report_s"] = timed([str(env_bin / "snakemake"), "--report", "results/report.html"], clone, work / "report.log")
     res["total_s"] = res["setup_s"] + res["pipeline_s"] + res["report_s"]
 
     jobs = []
     for tsv in sorted((clone / "results/benchmarks").rglob("*.tsv")):
         row = next(csv.DictReader(tsv.open(), delimiter="\t"))
-        jobs.append({"job": str(tsv.relative_to(clone / "results/benchmarks")),
-                     "s": float(row["s"]), "max_rss_mb": float(row["max_rss"])})
+        jobs.append(
+            {
+                "job": str(tsv.relative_to(clone / "results/benchmarks")),
+                "s": float(row["s"]),
+                "max_rss_mb": float(row["max_rss"]),
+            }
+        )
     res["max_job_rss_mb"] = max(j["max_rss_mb"] for j in jobs)
     res["jobs"] = jobs
-    res["machine"] = {"cpus": os.cpu_count(), "platform": platform.platform(), "python": sys.version.split()[0],
-                      "load_average_at_start": load_at_start, "load_average_at_end": os.getloadavg(),
-                      "matmul_gflops_1thread_before_after": [speed_before, matmul_gflops(env_bin / "python")]}
+    res["machine"] = {
+        "cpus": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": sys.version.split()[0],
+        "load_average_at_start": load_at_start,
+        "load_average_at_end": os.getloadavg(),
+        "matmul_gflops_1thread_before_after": [speed_before, matmul_gflops(env_bin / "python")],
+    }
     res["date"] = dt.datetime.now().isoformat(timespec="seconds")
     res["budgets"] = BUDGETS
 

@@ -33,6 +33,7 @@ decoder hooks; Adam, fused on CUDA), median of --steps after --warmup, on one fi
 Writes bench/results/train_throughput-<date>-<device>.{json,md} (or --out-dir) with the
 table and the exact command. Figures only: nothing here asserts a speed.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -60,12 +61,45 @@ from saepipe.saes import ARCHITECTURES, build_sae, config_from_dict  # noqa: E40
 
 PRESETS = {
     # smoke test only (seconds)
-    "tiny": dict(d=32, M=512, k=8, batch=512, switch_experts=8, experts_e=[(8, 2)], steps=2, warmup=1,
-                 loader_shards=2, shard_tokens=4096, matmul_n=512),
-    "cpu": dict(d=128, M=4096, k=32, batch=4096, switch_experts=16, experts_e=[(32, 2), (64, 4)], steps=3,
-                warmup=1, loader_shards=4, shard_tokens=65536, matmul_n=2048),
-    "h200": dict(d=768, M=24576, k=32, batch=16384, switch_experts=32, experts_e=[(64, 2), (128, 4)], steps=20,
-                 warmup=5, loader_shards=4, shard_tokens=131072, matmul_n=8192),
+    "tiny": dict(
+        d=32,
+        M=512,
+        k=8,
+        batch=512,
+        switch_experts=8,
+        experts_e=[(8, 2)],
+        steps=2,
+        warmup=1,
+        loader_shards=2,
+        shard_tokens=4096,
+        matmul_n=512,
+    ),
+    "cpu": dict(
+        d=128,
+        M=4096,
+        k=32,
+        batch=4096,
+        switch_experts=16,
+        experts_e=[(32, 2), (64, 4)],
+        steps=3,
+        warmup=1,
+        loader_shards=4,
+        shard_tokens=65536,
+        matmul_n=2048,
+    ),
+    "h200": dict(
+        d=768,
+        M=24576,
+        k=32,
+        batch=16384,
+        switch_experts=32,
+        experts_e=[(64, 2), (128, 4)],
+        steps=20,
+        warmup=5,
+        loader_shards=4,
+        shard_tokens=131072,
+        matmul_n=8192,
+    ),
 }
 NOMINAL_BF16_TFLOPS = {"H200": 989.4, "H100": 989.4, "A100": 312.0}  # dense, SXM datasheets
 
@@ -110,7 +144,7 @@ class PeakMemory:
     def __init__(self, device: torch.device):
         self.device, self.mb = device, None
 
-    def __enter__(self) -> "PeakMemory":
+    def __enter__(self) -> PeakMemory:
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -150,8 +184,9 @@ def _rss() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def bench_archs(p: dict, device: torch.device, autocast: torch.dtype | None, peak_flops: float,
-                steps: int, warmup: int) -> list[dict]:
+def bench_archs(
+    p: dict, device: torch.device, autocast: torch.dtype | None, peak_flops: float, steps: int, warmup: int
+) -> list[dict]:
     torch.manual_seed(0)
     x = torch.randn(p["batch"], p["d"], device=device)
     configs = arch_configs(p)
@@ -159,7 +194,9 @@ def bench_archs(p: dict, device: torch.device, autocast: torch.dtype | None, pea
     switch = next(c for c in configs.values() if routing_fields(c["arch"]) == (True, False))
     models["dense_topk (reference)"] = (lambda: DenseTopK(p["d"], p["M"], p["k"]), configs[topk_arch()])
     models["reference_switch (reference)"] = (
-        lambda: ReferenceSwitch(p["d"], p["M"], p["k"], switch["n_experts"]), switch)
+        lambda: ReferenceSwitch(p["d"], p["M"], p["k"], switch["n_experts"]),
+        switch,
+    )
     rows = []
     for name, (make, cfg) in models.items():
         with PeakMemory(device) as mem:
@@ -168,11 +205,23 @@ def bench_archs(p: dict, device: torch.device, autocast: torch.dtype | None, pea
             del model
         flops = config_from_dict(cfg).flops_per_token()
         tokens_per_s = p["batch"] / sec
-        rows.append({"arch": name, "batch": p["batch"], "ms_per_step": 1e3 * sec, "tokens_per_s": tokens_per_s,
-                     "flops_per_token_fwd": flops, "roofline_tokens_per_s": peak_flops / (3 * flops),
-                     "pct_of_roofline": 100 * tokens_per_s * 3 * flops / peak_flops, "peak_mem_mb": mem.mb})
-        print(f"  {name:<30}{1e3 * sec:>9.1f} ms/step {tokens_per_s:>12,.0f} tok/s "
-              f"{rows[-1]['pct_of_roofline']:>6.1f}% of roofline", flush=True)
+        rows.append(
+            {
+                "arch": name,
+                "batch": p["batch"],
+                "ms_per_step": 1e3 * sec,
+                "tokens_per_s": tokens_per_s,
+                "flops_per_token_fwd": flops,
+                "roofline_tokens_per_s": peak_flops / (3 * flops),
+                "pct_of_roofline": 100 * tokens_per_s * 3 * flops / peak_flops,
+                "peak_mem_mb": mem.mb,
+            }
+        )
+        print(
+            f"  {name:<30}{1e3 * sec:>9.1f} ms/step {tokens_per_s:>12,.0f} tok/s "
+            f"{rows[-1]['pct_of_roofline']:>6.1f}% of roofline",
+            flush=True,
+        )
     dense = next(r for r in rows if r["arch"].startswith("dense_topk"))["tokens_per_s"]
     for r in rows:
         r["ratio_to_dense_topk"] = r["tokens_per_s"] / dense
@@ -194,54 +243,83 @@ def bench_loader(p: dict, device: torch.device, consumer_tokens_per_s: float) ->
         for i in range(p["loader_shards"]):
             acts = rng.standard_normal((n, d), dtype=np.float32).astype(np.float16)
             path = Path(tmp) / f"{i}.zarr"
-            write_shard(path, acts, np.zeros(n, np.int32), np.arange(n, dtype=np.int32) % 1024,
-                        {"model": "bench", "hook": "bench", "dtype": "float16", "d_in": d, "token_count": n,
-                         "mean_norm": 1.0})
+            write_shard(
+                path,
+                acts,
+                np.zeros(n, np.int32),
+                np.arange(n, dtype=np.int32) % 1024,
+                {"model": "bench", "hook": "bench", "dtype": "float16", "d_in": d, "token_count": n, "mean_norm": 1.0},
+            )
             paths.append(str(path))
         total = 2 * n * len(paths)  # two epochs
         rates = {}
-        for mode, kw in {"stream, prefetch 0": dict(prefetch=0), "stream, prefetch 1": dict(prefetch=1),
-                         "device cache": dict(cache_bytes=float("inf"))}.items():
+        for mode, kw in {
+            "stream, prefetch 0": dict(prefetch=0),
+            "stream, prefetch 1": dict(prefetch=1),
+            "device cache": dict(cache_bytes=float("inf")),
+        }.items():
             stream = ShardStream(paths, B, total, seed=0, buffer_shards=2, device=device, **kw)
             if stream.cached:
                 stream._load_cache()  # loaded once per training run: not part of the rate
             _sync(device)
             t0 = time.perf_counter()
-            for batch in stream:
+            for _batch in stream:
                 pass
             _sync(device)
             rates[mode] = len(stream) * B / (time.perf_counter() - t0)
-            print(f"  loader {mode:<22}{rates[mode]:>14,.0f} tok/s = "
-                  f"{rates[mode] / consumer_tokens_per_s:.1f}x the fastest architecture", flush=True)
-    return {"shards": len(paths), "shard_tokens": n, "d": d, "batch": B, "tokens": total,
-            "tokens_per_s": rates, "fastest_consumer_tokens_per_s": consumer_tokens_per_s,
-            "ratio_to_fastest_consumer": {m: r / consumer_tokens_per_s for m, r in rates.items()}}
+            print(
+                f"  loader {mode:<22}{rates[mode]:>14,.0f} tok/s = "
+                f"{rates[mode] / consumer_tokens_per_s:.1f}x the fastest architecture",
+                flush=True,
+            )
+    return {
+        "shards": len(paths),
+        "shard_tokens": n,
+        "d": d,
+        "batch": B,
+        "tokens": total,
+        "tokens_per_s": rates,
+        "fastest_consumer_tokens_per_s": consumer_tokens_per_s,
+        "ratio_to_fastest_consumer": {m: r / consumer_tokens_per_s for m, r in rates.items()},
+    }
 
 
 def markdown(result: dict) -> str:
     dev, mem = result["device"], "GPU max allocated" if result["device_type"] == "cuda" else "RSS growth"
-    lines = [f"# Training throughput, {result['date']}", "",
-             f"Command: `{result['command']}`", "",
-             f"Device: {dev} ({result['device_type']}, torch {result['torch']}, {result['threads']} threads, "
-             f"{result['cpu_count']} cores, load average {result['load_average_at_start']} at start); "
-             f"precision {result['precision']}; dense matmul peak measured {result['peak_tflops']:.3g} TFLOP/s "
-             f"({result['peak_dtype']} torch.mm) = the roofline"
-             + (f"; datasheet {result['nominal_tflops']} TFLOP/s" if result.get("nominal_tflops") else "") + ".",
-             f"Preset {result['preset_name']}: {result['preset']}.", "",
-             f"| architecture | device | batch | tokens/s | % of roofline | ratio to dense TopK | peak memory ({mem}) |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# Training throughput, {result['date']}",
+        "",
+        f"Command: `{result['command']}`",
+        "",
+        f"Device: {dev} ({result['device_type']}, torch {result['torch']}, {result['threads']} threads, "
+        f"{result['cpu_count']} cores, load average {result['load_average_at_start']} at start); "
+        f"precision {result['precision']}; dense matmul peak measured {result['peak_tflops']:.3g} TFLOP/s "
+        f"({result['peak_dtype']} torch.mm) = the roofline"
+        + (f"; datasheet {result['nominal_tflops']} TFLOP/s" if result.get("nominal_tflops") else "")
+        + ".",
+        f"Preset {result['preset_name']}: {result['preset']}.",
+        "",
+        f"| architecture | device | batch | tokens/s | % of roofline | ratio to dense TopK | peak memory ({mem}) |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in result["rows"]:
         peak = "n/a" if r["peak_mem_mb"] is None else f"{r['peak_mem_mb']:,.0f} MB"
-        lines.append(f"| {r['arch']} | {result['device_type']} | {r['batch']} | {r['tokens_per_s']:,.0f} | "
-                     f"{r['pct_of_roofline']:.1f} | {r['ratio_to_dense_topk']:.2f} | {peak} |")
+        lines.append(
+            f"| {r['arch']} | {result['device_type']} | {r['batch']} | {r['tokens_per_s']:,.0f} | "
+            f"{r['pct_of_roofline']:.1f} | {r['ratio_to_dense_topk']:.2f} | {peak} |"
+        )
     loader = result["loader"]
     lines.append("")
     if "skipped" in loader:
         lines.append(f"Loader: skipped ({loader['skipped']}).")
     else:
-        lines += [f"Loader alone ({loader['shards']} Zarr shards x {loader['shard_tokens']:,} tokens, d={loader['d']}, "
-                  f"batch {loader['batch']}, {loader['tokens']:,} tokens):", "",
-                  "| loader | tokens/s | x fastest architecture |", "|---|---|---|"]
+        lines += [
+            f"Loader alone ({loader['shards']} Zarr shards x {loader['shard_tokens']:,} tokens, d={loader['d']}, "
+            f"batch {loader['batch']}, {loader['tokens']:,} tokens):",
+            "",
+            "| loader | tokens/s | x fastest architecture |",
+            "|---|---|---|",
+        ]
         for mode, rate in loader["tokens_per_s"].items():
             lines.append(f"| {mode} | {rate:,.0f} | {loader['ratio_to_fastest_consumer'][mode]:.1f} |")
         lines.append(f"\nFastest architecture: {loader['fastest_consumer_tokens_per_s']:,.0f} tokens/s.")
@@ -265,22 +343,34 @@ def main(argv: list[str] | None = None) -> dict:
     peak_dtype = torch.bfloat16 if gpu else torch.float32
     dev_name = torch.cuda.get_device_name(device) if gpu else (platform.processor() or platform.machine())
     load = round(os.getloadavg()[0], 1) if hasattr(os, "getloadavg") else None
-    print(f"preset {args.preset} {p} on {dev_name}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
-          f"load average {load}")
+    print(
+        f"preset {args.preset} {p} on {dev_name}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
+        f"load average {load}"
+    )
     peak = matmul_peak(device, peak_dtype, p["matmul_n"], reps=50 if gpu else 5)
     print(f"  dense {str(peak_dtype).removeprefix('torch.')} matmul peak {peak / 1e12:.3g} TFLOP/s")
     rows = bench_archs(p, device, autocast, peak, args.steps or p["steps"], args.warmup or p["warmup"])
     fastest = max(r["tokens_per_s"] for r in rows)
     result = {
-        "command": "python " + " ".join([sys.argv[0] if argv is None else "bench/train_throughput.py",
-                                         *(sys.argv[1:] if argv is None else argv)]),
-        "date": dt.datetime.now().isoformat(timespec="seconds"), "device": dev_name,
-        "device_type": device.type, "torch": torch.__version__, "threads": torch.get_num_threads(),
-        "cpu_count": os.cpu_count(), "load_average_at_start": load,
-        "precision": "bf16 autocast" if autocast else "fp32", "preset_name": args.preset, "preset": p,
-        "peak_dtype": str(peak_dtype).removeprefix("torch."), "peak_tflops": peak / 1e12,
+        "command": "python "
+        + " ".join(
+            [sys.argv[0] if argv is None else "bench/train_throughput.py", *(sys.argv[1:] if argv is None else argv)]
+        ),
+        "date": dt.datetime.now().isoformat(timespec="seconds"),
+        "device": dev_name,
+        "device_type": device.type,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "load_average_at_start": load,
+        "precision": "bf16 autocast" if autocast else "fp32",
+        "preset_name": args.preset,
+        "preset": p,
+        "peak_dtype": str(peak_dtype).removeprefix("torch."),
+        "peak_tflops": peak / 1e12,
         "nominal_tflops": next((v for k, v in NOMINAL_BF16_TFLOPS.items() if gpu and k in dev_name), None),
-        "rows": rows, "loader": bench_loader(p, device, fastest),
+        "rows": rows,
+        "loader": bench_loader(p, device, fastest),
     }
     args.out_dir.mkdir(parents=True, exist_ok=True)
     stem = args.out_dir / f"train_throughput-{dt.date.today()}-{device.type}"

@@ -5,6 +5,7 @@ Trait columns (``saepipe.saes.arch_traits``; figures and verdicts read these, ne
 ``arch`` name): ``arch_label``, ``arch_order``, ``l0_fixed``, ``routed``, ``has_omega``,
 ``has_threshold``; ``n_experts`` / ``active_experts`` are in every row (1 for dense SAEs).
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -27,8 +28,13 @@ def sae_row(sae_dir: str | Path, metrics_json: str | Path, sweep: dict, extras: 
     """
     config = read_json(Path(sae_dir) / "config.json")
     sae_id = Path(sae_dir).name
-    row = {"sae_id": sae_id, "point_id": sweep.get("point", sae_id), "group": sweep["group"],
-           "match_baseline": sweep.get("baseline"), "match_by": sweep.get("by")}
+    row = {
+        "sae_id": sae_id,
+        "point_id": sweep.get("point", sae_id),
+        "group": sweep["group"],
+        "match_baseline": sweep.get("baseline"),
+        "match_by": sweep.get("by"),
+    }
     run = config.pop("run", {})
     row.update({k: v for k, v in config.items() if not isinstance(v, (dict, list))})
     row.update(arch_traits(config["arch"]))
@@ -40,8 +46,9 @@ def sae_row(sae_dir: str | Path, metrics_json: str | Path, sweep: dict, extras: 
     return row
 
 
-def aggregate(sae_dirs: list[str], metrics: list[str], sweep: list[dict], out_parquet: str,
-              extras: Sequence[str] = ()) -> pa.Table:
+def aggregate(
+    sae_dirs: list[str], metrics: list[str], sweep: list[dict], out_parquet: str, extras: Sequence[str] = ()
+) -> pa.Table:
     """Write the table; `extras` are per-SAE JSON files, matched to SAEs by directory."""
     by_dir: dict[Path, list[str]] = {}
     for extra in extras:

@@ -8,11 +8,12 @@ rule reruns; edit `saepipe/saes/topk.py` and every SAE is retrained, then re-eva
 The hash ignores nothing (comments included): a deliberate, simple rule. To skip reruns
 after a cosmetic edit, run `snakemake --touch` on the affected outputs.
 """
+
 from __future__ import annotations
 
 import ast
 import hashlib
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 PACKAGE_ROOT = Path(__file__).resolve().parent
@@ -71,7 +72,7 @@ def module_closure(module: str) -> list[Path]:
     return sorted(set(seen.values()))
 
 
-@lru_cache(maxsize=None)
+@cache
 def fingerprint(module: str) -> str:
     """Short hash of the code a stage runs (see the module docstring)."""
     if _module_file(module) is None:

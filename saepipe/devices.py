@@ -1,4 +1,5 @@
 """Device and thread selection for pipeline jobs."""
+
 from __future__ import annotations
 
 import torch
@@ -11,8 +12,7 @@ def resolve_device(name: str = "auto") -> torch.device:
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(
-            f"device {name!r} was requested but no CUDA GPU is visible; "
-            "set `device: auto` (or `cpu`) in config.yaml"
+            f"device {name!r} was requested but no CUDA GPU is visible; set `device: auto` (or `cpu`) in config.yaml"
         )
     return device
 

@@ -9,6 +9,7 @@ and statistics are accumulated per batch. Before the forward passes the job prin
 disk the split's shards need (tokens x d x 2 bytes + 8 bytes of token/position per token)
 and stops with an error when the shard's file system has less free space than this shard.
 """
+
 from __future__ import annotations
 
 import math
@@ -61,12 +62,10 @@ class ExtractConfig:
         return math.ceil(self.tokens(split) / self.shard_tokens)
 
 
-def shard_sequences(cfg: ExtractConfig, split: str, index: int, seq_len: int,
-                    available: int) -> slice:
+def shard_sequences(cfg: ExtractConfig, split: str, index: int, seq_len: int, available: int) -> slice:
     """The sequence rows of shard `index`; errors when the corpus is too small."""
     if cfg.shard_tokens % seq_len:
-        raise ValueError(f"extract.shard_tokens ({cfg.shard_tokens}) must be a multiple of "
-                         f"corpus.seq_len ({seq_len})")
+        raise ValueError(f"extract.shard_tokens ({cfg.shard_tokens}) must be a multiple of corpus.seq_len ({seq_len})")
     needed = math.ceil(cfg.tokens(split) / seq_len)
     if needed > available:
         raise ValueError(
@@ -90,13 +89,16 @@ def check_disk_space(out_path: str | Path, needed: int, what: str) -> None:
         probe = probe.parent
     free = shutil.disk_usage(probe).free
     if free < needed:
-        raise OSError(f"not enough disk for {what}: it needs {needed / 1e9:.2f} GB but {probe} has "
-                      f"{free / 1e9:.2f} GB free. Free space there, lower extract.train_tokens / "
-                      "eval_tokens, or run from a larger file system")
+        raise OSError(
+            f"not enough disk for {what}: it needs {needed / 1e9:.2f} GB but {probe} has "
+            f"{free / 1e9:.2f} GB free. Free space there, lower extract.train_tokens / "
+            "eval_tokens, or run from a larger file system"
+        )
 
 
-def extract_shard(cfg: ExtractConfig, model_dir: str | Path, corpus_dir: str | Path,
-                  split: str, index: int, out_path: str | Path) -> dict:
+def extract_shard(
+    cfg: ExtractConfig, model_dir: str | Path, corpus_dir: str | Path, split: str, index: int, out_path: str | Path
+) -> dict:
     """Write shard `index` of `split`; returns its metadata."""
     device = resolve_device(cfg.device)
     model = load_lm(model_dir, device)
@@ -104,16 +106,21 @@ def extract_shard(cfg: ExtractConfig, model_dir: str | Path, corpus_dir: str | P
     corpus = read_json(Path(corpus_dir) / "corpus.json")
     tokens = np.load(Path(corpus_dir) / f"{split}.npy", mmap_mode="r")
     if corpus["seq_len"] > model.cfg.n_ctx:
-        raise ValueError(f"corpus.seq_len ({corpus['seq_len']}) exceeds the model's context "
-                         f"({model.cfg.n_ctx}); lower corpus.seq_len")
+        raise ValueError(
+            f"corpus.seq_len ({corpus['seq_len']}) exceeds the model's context "
+            f"({model.cfg.n_ctx}); lower corpus.seq_len"
+        )
     rows = shard_sequences(cfg, split, index, corpus["seq_len"], len(tokens))
     seqs = np.ascontiguousarray(tokens[rows])
     n_seq, seq_len = seqs.shape
     d = int(model.cfg.d_model)
     split_tokens = math.ceil(cfg.tokens(split) / seq_len) * seq_len
-    print(f"extract: {split} split {split_tokens:,} tokens x d={d} -> "
-          f"{shard_bytes(split_tokens, d) / 1e9:.2f} GB in {cfg.n_shards(split)} shards; this shard "
-          f"{shard_bytes(n_seq * seq_len, d) / 1e9:.3f} GB", file=sys.stderr)
+    print(
+        f"extract: {split} split {split_tokens:,} tokens x d={d} -> "
+        f"{shard_bytes(split_tokens, d) / 1e9:.2f} GB in {cfg.n_shards(split)} shards; this shard "
+        f"{shard_bytes(n_seq * seq_len, d) / 1e9:.3f} GB",
+        file=sys.stderr,
+    )
     check_disk_space(out_path, shard_bytes(n_seq * seq_len, d), f"shard {out_path}")
     acts = np.empty((n_seq * seq_len, d), np.float16)
     keep_S = keep_mask(np.arange(seq_len), cfg.exclude_positions)

@@ -1,4 +1,5 @@
 """Self-contained HTML pages for the Snakemake report (tables a PNG would render badly)."""
+
 from __future__ import annotations
 
 import html
@@ -20,7 +21,9 @@ p.note { color: #555; max-width: 60em; }
 def write_page(out_html: str | Path, title: str, body: str, note: str = "", style: str = "") -> None:
     """An HTML page: `title` as heading, an optional explanatory note, then `body` (HTML)."""
     note_html = f"<p class='note'>{note}</p>" if note else ""
-    page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>saepipe: {html.escape(title)}</title>"
-            f"<style>{STYLE}{style}</style></head><body><h1>{html.escape(title)}</h1>{note_html}{body}</body></html>")
+    page = (
+        f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>saepipe: {html.escape(title)}</title>"
+        f"<style>{STYLE}{style}</style></head><body><h1>{html.escape(title)}</h1>{note_html}{body}</body></html>"
+    )
     with atomic_path(out_html) as tmp:
         tmp.write_text(page, encoding="utf-8")

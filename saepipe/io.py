@@ -3,6 +3,7 @@
 Everything is written to a temporary sibling first and moved into place with os.replace
 (atomic on POSIX within one filesystem), so Snakemake never sees a half-written output.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -10,8 +11,9 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 
 def _tmp_sibling(path: Path, is_dir: bool) -> Path:

@@ -29,6 +29,7 @@ Every job logs one line ``saepipe.lease: gpu=... source=... CUDA_VISIBLE_DEVICES
 host=... pid=... start=<unix time>`` on entry and ``saepipe.lease: released gpu=...
 end=<unix time>`` on exit; :func:`read_leases` reads them back from a job log.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -39,9 +40,10 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Iterator
+from typing import IO
 
 GPUS_ENV = "SAEPIPE_GPUS"
 LOCK_DIR_ENV = "SAEPIPE_GPU_LOCK_DIR"
@@ -94,8 +96,9 @@ def lock_dir() -> Path:
         if path == DEFAULT_LOCK_DIR and path.stat().st_uid == os.getuid():
             path.chmod(0o1777)  # shared by every user of the machine, like /tmp
     except OSError as err:
-        raise OSError(f"cannot create the GPU lock directory {path} ({err}); "
-                      f"set {LOCK_DIR_ENV} to a writable directory") from err
+        raise OSError(
+            f"cannot create the GPU lock directory {path} ({err}); set {LOCK_DIR_ENV} to a writable directory"
+        ) from err
     return path
 
 
@@ -131,8 +134,11 @@ def _acquire(n_gpus: int, directory: Path, log: IO) -> tuple[int, int]:
             if fd is not None:
                 return fd, index
         if time.time() >= next_note:  # say it once a minute, not at every poll
-            _log(log, f"all {n_gpus} GPUs are leased by other jobs (locks in {directory}); "
-                      f"waiting for one to be released, checking every {poll_s:g}s")
+            _log(
+                log,
+                f"all {n_gpus} GPUs are leased by other jobs (locks in {directory}); "
+                f"waiting for one to be released, checking every {poll_s:g}s",
+            )
             next_note = time.time() + 60
         time.sleep(poll_s)
 
@@ -140,9 +146,11 @@ def _acquire(n_gpus: int, directory: Path, log: IO) -> tuple[int, int]:
 def _check_cuda_not_initialised() -> None:
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_initialized():
-        raise RuntimeError("gpu_lease() was entered after CUDA was initialised, so "
-                           "CUDA_VISIBLE_DEVICES can no longer take effect; enter it at the "
-                           "start of the job, before any tensor is put on a GPU")
+        raise RuntimeError(
+            "gpu_lease() was entered after CUDA was initialised, so "
+            "CUDA_VISIBLE_DEVICES can no longer take effect; enter it at the "
+            "start of the job, before any tensor is put on a GPU"
+        )
 
 
 def _log(log: IO, text: str) -> None:
@@ -174,8 +182,11 @@ def gpu_lease(log: IO | None = None) -> Iterator[Lease]:
         note = f" lock={lease.lock_path} waited={time.time() - asked:.1f}s"
         os.environ["CUDA_VISIBLE_DEVICES"] = str(index)
     gpu, start = lease.cuda_visible_devices or "none", time.time()
-    _log(log, f"gpu={gpu} source={lease.source} CUDA_VISIBLE_DEVICES={lease.cuda_visible_devices or ''} "
-              f"host={socket.gethostname()} pid={os.getpid()} start={start:.3f}{note}")
+    _log(
+        log,
+        f"gpu={gpu} source={lease.source} CUDA_VISIBLE_DEVICES={lease.cuda_visible_devices or ''} "
+        f"host={socket.gethostname()} pid={os.getpid()} start={start:.3f}{note}",
+    )
     try:
         yield lease
     finally:
@@ -195,7 +206,7 @@ def read_leases(log_text: str) -> list[dict]:
     for line in log_text.splitlines():
         if not line.startswith(LOG_PREFIX):
             continue
-        words = line[len(LOG_PREFIX):].split()
+        words = line[len(LOG_PREFIX) :].split()
         fields = dict(word.partition("=")[::2] for word in words if "=" in word)
         if words[0] == "released":
             open_leases = [lease for lease in leases if lease["end"] is None]

@@ -14,15 +14,16 @@ Two sources, chosen by the optional `model:` section of config.yaml (`ModelConfi
 Every later stage receives that model directory and goes through `load_lm`,
 `load_tokenizer`, `model_id`, `capture` and `ce_loss`, which handle both kinds.
 """
+
 from __future__ import annotations
 
 import hashlib
 import math
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -60,8 +61,10 @@ class ModelConfig:
         if self.source not in ("native", "pretrained"):
             raise ValueError(f"model.source must be native or pretrained, not {self.source!r}")
         if self.source == "pretrained" and not (self.name_or_path and self.d_model):
-            raise ValueError("model.source: pretrained needs model.name_or_path (a hub name or a "
-                             "local directory) and model.d_model (its residual width, e.g. 768 for gpt2)")
+            raise ValueError(
+                "model.source: pretrained needs model.name_or_path (a hub name or a "
+                "local directory) and model.d_model (its residual width, e.g. 768 for gpt2)"
+            )
         if self.dtype not in DTYPES:
             raise ValueError(f"model.dtype must be one of {sorted(DTYPES)}, not {self.dtype!r}")
 
@@ -111,27 +114,76 @@ class LMConfig:
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"lm.{name} must be a positive integer, got {value!r}")
         if self.d_model % self.n_heads:
-            raise ValueError(f"lm.d_model ({self.d_model}) must be divisible by lm.n_heads ({self.n_heads}): "
-                             f"each head gets d_model / n_heads dimensions; e.g. n_heads: "
-                             f"{max(h for h in range(1, self.n_heads + 1) if self.d_model % h == 0)}")
+            raise ValueError(
+                f"lm.d_model ({self.d_model}) must be divisible by lm.n_heads ({self.n_heads}): "
+                f"each head gets d_model / n_heads dimensions; e.g. n_heads: "
+                f"{max(h for h in range(1, self.n_heads + 1) if self.d_model % h == 0)}"
+            )
 
 
 # The hook points of the TransformerLens-native model (TransformerBridge.boot_native), known
 # without importing TransformerLens (seconds at every Snakefile parse): the names of one block,
 # with {i} its index, and the model-level ones. tests/test_lm.py checks them against a booted model.
-NATIVE_BLOCK_HOOKS = tuple(f"blocks.{{i}}.{name}" for name in (
-    *(f"attn.hook_{h}" for h in ("attn_in", "attn_scores", "hidden_states", "in", "k", "k_input", "out",
-                                 "pattern", "q", "q_input", "result", "v", "v_input", "z")),
-    *(f"attn.{p}.hook_{io}" for p in "koqv" for io in ("in", "out")),
-    *(f"hook_{h}" for h in ("attn_in", "attn_out", "in", "k_input", "mlp_in", "mlp_out", "out", "q_input",
-                            "resid_mid", "resid_post", "resid_pre", "v_input")),
-    *(f"{ln}.hook_{h}" for ln in ("ln1", "ln2") for h in ("in", "normalized", "out", "scale")),
-    *(f"mlp.hook_{h}" for h in ("in", "out", "post", "pre")),
-    *(f"mlp.{p}.hook_{io}" for p in ("in", "out") for io in ("in", "out")),
-))
-NATIVE_MODEL_HOOKS = ("embed.hook_in", "embed.hook_out", "hook_embed", "hook_pos_embed", "hook_unembed",
-                      "ln_final.hook_in", "ln_final.hook_normalized", "ln_final.hook_out", "ln_final.hook_scale",
-                      "pos_embed.hook_in", "pos_embed.hook_out", "unembed.hook_in", "unembed.hook_out")
+NATIVE_BLOCK_HOOKS = tuple(
+    f"blocks.{{i}}.{name}"
+    for name in (
+        *(
+            f"attn.hook_{h}"
+            for h in (
+                "attn_in",
+                "attn_scores",
+                "hidden_states",
+                "in",
+                "k",
+                "k_input",
+                "out",
+                "pattern",
+                "q",
+                "q_input",
+                "result",
+                "v",
+                "v_input",
+                "z",
+            )
+        ),
+        *(f"attn.{p}.hook_{io}" for p in "koqv" for io in ("in", "out")),
+        *(
+            f"hook_{h}"
+            for h in (
+                "attn_in",
+                "attn_out",
+                "in",
+                "k_input",
+                "mlp_in",
+                "mlp_out",
+                "out",
+                "q_input",
+                "resid_mid",
+                "resid_post",
+                "resid_pre",
+                "v_input",
+            )
+        ),
+        *(f"{ln}.hook_{h}" for ln in ("ln1", "ln2") for h in ("in", "normalized", "out", "scale")),
+        *(f"mlp.hook_{h}" for h in ("in", "out", "post", "pre")),
+        *(f"mlp.{p}.hook_{io}" for p in ("in", "out") for io in ("in", "out")),
+    )
+)
+NATIVE_MODEL_HOOKS = (
+    "embed.hook_in",
+    "embed.hook_out",
+    "hook_embed",
+    "hook_pos_embed",
+    "hook_unembed",
+    "ln_final.hook_in",
+    "ln_final.hook_normalized",
+    "ln_final.hook_out",
+    "ln_final.hook_scale",
+    "pos_embed.hook_in",
+    "pos_embed.hook_out",
+    "unembed.hook_in",
+    "unembed.hook_out",
+)
 
 
 def native_hook_names(n_layers: int) -> list[str]:
@@ -149,9 +201,10 @@ def check_native_config(lm: dict, hook: str) -> LMConfig:
     cfg = LMConfig(**lm)
     valid = native_hook_names(cfg.n_layers)
     if hook not in valid:
-        raise ValueError(f"extract.hook {hook!r} does not exist in the native model ({cfg.n_layers} blocks). "
-                         f"Set extract.hook in config.yaml to one of these {len(valid)} names:\n  "
-                         + "\n  ".join(valid))
+        raise ValueError(
+            f"extract.hook {hook!r} does not exist in the native model ({cfg.n_layers} blocks). "
+            f"Set extract.hook in config.yaml to one of these {len(valid)} names:\n  " + "\n  ".join(valid)
+        )
     return cfg
 
 
@@ -173,9 +226,14 @@ def _native_arch(cfg: LMConfig, vocab_size: int, n_ctx: int) -> dict:
     if cfg.d_model % cfg.n_heads:
         raise ValueError(f"lm.d_model ({cfg.d_model}) must be divisible by lm.n_heads ({cfg.n_heads})")
     return dict(
-        d_model=cfg.d_model, n_layers=cfg.n_layers, n_heads=cfg.n_heads,
-        d_head=cfg.d_model // cfg.n_heads, d_mlp=cfg.d_mlp, d_vocab=vocab_size,
-        n_ctx=n_ctx, seed=cfg.seed,
+        d_model=cfg.d_model,
+        n_layers=cfg.n_layers,
+        n_heads=cfg.n_heads,
+        d_head=cfg.d_model // cfg.n_heads,
+        d_mlp=cfg.d_mlp,
+        d_vocab=vocab_size,
+        n_ctx=n_ctx,
+        seed=cfg.seed,
     )
 
 
@@ -234,8 +292,11 @@ def train_lm(cfg: LMConfig, corpus_dir: str | Path, out_dir: str | Path) -> dict
     save_native(model, out_dir, info)
     with atomic_path(out_dir / "tokenizer.json") as tmp:
         tmp.write_bytes((corpus_dir / "tokenizer.json").read_bytes())
-    print(f"lm: loss {info['train_loss_first']:.2f} -> {info['train_loss_last']:.2f}, "
-          f"eval {info['eval_loss']:.2f} (uniform {info['uniform_loss']:.2f})", file=sys.stderr)
+    print(
+        f"lm: loss {info['train_loss_first']:.2f} -> {info['train_loss_last']:.2f}, "
+        f"eval {info['eval_loss']:.2f} (uniform {info['uniform_loss']:.2f})",
+        file=sys.stderr,
+    )
     return info
 
 
@@ -254,7 +315,8 @@ def _boot_pretrained(name_or_path: str, dtype: str, revision: str | None, device
 
     try:
         return TransformerBridge.boot_transformers(
-            name_or_path, device=device, dtype=DTYPES[dtype], revision=revision, tokenizer=tokenizer)
+            name_or_path, device=device, dtype=DTYPES[dtype], revision=revision, tokenizer=tokenizer
+        )
     except OSError as err:  # not on disk, not in the HF cache, no network
         raise OSError(
             f"could not load the pretrained model {name_or_path!r}: {err}\nmodel.name_or_path must be a "
@@ -272,15 +334,18 @@ def load_hf_tokenizer(name_or_path: str | Path, revision: str | None = None):
     except OSError as err:
         raise OSError(f"could not load the tokenizer of {name_or_path!r}: {err}") from err
     if not tok.is_fast:
-        raise ValueError(f"the tokenizer of {name_or_path!r} has no fast (tokenizers) version; "
-                         "saepipe needs one (tokenizer.json) to tokenise and decode")
+        raise ValueError(
+            f"the tokenizer of {name_or_path!r} has no fast (tokenizers) version; "
+            "saepipe needs one (tokenizer.json) to tokenise and decode"
+        )
     return tok
 
 
 def _weights_digest(directory: Path) -> str:
     """sha256 over a local model directory's weight files (name and bytes), 12 hex digits."""
-    files = sorted(p for p in directory.iterdir()
-                   if p.suffix in (".safetensors", ".bin", ".pt", ".pth") and p.is_file())
+    files = sorted(
+        p for p in directory.iterdir() if p.suffix in (".safetensors", ".bin", ".pt", ".pth") and p.is_file()
+    )
     if not files:
         raise FileNotFoundError(f"no weight files (*.safetensors, *.bin) in {directory}")
     digest = hashlib.sha256()
@@ -314,8 +379,10 @@ def prepare_pretrained(cfg: ModelConfig, out_dir: str | Path) -> dict:
     tokenizer = load_hf_tokenizer(name, cfg.revision)
     model = _boot_pretrained(name, cfg.dtype, cfg.revision, "cpu", tokenizer)
     if model.cfg.d_model != cfg.d_model:
-        raise ValueError(f"model.d_model is {cfg.d_model} but {name!r} has d_model "
-                         f"{model.cfg.d_model}; set model.d_model: {model.cfg.d_model} in the config")
+        raise ValueError(
+            f"model.d_model is {cfg.d_model} but {name!r} has d_model "
+            f"{model.cfg.d_model}; set model.d_model: {model.cfg.d_model} in the config"
+        )
     info = {
         "kind": "pretrained",
         "name_or_path": str(Path(name).resolve()) if Path(name).is_dir() else name,
@@ -331,8 +398,11 @@ def prepare_pretrained(cfg: ModelConfig, out_dir: str | Path) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer.save_pretrained(str(out_dir))
     write_json(out_dir / "model.json", info)
-    print(f"lm: pretrained {info['model_id']} (d_model {info['d_model']}, {info['n_layers']} layers, "
-          f"{cfg.dtype}); nothing trained", file=sys.stderr)
+    print(
+        f"lm: pretrained {info['model_id']} (d_model {info['d_model']}, {info['n_layers']} layers, "
+        f"{cfg.dtype}); nothing trained",
+        file=sys.stderr,
+    )
     return info
 
 
@@ -397,7 +467,7 @@ def capture(model, tokens_BS: torch.Tensor, hook: str) -> torch.Tensor:
     """Activations at `hook` [B, S, d]; the forward pass stops right after the hook fires."""
     captured: dict[str, torch.Tensor] = {}
 
-    def grab(act, hook):  # noqa: ARG001 - TransformerLens hook signature
+    def grab(act, hook):
         captured["act"] = act.detach()
         raise _StopForward
 
@@ -410,8 +480,9 @@ def capture(model, tokens_BS: torch.Tensor, hook: str) -> torch.Tensor:
     return captured["act"]
 
 
-def keep_positions_clean(replace: Callable[[torch.Tensor], torch.Tensor],
-                         keep_positions: Sequence[int]) -> Callable[[torch.Tensor], torch.Tensor]:
+def keep_positions_clean(
+    replace: Callable[[torch.Tensor], torch.Tensor], keep_positions: Sequence[int]
+) -> Callable[[torch.Tensor], torch.Tensor]:
     """`replace` for a hook splice, except that the sequence positions `keep_positions` keep
     the clean activation.
 
@@ -430,17 +501,22 @@ def keep_positions_clean(replace: Callable[[torch.Tensor], torch.Tensor],
     if not keep:
         return replace
     if keep[0] < 0:
-        raise ValueError(f"keep_positions must be sequence positions >= 0, got {keep}; "
-                         "check the shards' exclude_positions metadata")
+        raise ValueError(
+            f"keep_positions must be sequence positions >= 0, got {keep}; check the shards' exclude_positions metadata"
+        )
 
     def spliced(act_BS: torch.Tensor) -> torch.Tensor:
         if act_BS.dim() < 2:
-            raise ValueError(f"keep_positions needs a hook activation with a sequence dimension "
-                             f"[B, S, ...], got shape {tuple(act_BS.shape)}")
+            raise ValueError(
+                f"keep_positions needs a hook activation with a sequence dimension "
+                f"[B, S, ...], got shape {tuple(act_BS.shape)}"
+            )
         new_BS = replace(act_BS).to(act_BS.dtype)
         if new_BS.shape != act_BS.shape:
-            raise ValueError(f"the replacement has shape {tuple(new_BS.shape)} but the hook "
-                             f"activation is {tuple(act_BS.shape)}; it must return the same shape")
+            raise ValueError(
+                f"the replacement has shape {tuple(new_BS.shape)} but the hook "
+                f"activation is {tuple(act_BS.shape)}; it must return the same shape"
+            )
         S = act_BS.shape[1]
         present = [p for p in keep if p < S]
         if not present:
@@ -454,9 +530,13 @@ def keep_positions_clean(replace: Callable[[torch.Tensor], torch.Tensor],
 
 
 @torch.no_grad()
-def ce_loss(model, tokens_BS: torch.Tensor, hook: str | None = None,
-            replace: Callable[[torch.Tensor], torch.Tensor] | None = None,
-            keep_positions: Sequence[int] = ()) -> float:
+def ce_loss(
+    model,
+    tokens_BS: torch.Tensor,
+    hook: str | None = None,
+    replace: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    keep_positions: Sequence[int] = (),
+) -> float:
     """Mean next-token cross-entropy over `tokens_BS`, optionally with the activation at
     `hook` replaced by `replace(act)` (same shape), except at the sequence positions
     `keep_positions`, which keep the clean activation (see `keep_positions_clean`)."""
@@ -466,7 +546,7 @@ def ce_loss(model, tokens_BS: torch.Tensor, hook: str | None = None,
         raise ValueError("ce_loss: `replace` needs the `hook` whose activation it replaces")
     replace = keep_positions_clean(replace, keep_positions)
 
-    def patch(act, hook):  # noqa: ARG001
+    def patch(act, hook):
         return replace(act).to(act.dtype)
 
     return model.run_with_hooks(tokens_BS, return_type="loss", fwd_hooks=[(hook, patch)]).item()

@@ -7,11 +7,12 @@ no interval (``low = high = mean``, ``n = 1`` says so). Comparisons between two 
 PAIRED by seed: the interval is that of the per-seed differences, which removes the
 variance the two share (same data order and init seed).
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
-from typing import Iterable
 
 from scipy import stats as _st
 

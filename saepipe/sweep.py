@@ -33,6 +33,7 @@ architecture allows whose training FLOPs do not exceed the baseline's. The deriv
 configuration is checked against the baseline's FLOPs and a mismatch is a config error
 naming both.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -82,7 +83,8 @@ def _train_flops(cfg, train: dict, group: str) -> float:
     if not isinstance(batch, int) or isinstance(batch, bool):
         raise SweepError(
             f"sweep.{group}: match by train_flops needs a numeric train.batch_size (the optimizer's "
-            f"FLOPs per token depend on it), got {batch!r}; set batch_size in the group or in `train`")
+            f"FLOPs per token depend on it), got {batch!r}; set batch_size in the group or in `train`"
+        )
     return cfg.train_flops_per_token(batch)
 
 
@@ -105,8 +107,10 @@ def _match_train_flops(group: str, values: dict, baseline, base_train: dict, tra
         if lo > 2**40:
             raise SweepError(f"sweep.{group}: no valid width for {values}")
     if lo_cost > target:
-        raise SweepError(f"sweep.{group}: even the smallest valid width ({lo}) costs more training "
-                         f"FLOPs/token ({lo_cost:,.0f}) than the baseline ({target:,.0f})")
+        raise SweepError(
+            f"sweep.{group}: even the smallest valid width ({lo}) costs more training "
+            f"FLOPs/token ({lo_cost:,.0f}) than the baseline ({target:,.0f})"
+        )
 
     def fits(width: int) -> bool:  # widths >= lo are valid (the constraints only bound M from below)
         c = cost(width)
@@ -126,8 +130,7 @@ def _match_train_flops(group: str, values: dict, baseline, base_train: dict, tra
     return lo
 
 
-def _apply_match(group: str, values: dict, match: dict, groups: dict, d_in: int,
-                 train: dict, base_train: dict) -> dict:
+def _apply_match(group: str, values: dict, match: dict, groups: dict, d_in: int, train: dict, base_train: dict) -> dict:
     base_name = match["baseline"]
     if base_name not in groups:
         raise SweepError(f"sweep.{group}.match.baseline: no group named {base_name!r}")
@@ -203,8 +206,14 @@ def expand_sweep(config: dict, d_in: int) -> dict[str, dict]:
             train = {**defaults, **{k: v for k, v in values.items() if k in defaults or k in TRAIN_FIELDS}}
             try:  # matching, then the architecture's own constraints (its config dataclass)
                 if match:
-                    base_train = {**defaults, **{k: v for k, v in groups.get(match["baseline"], {}).items()
-                                                 if k in defaults or k in TRAIN_FIELDS}}
+                    base_train = {
+                        **defaults,
+                        **{
+                            k: v
+                            for k, v in groups.get(match["baseline"], {}).items()
+                            if k in defaults or k in TRAIN_FIELDS
+                        },
+                    }
                     base_train = {k: (train[k] if isinstance(v, list) else v) for k, v in base_train.items()}
                     sae = _apply_match(group, sae, match, groups, d_in, train, base_train)
                 _sae_config(sae, d_in)
@@ -214,6 +223,5 @@ def expand_sweep(config: dict, d_in: int) -> dict[str, dict]:
                 raise SweepError(f"sweep.{group} (point {sid}): {err}") from err
             if sid in points:
                 raise SweepError(f"two sweep points are both named {sid!r}")
-            points[sid] = {"group": group, "point": point, "sae": sae, "train": train,
-                           "match": match or {}}
+            points[sid] = {"group": group, "point": point, "sae": sae, "train": train, "match": match or {}}
     return points

@@ -18,6 +18,7 @@ and the loader prefetches in background threads with pinned memory or, when the 
 fit in `device_cache_gb`, samples them on the device. None of this is on by default on
 the CPU, where runs stay bitwise reproducible. Measured: bench/train_throughput.py.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -28,9 +29,9 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from tqdm.auto import tqdm
@@ -105,11 +106,12 @@ class TrainConfig:
             raise ValueError(f"train.precision must be one of {list(PRECISIONS)}, got {self.precision!r}")
         if not (isinstance(self.prefetch_windows, int) and self.prefetch_windows >= 0):
             raise ValueError(f"train.prefetch_windows must be an int >= 0, got {self.prefetch_windows!r}")
-        if self.device_cache_gb != "auto" and not (isinstance(self.device_cache_gb, (int, float))
-                                                   and self.device_cache_gb >= 0):
+        if self.device_cache_gb != "auto" and not (
+            isinstance(self.device_cache_gb, (int, float)) and self.device_cache_gb >= 0
+        ):
             raise ValueError(f"train.device_cache_gb must be a number >= 0 or 'auto', got {self.device_cache_gb!r}")
 
-    def resolved(self, device: torch.device) -> "TrainConfig":
+    def resolved(self, device: torch.device) -> TrainConfig:
         """This config with every "auto" replaced by its value on `device`."""
         gpu = device.type == "cuda"
         batch = self.batch_size if self.batch_size != "auto" else (GPU_BATCH_SIZE if gpu else CPU_BATCH_SIZE)
@@ -131,8 +133,10 @@ RUNTIME_FIELDS = ("checkpoint_every_s", "prefetch_windows", "device_cache_gb")
 
 def split_runtime(fields: dict) -> tuple[dict, dict]:
     """(fields that define the result, runtime-only fields) of a train config dict."""
-    return ({k: v for k, v in fields.items() if k not in RUNTIME_FIELDS},
-            {k: v for k, v in fields.items() if k in RUNTIME_FIELDS})
+    return (
+        {k: v for k, v in fields.items() if k not in RUNTIME_FIELDS},
+        {k: v for k, v in fields.items() if k in RUNTIME_FIELDS},
+    )
 
 
 AUTO_LR_BASE, AUTO_LR_WIDTH = 2e-4, 2**14
@@ -179,8 +183,9 @@ def make_optimizer(sae: torch.nn.Module, lr: float) -> torch.optim.Adam:
     return torch.optim.Adam(sae.parameters(), lr=lr, fused=fused or None)
 
 
-def train_step(sae, opt: torch.optim.Optimizer, x_BD: torch.Tensor, autocast: torch.dtype | None,
-               grad_clip: float | None = None):
+def train_step(
+    sae, opt: torch.optim.Optimizer, x_BD: torch.Tensor, autocast: torch.dtype | None, grad_clip: float | None = None
+):
     """One optimizer step of the protocol in saepipe/saes/base.py; returns (SAEOutput, loss).
 
     With `autocast` (e.g. torch.bfloat16) the forward runs under torch.autocast: matmuls in
@@ -201,41 +206,61 @@ def train_step(sae, opt: torch.optim.Optimizer, x_BD: torch.Tensor, autocast: to
     return out, loss
 
 
-def train_sae(sae_fields: dict, cfg: TrainConfig, shards: list[str], out_dir: str | Path,
-              checkpoint: str | Path | None = None) -> dict:
+def train_sae(
+    sae_fields: dict, cfg: TrainConfig, shards: list[str], out_dir: str | Path, checkpoint: str | Path | None = None
+) -> dict:
     """Train and save an SAE (sae.safetensors, config.json, train_log.jsonl) in `out_dir`.
 
     Resumes from `checkpoint` (default `out_dir/checkpoint.pt`) when it was written for
     this same job, and deletes it once the outputs are saved. See the module docstring.
     """
     if _DATA_LAYER_ERROR is not None:
-        raise ImportError(f"training reads Zarr v3 shards: {_DATA_LAYER_ERROR}; install saepipe's "
-                          "dependencies (pip install -c constraints.txt -e .)") from _DATA_LAYER_ERROR
+        raise ImportError(
+            f"training reads Zarr v3 shards: {_DATA_LAYER_ERROR}; install saepipe's "
+            "dependencies (pip install -c constraints.txt -e .)"
+        ) from _DATA_LAYER_ERROR
     out_dir = Path(out_dir)
     ckpt_path = Path(checkpoint) if checkpoint else out_dir / CHECKPOINT_FILE
     metas = [read_meta(p) for p in shards]
     meta = check_compatible(metas, shards)
     d_in = meta["d_in"]
-    sae_cfg = config_from_dict({
-        **sae_fields, "d_in": d_in, "act_norm_factor": math.sqrt(d_in) / mean_norm(metas),
-        "hook": meta["hook"], "model_id": meta["model"], "training_tokens": cfg.tokens,
-        "seed": cfg.seed,
-    })
+    sae_cfg = config_from_dict(
+        {
+            **sae_fields,
+            "d_in": d_in,
+            "act_norm_factor": math.sqrt(d_in) / mean_norm(metas),
+            "hook": meta["hook"],
+            "model_id": meta["model"],
+            "training_tokens": cfg.tokens,
+            "seed": cfg.seed,
+        }
+    )
     device = resolve_device(cfg.device)
     cfg = cfg.resolved(device)
     batch_size, cache_gb = cfg.batch_size, cfg.device_cache_gb
     assert isinstance(batch_size, int) and isinstance(cache_gb, float), "resolved() replaces every 'auto'"
     torch.manual_seed(cfg.seed)
     sae = build_sae(sae_cfg).to(device)
-    stream = ShardStream(shards, batch_size, cfg.tokens, seed=cfg.seed, buffer_shards=cfg.buffer_shards,
-                         device=device, prefetch=cfg.prefetch_windows, cache_bytes=cache_gb * 2**30)
+    stream = ShardStream(
+        shards,
+        batch_size,
+        cfg.tokens,
+        seed=cfg.seed,
+        buffer_shards=cfg.buffer_shards,
+        device=device,
+        prefetch=cfg.prefetch_windows,
+        cache_bytes=cache_gb * 2**30,
+    )
     total = len(stream)
     if total == 0:
         raise ValueError(f"train.tokens ({cfg.tokens}) is smaller than one batch ({cfg.batch_size})")
     if total < cfg.warmup_steps:
-        print(f"train {out_dir.name}: warning: only {total} steps (tokens {cfg.tokens:,} / batch "
-              f"{cfg.batch_size:,}) but warmup_steps is {cfg.warmup_steps}: the learning rate never "
-              "reaches train.lr; raise train.tokens or lower train.batch_size / warmup_steps", file=sys.stderr)
+        print(
+            f"train {out_dir.name}: warning: only {total} steps (tokens {cfg.tokens:,} / batch "
+            f"{cfg.batch_size:,}) but warmup_steps is {cfg.warmup_steps}: the learning rate never "
+            "reaches train.lr; raise train.tokens or lower train.batch_size / warmup_steps",
+            file=sys.stderr,
+        )
     lr = resolve_lr(cfg.lr, sae_cfg.width)
     opt = make_optimizer(sae, lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, cfg))
@@ -245,9 +270,15 @@ def train_sae(sae_fields: dict, cfg: TrainConfig, shards: list[str], out_dir: st
     t0 = time.time() - elapsed
     t_log, tokens_at_log, t_ckpt = time.time(), start * batch_size, time.monotonic()
     bar = tqdm(total=total, initial=start, desc=f"train {out_dir.name}", file=sys.stderr, mininterval=5)
-    print(f"train {out_dir.name}: {device}, batch {cfg.batch_size}, {cfg.precision}, "
-          + ("activations cached on the device" if stream.cached else
-             f"streaming {len(shards)} shards (prefetch {cfg.prefetch_windows})"), file=sys.stderr)
+    print(
+        f"train {out_dir.name}: {device}, batch {cfg.batch_size}, {cfg.precision}, "
+        + (
+            "activations cached on the device"
+            if stream.cached
+            else f"streaming {len(shards)} shards (prefetch {cfg.prefetch_windows})"
+        ),
+        file=sys.stderr,
+    )
     with _sigterm_flag() as sigterm:
         for step, x_BD in enumerate(stream.batches(start), start):
             if step == 0:
@@ -259,8 +290,11 @@ def train_sae(sae_fields: dict, cfg: TrainConfig, shards: list[str], out_dir: st
                 ckpt.check_finite(loss, step, state=False)
                 now, tokens = time.time(), (step + 1) * batch_size
                 row = {
-                    "step": step, "tokens": tokens, "lr": sched.get_last_lr()[0],
-                    "loss": loss.item(), **{k: v.item() for k, v in out.losses.items()},
+                    "step": step,
+                    "tokens": tokens,
+                    "lr": sched.get_last_lr()[0],
+                    "loss": loss.item(),
+                    **{k: v.item() for k, v in out.losses.items()},
                     "l0": (out.acts_BK > 0).sum(-1).float().mean().item(),
                     "dead_fraction": sae.dead_fraction(),
                     "tokens_per_s": (tokens - tokens_at_log) / max(now - t_log, 1e-9),
@@ -278,18 +312,32 @@ def train_sae(sae_fields: dict, cfg: TrainConfig, shards: list[str], out_dir: st
                 if sigterm.is_set():
                     raise TrainingPreempted(
                         f"train {out_dir.name}: SIGTERM received; {step + 1} of {total} steps done "
-                        f"and saved to {ckpt_path}. Rerun the same job to resume from there.")
+                        f"and saved to {ckpt_path}. Rerun the same job to resume from there."
+                    )
     bar.close()
     wall = time.time() - t0
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_sae(sae, out_dir, run={"train": asdict(cfg), "lr": lr, "wall_time_s": wall, "resumed_at_steps": resumes,
-                                "train_tokens_per_s": cfg.tokens / wall, "device": str(device)})
+    save_sae(
+        sae,
+        out_dir,
+        run={
+            "train": asdict(cfg),
+            "lr": lr,
+            "wall_time_s": wall,
+            "resumed_at_steps": resumes,
+            "train_tokens_per_s": cfg.tokens / wall,
+            "device": str(device),
+        },
+    )
     with atomic_path(out_dir / "train_log.jsonl") as tmp:
         tmp.write_text("".join(json.dumps(r) + "\n" for r in log))
     ckpt_path.unlink(missing_ok=True)
     resumed = f", resumed after step(s) {resumes}" if resumes else ""
-    print(f"train {out_dir.name}: {total} steps in {wall:.1f}s ({cfg.tokens / wall:,.0f} tok/s)"
-          f"{resumed}, final loss {log[-1]['loss']:.4f}", file=sys.stderr)
+    print(
+        f"train {out_dir.name}: {total} steps in {wall:.1f}s ({cfg.tokens / wall:,.0f} tok/s)"
+        f"{resumed}, final loss {log[-1]['loss']:.4f}",
+        file=sys.stderr,
+    )
     return log[-1]
 
 
@@ -314,8 +362,12 @@ def _sigterm_flag() -> Iterator[threading.Event]:
 def _job_key(sae_fields: dict, cfg: TrainConfig, shards: list[str], metas: list[dict]) -> dict:
     """What a checkpoint must have been written for to be resumed (JSON-normalised)."""
     train = {k: v for k, v in asdict(cfg).items() if k not in RESUME_NEUTRAL}
-    key = {"sae": sae_fields, "train": train, "code": fingerprint("saepipe.train"),
-           "shards": [{"path": str(p), **m} for p, m in zip(shards, metas)]}
+    key = {
+        "sae": sae_fields,
+        "train": train,
+        "code": fingerprint("saepipe.train"),
+        "shards": [{"path": str(p), **m} for p, m in zip(shards, metas)],
+    }
     return json.loads(json.dumps(key, sort_keys=True))
 
 
@@ -325,8 +377,9 @@ def _key_diff(old: dict, new: dict) -> str:
     for section in sorted(set(old) | set(new)):
         a, b = old.get(section), new.get(section)
         if isinstance(a, dict) and isinstance(b, dict):
-            diffs += [f"{section}.{k}: {a.get(k)!r} -> {b.get(k)!r}"
-                      for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+            diffs += [
+                f"{section}.{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)
+            ]
         elif a != b:
             diffs.append(section)
     return ", ".join(diffs)
@@ -369,13 +422,16 @@ class Checkpoint:
             return None
         try:
             state = torch.load(self.path, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001 - any unreadable file means: start fresh
+        except Exception as e:
             print(f"checkpoint {self.path} is unreadable ({e}); starting fresh", file=sys.stderr)
             return None
         if state.get("format") != CHECKPOINT_FORMAT or state.get("key") != self.key:
             diff = _key_diff(state.get("key") or {}, self.key) or "checkpoint format"
-            print(f"checkpoint {self.path} is stale (written for a different job: {diff}); "
-                  "ignoring it and starting fresh", file=sys.stderr)
+            print(
+                f"checkpoint {self.path} is stale (written for a different job: {diff}); "
+                "ignoring it and starting fresh",
+                file=sys.stderr,
+            )
             return None
         return state
 
@@ -384,10 +440,18 @@ class Checkpoint:
         rng = {"cpu": torch.get_rng_state()}
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
-        state = {"format": CHECKPOINT_FORMAT, "key": self.key, "step": step,
-                 "sae": self.sae.state_dict(), "optimizer": self.opt.state_dict(),
-                 "scheduler": self.sched.state_dict(), "rng": rng, "log": log,
-                 "resumes": resumes, "elapsed_s": elapsed_s}
+        state = {
+            "format": CHECKPOINT_FORMAT,
+            "key": self.key,
+            "step": step,
+            "sae": self.sae.state_dict(),
+            "optimizer": self.opt.state_dict(),
+            "scheduler": self.sched.state_dict(),
+            "rng": rng,
+            "log": log,
+            "resumes": resumes,
+            "elapsed_s": elapsed_s,
+        }
         with atomic_path(self.path) as tmp, open(tmp, "wb") as f:
             torch.save(state, f)
             f.flush()
@@ -409,7 +473,11 @@ class Checkpoint:
             if all(torch.isfinite(t).all() for t in tensors if t.is_floating_point()):
                 return
             what = "the weights or optimizer state became non-finite"
-        kept = ("no checkpoint was written" if self.last_good is None else
-                f"the last good checkpoint ({self.last_good} steps done) is kept in {self.path}")
-        raise FloatingPointError(f"{what} at step {step}; lower train.lr and rerun (a changed "
-                                 f"config starts fresh); {kept}")
+        kept = (
+            "no checkpoint was written"
+            if self.last_good is None
+            else f"the last good checkpoint ({self.last_good} steps done) is kept in {self.path}"
+        )
+        raise FloatingPointError(
+            f"{what} at step {step}; lower train.lr and rerun (a changed config starts fresh); {kept}"
+        )

@@ -1,4 +1,5 @@
 """Shared fixtures: a micro copy of the workflow that runs end to end in about a minute."""
+
 from __future__ import annotations
 
 import os
@@ -11,8 +12,17 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-WORKFLOW_PARTS = ["Snakefile", "config.yaml", "rules", "workflow_scripts", "schemas", "report", "saepipe", "profiles",
-                  "envs"]
+WORKFLOW_PARTS = [
+    "Snakefile",
+    "config.yaml",
+    "rules",
+    "workflow_scripts",
+    "schemas",
+    "report",
+    "saepipe",
+    "profiles",
+    "envs",
+]
 SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
 
 
@@ -21,30 +31,44 @@ def micro_config() -> dict:
     cfg = yaml.safe_load((REPO / "config.yaml").read_text())
     cfg["corpus"].update(packages=[], vocab_size=512, seq_len=64, min_tokens=50_000)
     cfg["lm"].update(d_model=32, n_layers=2, n_heads=2, d_mlp=64, steps=20, batch_size=16, warmup_steps=2)
-    cfg["extract"].update(hook="blocks.1.hook_resid_pre", train_tokens=16_384, eval_tokens=4_096,
-                          shard_tokens=8_192, batch_size=64)
+    cfg["extract"].update(
+        hook="blocks.1.hook_resid_pre", train_tokens=16_384, eval_tokens=4_096, shard_tokens=8_192, batch_size=64
+    )
     cfg["train"].update(tokens=16_384, batch_size=256, warmup_steps=5, log_every=10)
     cfg["sweep"] = {
         "topk": {"arch": "topk", "width": 128, "k": [4, 8], "dead_tokens": 4096},
-        "switch_flop": {"arch": "switch", "n_experts": 4, "k": [4],
-                        "match": {"baseline": "topk", "by": "flops"}},
-        "switch_width": {"arch": "switch", "n_experts": 4, "k": [4],
-                         "match": {"baseline": "topk", "by": "width"}},
-        "scale_flop": {"arch": "scale", "n_experts": 4, "active_experts": 2, "k": [4],
-                       "match": {"baseline": "topk", "by": "flops"}},
+        "switch_flop": {"arch": "switch", "n_experts": 4, "k": [4], "match": {"baseline": "topk", "by": "flops"}},
+        "switch_width": {"arch": "switch", "n_experts": 4, "k": [4], "match": {"baseline": "topk", "by": "width"}},
+        "scale_flop": {
+            "arch": "scale",
+            "n_experts": 4,
+            "active_experts": 2,
+            "k": [4],
+            "match": {"baseline": "topk", "by": "flops"},
+        },
         "batchtopk": {"arch": "batchtopk", "width": 128, "k": 4, "dead_tokens": 4096},
         "relu": {"arch": "relu", "width": 128, "k": 16, "l1_coeff": 3.0},
         "jumprelu": {"arch": "jumprelu", "width": 128, "k": 16, "threshold_init": 0.1},
         "gated": {"arch": "gated", "width": 128, "k": 8, "l1_coeff": 5.0},
     }
     cfg["evaluate"].update(ce_tokens=2_048, ce_batch_size=16, batch_size=1024, similarity_tokens=512)
-    cfg["maxact"].update(features=8, top_examples=5, random_examples=4, negative_examples=4, tokens=4_096,
-                         batch_size=1024)
+    cfg["maxact"].update(
+        features=8, top_examples=5, random_examples=4, negative_examples=4, tokens=4_096, batch_size=1024
+    )
     return cfg
 
 
-MICRO_SAES = {"topk-k4", "topk-k8", "switch_flop-k4", "switch_width-k4", "scale_flop-k4",
-               "batchtopk", "relu", "jumprelu", "gated"}
+MICRO_SAES = {
+    "topk-k4",
+    "topk-k8",
+    "switch_flop-k4",
+    "switch_width-k4",
+    "scale_flop-k4",
+    "batchtopk",
+    "relu",
+    "jumprelu",
+    "gated",
+}
 
 
 def copy_workflow(dest: Path, config: dict | None = None) -> Path:
@@ -64,7 +88,9 @@ def write_config(workdir: Path, config: dict) -> None:
     (workdir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
 
 
-def snakemake(workdir: Path, *args: str, check: bool = True, pythonpath: tuple[Path, ...] = ()) -> subprocess.CompletedProcess:
+def snakemake(
+    workdir: Path, *args: str, check: bool = True, pythonpath: tuple[Path, ...] = ()
+) -> subprocess.CompletedProcess:
     """Run snakemake in `workdir` with its saepipe (plus `pythonpath`, searched first)."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(map(str, (*pythonpath, workdir)))}
     proc = subprocess.run([SNAKEMAKE, *args], cwd=workdir, env=env, capture_output=True, text=True)

@@ -8,6 +8,7 @@ Its "model" picks the judging policy:
 - "flaky": fails the first request with HTTP 500, then behaves as "perfect".
 Every request body is recorded in `server.requests`.
 """
+
 from __future__ import annotations
 
 import collections
@@ -33,10 +34,9 @@ def _judge(system: str, user: str, policy: str) -> str:
 
 
 class _Handler(BaseHTTPRequestHandler):
-    def do_POST(self):  # noqa: N802 - http.server API
+    def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        self.server.requests.append({"path": self.path, "body": body,
-                                     "auth": self.headers.get("Authorization")})
+        self.server.requests.append({"path": self.path, "body": body, "auth": self.headers.get("Authorization")})
         policy = body["model"]
         if policy == "flaky" and len(self.server.requests) == 1:
             self.send_error(500, "try again")

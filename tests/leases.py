@@ -1,4 +1,5 @@
 """Checks on the GPU leases recorded in job logs (saepipe.lease.read_leases)."""
+
 from __future__ import annotations
 
 import itertools

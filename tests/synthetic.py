@@ -1,4 +1,5 @@
 """Synthetic data with ground-truth sparse features, for the "does it learn" tests."""
+
 import torch
 import torch.nn.functional as F
 

@@ -9,16 +9,20 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
-
 from synthetic import recovery, sample, train
+
 from saepipe.saes import kernels, load_sae, registry, save_sae
 from saepipe.saes.batchtopk import BatchTopKConfig, BatchTopKSAE
 from saepipe.saes.gated import GatedConfig, GatedSAE
 from saepipe.saes.jumprelu import JumpReLUConfig, JumpReLUSAE
 from saepipe.saes.relu import ReLUConfig, ReLUSAE
 
-ARCHS = {"relu": (ReLUSAE, ReLUConfig), "batchtopk": (BatchTopKSAE, BatchTopKConfig),
-         "jumprelu": (JumpReLUSAE, JumpReLUConfig), "gated": (GatedSAE, GatedConfig)}
+ARCHS = {
+    "relu": (ReLUSAE, ReLUConfig),
+    "batchtopk": (BatchTopKSAE, BatchTopKConfig),
+    "jumprelu": (JumpReLUSAE, JumpReLUConfig),
+    "gated": (GatedSAE, GatedConfig),
+}
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -45,8 +49,7 @@ def make_sae(arch, d=16, M=64, k=4, B=128, **kw):
 
 
 def grads(sae, *extra):
-    g = {name: (p.grad.clone() if p.grad is not None else torch.zeros_like(p))
-         for name, p in sae.named_parameters()}
+    g = {name: (p.grad.clone() if p.grad is not None else torch.zeros_like(p)) for name, p in sae.named_parameters()}
     g.update({f"input{i}": t.grad.clone() for i, t in enumerate(extra)})
     return g
 
@@ -99,9 +102,11 @@ def naive_gated(sae, x):
     f = (pi_gate > 0).float() * F.relu(mag)
     x_hat = f @ sae.W_dec + sae.b_dec
     x_aux = F.relu(pi_gate) @ sae.W_dec.detach() + sae.b_dec.detach()
-    losses = {"mse": (x_n - x_hat).pow(2).mean(),
-              "l1_gate": cfg.l1_coeff / cfg.d_in * F.relu(pi_gate).sum(1).mean(),
-              "aux_gate": (x_n - x_aux).pow(2).mean()}
+    losses = {
+        "mse": (x_n - x_hat).pow(2).mean(),
+        "l1_gate": cfg.l1_coeff / cfg.d_in * F.relu(pi_gate).sum(1).mean(),
+        "aux_gate": (x_n - x_aux).pow(2).mean(),
+    }
     return f, x_hat / cfg.act_norm_factor, losses
 
 
@@ -109,8 +114,13 @@ def dense_code(acts_BK, idx_BK, M):
     return torch.zeros(len(acts_BK), M).scatter_add(1, idx_BK, acts_BK.detach())
 
 
-CASES = [("relu", {"l1_warmup_tokens": 1000}), ("batchtopk", {}), ("batchtopk", {"eval": True}),
-         ("jumprelu", {"bandwidth": 0.05, "l0_coeff": 0.3}), ("gated", {"l1_coeff": 0.5})]
+CASES = [
+    ("relu", {"l1_warmup_tokens": 1000}),
+    ("batchtopk", {}),
+    ("batchtopk", {"eval": True}),
+    ("jumprelu", {"bandwidth": 0.05, "l0_coeff": 0.3}),
+    ("gated", {"l1_coeff": 0.5}),
+]
 
 
 @pytest.mark.parametrize("decode", ["sparse", "dense"])
@@ -232,11 +242,9 @@ def test_batchtopk_batch_selection_and_threshold():
     with torch.no_grad():
         ev = sae(x)
     assert float(sae.threshold) == thr  # no update in eval
-    torch.testing.assert_close(dense_code(ev.acts_BK, ev.idx_BK, sae.cfg.width),
-                               f * (f > thr))
+    torch.testing.assert_close(dense_code(ev.acts_BK, ev.idx_BK, sae.cfg.width), f * (f > thr))
     one = sae.encode(x[:1])
-    torch.testing.assert_close(dense_code(one.acts_BK, one.idx_BK, sae.cfg.width)[0],
-                               (f * (f > thr))[0])
+    torch.testing.assert_close(dense_code(one.acts_BK, one.idx_BK, sae.cfg.width)[0], (f * (f > thr))[0])
 
 
 def test_batchtopk_auxk_reaches_dead_latents():
@@ -314,8 +322,12 @@ def test_unit_norm_decoder_hooks(arch):
     torch.testing.assert_close(g, g_before - (g_before * u).sum(1, keepdim=True) * u)
 
 
-EXTRA_TENSORS = {"relu": {}, "batchtopk": {"threshold": ()}, "jumprelu": {"threshold": (64,)},
-                 "gated": {"b_gate": (64,), "r_mag": (64,), "b_mag": (64,)}}
+EXTRA_TENSORS = {
+    "relu": {},
+    "batchtopk": {"threshold": ()},
+    "jumprelu": {"threshold": (64,)},
+    "gated": {"b_gate": (64,), "r_mag": (64,), "b_mag": (64,)},
+}
 
 
 @pytest.mark.parametrize("arch", list(ARCHS))
@@ -329,8 +341,7 @@ def test_save_load_roundtrip(arch, tmp_path):
             sae.r_mag.normal_(0, 0.3)
     out_dir = save_sae(sae, tmp_path / "sae")
     tensors = load_file(str(out_dir / "sae.safetensors"))
-    shapes = {"W_enc": (16, 64), "b_enc": (64,), "W_dec": (64, 16), "b_dec": (16,),
-              **EXTRA_TENSORS[arch]}
+    shapes = {"W_enc": (16, 64), "b_enc": (64,), "W_dec": (64, 16), "b_dec": (16,), **EXTRA_TENSORS[arch]}
     assert {k: tuple(v.shape) for k, v in tensors.items()} == shapes
     assert all(v.dtype == torch.float32 for v in tensors.values())
     if arch == "gated":
@@ -346,12 +357,18 @@ def test_save_load_roundtrip(arch, tmp_path):
     assert all(torch.equal(a.losses[n], b.losses[n]) for n in a.losses)
 
 
-BAD = {"relu": [("l1_coeff", -1.0), ("l1_warmup_fraction", 1.5), ("l1_warmup_tokens", -3),
-                ("dec_init_norm", 0.0), ("dead_tokens", -1)],
-       "batchtopk": [("threshold_momentum", 0.0), ("threshold_momentum", 2.0), ("k_aux", 0)],
-       "jumprelu": [("l0_coeff", -0.1), ("bandwidth", 0.0), ("threshold_init", -1.0),
-                    ("enc_init_norm", 0.0)],
-       "gated": [("l1_coeff", -1.0), ("enc_init_norm", -1.0), ("dead_tokens", -5)]}
+BAD = {
+    "relu": [
+        ("l1_coeff", -1.0),
+        ("l1_warmup_fraction", 1.5),
+        ("l1_warmup_tokens", -3),
+        ("dec_init_norm", 0.0),
+        ("dead_tokens", -1),
+    ],
+    "batchtopk": [("threshold_momentum", 0.0), ("threshold_momentum", 2.0), ("k_aux", 0)],
+    "jumprelu": [("l0_coeff", -0.1), ("bandwidth", 0.0), ("threshold_init", -1.0), ("enc_init_norm", 0.0)],
+    "gated": [("l1_coeff", -1.0), ("enc_init_norm", -1.0), ("dead_tokens", -5)],
+}
 
 
 @pytest.mark.parametrize("arch", list(ARCHS))

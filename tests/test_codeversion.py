@@ -1,4 +1,5 @@
 """Library-code fingerprints: what each stage's code hash covers."""
+
 import shutil
 
 from saepipe import codeversion

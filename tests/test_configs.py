@@ -1,5 +1,6 @@
 """The shipped configs/ validate against the schema and expand their sweeps offline, and
 their headers' disk figures match the shard arithmetic."""
+
 from __future__ import annotations
 
 import re
@@ -8,8 +9,8 @@ from pathlib import Path
 import jsonschema
 import pytest
 import yaml
-
 from conftest import REPO, snakemake
+
 from saepipe.extract import shard_bytes
 from saepipe.lm import d_model
 from saepipe.sweep import expand_sweep
@@ -50,19 +51,23 @@ def test_a_config_must_not_mix_in_config_yaml(tmp_path):
     workdir = copy_workflow(tmp_path / "wf")
     (workdir / "configs").mkdir()
     (workdir / "configs" / "gpt2-quick.yaml").write_text((REPO / "configs" / "gpt2-quick.yaml").read_text())
-    out = snakemake(workdir, "-n", "--configfile", "configs/gpt2-quick.yaml", "--replace-workflow-config",
-                    "--quiet", "rules").stdout
+    out = snakemake(
+        workdir, "-n", "--configfile", "configs/gpt2-quick.yaml", "--replace-workflow-config", "--quiet", "rules"
+    ).stdout
     counts = dict(re.findall(r"^(\w+)\s+(\d+)$", out, re.M))
     assert counts["train"] == "7" and counts["lm"] == "1" and counts["extract"] == str(154 + 8)
 
 
-@pytest.mark.parametrize("model,error", [
-    ({"source": "pretrained", "name_or_path": "gpt2"}, "'d_model' is a required property"),
-    ({"source": "pretrained", "d_model": 768}, "'name_or_path' is a required property"),
-    ({"source": "pretrained", "name_or_path": "gpt2", "d_model": 768, "dtype": "fp8"}, "'fp8' is not one of"),
-    ({"source": "pretrained", "name_or_path": "gpt2", "d_model": 768, "layer": 8}, "'layer' was unexpected"),
-    ({"source": "native"}, "'lm' is a required property"),  # the native model needs its `lm` section
-])
+@pytest.mark.parametrize(
+    "model,error",
+    [
+        ({"source": "pretrained", "name_or_path": "gpt2"}, "'d_model' is a required property"),
+        ({"source": "pretrained", "d_model": 768}, "'name_or_path' is a required property"),
+        ({"source": "pretrained", "name_or_path": "gpt2", "d_model": 768, "dtype": "fp8"}, "'fp8' is not one of"),
+        ({"source": "pretrained", "name_or_path": "gpt2", "d_model": 768, "layer": 8}, "'layer' was unexpected"),
+        ({"source": "native"}, "'lm' is a required property"),  # the native model needs its `lm` section
+    ],
+)
 def test_schema_rejects_incomplete_model_sections(model, error):
     cfg = {**yaml.safe_load((REPO / "configs" / "gpt2-quick.yaml").read_text()), "model": model}
     with pytest.raises(jsonschema.ValidationError, match=re.escape(error)):

@@ -1,4 +1,5 @@
 """Corpus, shards and the streaming loader."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -15,9 +16,13 @@ def _shard(path, start, n=1000, d=8, **meta):
     value = np.arange(start, start + n)
     acts = np.zeros((n, d), np.float16)
     acts[:, 0], acts[:, 1] = value // 1000, value % 1000
-    write_shard(path, acts, np.arange(n, dtype=np.int32), np.arange(n, dtype=np.int32) % 10,
-                {"model": "m", "hook": "h", "dtype": "float16", "d_in": d, "token_count": n,
-                 "mean_norm": 1.0, **meta})
+    write_shard(
+        path,
+        acts,
+        np.arange(n, dtype=np.int32),
+        np.arange(n, dtype=np.int32) % 10,
+        {"model": "m", "hook": "h", "dtype": "float16", "d_in": d, "token_count": n, "mean_norm": 1.0, **meta},
+    )
     return path
 
 
@@ -39,6 +44,7 @@ def test_mixed_shards_are_refused(tmp_path):
     a = _shard(tmp_path / "a.zarr", 0)
     b = _shard(tmp_path / "b.zarr", 0, hook="other")
     from saepipe.data.shards import read_meta
+
     with pytest.raises(ValueError, match="hook"):
         check_compatible([read_meta(a), read_meta(b)], [a, b])
 
@@ -52,12 +58,12 @@ def test_stream_covers_every_row_shuffled_and_bounded(tmp_path):
     stream = ShardStream(paths, batch_size=100, total_tokens=4000, seed=0)
     rows = np.concatenate([_ids(b) for b in stream])
     assert len(rows) == 4000
-    assert sorted(rows.tolist()) == list(range(4000))           # one full epoch, no repeats
-    assert not np.array_equal(rows, np.sort(rows))              # shuffled
+    assert sorted(rows.tolist()) == list(range(4000))  # one full epoch, no repeats
+    assert not np.array_equal(rows, np.sort(rows))  # shuffled
     first = np.concatenate([_ids(b) for b in ShardStream(paths, 100, 1000, seed=0)])
-    assert len({int(v) // 1000 for v in first}) > 1              # batches mix shards
+    assert len({int(v) // 1000 for v in first}) > 1  # batches mix shards
     more = list(ShardStream(paths, batch_size=100, total_tokens=10_000, seed=1))
-    assert len(more) == 100                                      # several epochs when asked
+    assert len(more) == 100  # several epochs when asked
 
 
 def test_corpus_split_is_deterministic_by_content():

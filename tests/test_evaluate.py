@@ -1,5 +1,6 @@
 """Evaluation metrics with known answers: perfect and b_dec-only SAEs on a tiny model, CE
 splices that keep excluded positions clean, expert usage over every routed expert."""
+
 from __future__ import annotations
 
 import json
@@ -9,8 +10,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from saepipe.data.shards import write_shard
-from saepipe.data.shards import read_shard
+from saepipe.data.shards import read_shard, write_shard
 from saepipe.evaluate.metrics import EvalConfig, evaluate_sae, lm_baseline, reconstruction_stats
 from saepipe.lm import LMConfig, build_native, capture, model_id
 from saepipe.saes import build_sae, save_sae
@@ -22,9 +22,15 @@ D, SEQ = 16, 32
 def _write_eval_shard(path, model_dir, acts, tokens, exclude_positions=None) -> str:
     """One eval shard of `acts` [T, D] / `tokens` [B, SEQ]; `exclude_positions` in its metadata
     when given (None: the key is absent, as in shards of older code)."""
-    meta = {"model": model_id(model_dir), "hook": HOOK, "dtype": "float16", "d_in": D,
-            "token_count": len(acts), "mean_norm": float(np.linalg.norm(acts, axis=1).mean()),
-            "seq_len": SEQ}
+    meta = {
+        "model": model_id(model_dir),
+        "hook": HOOK,
+        "dtype": "float16",
+        "d_in": D,
+        "token_count": len(acts),
+        "mean_norm": float(np.linalg.norm(acts, axis=1).mean()),
+        "seq_len": SEQ,
+    }
     if exclude_positions is not None:
         meta["exclude_positions"] = list(exclude_positions)
     write_shard(str(path), acts, tokens.reshape(-1).numpy(), np.tile(np.arange(SEQ), len(tokens)), meta)
@@ -68,8 +74,9 @@ def setup(tmp_path_factory):
 def _evaluate_on(root, model_dir, shard, baseline_json, sae, name):
     sae.cfg.hook, sae.cfg.model_id = HOOK, model_id(model_dir)
     save_sae(sae, root / name)
-    return evaluate_sae(EVAL_CFG, str(root / name), str(model_dir), [str(shard)], str(baseline_json),
-                        str(root / name / "metrics.json"))
+    return evaluate_sae(
+        EVAL_CFG, str(root / name), str(model_dir), [str(shard)], str(baseline_json), str(root / name / "metrics.json")
+    )
 
 
 def _evaluate(setup, sae, name):
@@ -141,8 +148,14 @@ def bos_setup(tmp_path_factory):
         shards[name] = _write_eval_shard(root / f"{name}.zarr", model_dir, acts, tokens, excl)
         baselines[name] = root / f"baseline-{name}.json"
         lm_baseline(EVAL_CFG, str(model_dir), [shards[name]], str(baselines[name]))
-    return {"root": root, "model": model, "model_dir": model_dir, "tokens": tokens,
-            "shards": shards, "baselines": baselines}
+    return {
+        "root": root,
+        "model": model,
+        "model_dir": model_dir,
+        "tokens": tokens,
+        "shards": shards,
+        "baselines": baselines,
+    }
 
 
 def _perfect_sae(bos_garbage: torch.Tensor | None = None):
@@ -167,8 +180,9 @@ def _perfect_sae(bos_garbage: torch.Tensor | None = None):
 
 
 def _bos_evaluate(bos, sae, name, shard="excl", baseline=None):
-    return _evaluate_on(bos["root"], bos["model_dir"], bos["shards"][shard],
-                        bos["baselines"][baseline or shard], sae, name)
+    return _evaluate_on(
+        bos["root"], bos["model_dir"], bos["shards"][shard], bos["baselines"][baseline or shard], sae, name
+    )
 
 
 def test_ce_splice_keeps_excluded_positions_clean(bos_setup):
@@ -195,14 +209,16 @@ def test_zero_ablation_baseline_keeps_excluded_positions_clean(bos_setup):
     assert excl["exclude_positions"] == [0] and none["exclude_positions"] == []
     assert excl["ce_loss_original"] == pytest.approx(none["ce_loss_original"], abs=1e-6)
 
-    def zero_but_position_0(act, hook):  # noqa: ARG001 - written out here, not via saepipe
+    def zero_but_position_0(act, hook):
         out = torch.zeros_like(act)
         out[:, 0] = act[:, 0]
         return out
 
     def ce(hook_fn):  # equal-size batches: the mean of the batch means is the mean
-        losses = [model.run_with_hooks(tokens[i : i + 8], return_type="loss", fwd_hooks=[(HOOK, hook_fn)]).item()
-                  for i in range(0, len(tokens), 8)]
+        losses = [
+            model.run_with_hooks(tokens[i : i + 8], return_type="loss", fwd_hooks=[(HOOK, hook_fn)]).item()
+            for i in range(0, len(tokens), 8)
+        ]
         return sum(losses) / len(losses)
 
     assert excl["ce_loss_zero"] == pytest.approx(ce(zero_but_position_0), abs=1e-5)
@@ -225,10 +241,10 @@ def test_baseline_with_other_exclusions_is_refused(bos_setup):
 
 # ---- expert usage over every routed expert ---------------------------------------------------
 
+
 def test_expert_usage_counts_every_routed_expert_of_scale(setup):
     _, _, shard, _, _ = setup
-    sae = build_sae({"arch": "scale", "d_in": D, "width": 64, "k": 4, "n_experts": 4,
-                     "active_experts": 2}).eval()
+    sae = build_sae({"arch": "scale", "d_in": D, "width": 64, "k": 4, "n_experts": 4, "active_experts": 2}).eval()
     stats = reconstruction_stats(sae, [shard], batch_size=100, device="cpu", similarity_tokens=64)
     assert sum(stats["expert_counts"]) == 2 * stats["n_tokens"]
     with torch.no_grad():  # independently: both selected experts of every eval token

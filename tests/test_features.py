@@ -5,14 +5,15 @@ The MaxAct case: d = M = 8, a TopK SAE (k=1) with W_enc = I, tokens from a vocab
 per-row value, so feature f fires exactly on token f and its top examples are the rows
 with token f and the largest values.
 """
+
 from __future__ import annotations
 
+import judge_stub
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
 
-import judge_stub
 from saepipe.data.shards import write_shard
 from saepipe.features.autointerp import AutointerpConfig, autointerp, parse_judgement, resolve
 from saepipe.features.maxact import MaxActConfig, keep_top_per_group, max_activating_examples
@@ -40,15 +41,30 @@ def build_toy(root, exclude_positions=()):
     on = tokens < D
     acts[np.nonzero(on)[0], tokens[on]] = values[on]
     half = len(tokens) // 2
-    meta = {"model": "toy", "hook": "h", "dtype": "float16", "d_in": D, "mean_norm": 1.5, "seq_len": SEQ,
-            "exclude_positions": list(exclude_positions)}
+    meta = {
+        "model": "toy",
+        "hook": "h",
+        "dtype": "float16",
+        "d_in": D,
+        "mean_norm": 1.5,
+        "seq_len": SEQ,
+        "exclude_positions": list(exclude_positions),
+    }
     shards = []
     for i, rows in enumerate((slice(0, half), slice(half, None))):
         shards.append(str(root / f"{i:03d}.zarr"))
-        write_shard(shards[-1], acts[rows], tokens[rows], np.tile(np.arange(SEQ, dtype=np.int32), N_SEQ // 2),
-                    {**meta, "token_count": half})
-    sae = build_sae(config_from_dict({"arch": "topk", "d_in": D, "width": D, "k": 1, "act_norm_factor": 1.0,
-                                      "hook": "h", "model_id": "toy"}))
+        write_shard(
+            shards[-1],
+            acts[rows],
+            tokens[rows],
+            np.tile(np.arange(SEQ, dtype=np.int32), N_SEQ // 2),
+            {**meta, "token_count": half},
+        )
+    sae = build_sae(
+        config_from_dict(
+            {"arch": "topk", "d_in": D, "width": D, "k": 1, "act_norm_factor": 1.0, "hook": "h", "model_id": "toy"}
+        )
+    )
     with torch.no_grad():
         sae.W_enc.copy_(torch.eye(D))
         sae.b_enc.zero_()
@@ -57,8 +73,16 @@ def build_toy(root, exclude_positions=()):
     tok = Tokenizer(models.WordLevel({f" w{i}": i for i in range(VOCAB)}, unk_token=" w0"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.save(str(root / "tokenizer.json"))
-    cfg = MaxActConfig(features=4, top_examples=3, random_examples=4, negative_examples=2,
-                       context_before=3, context_after=2, batch_size=100, device="cpu")
+    cfg = MaxActConfig(
+        features=4,
+        top_examples=3,
+        random_examples=4,
+        negative_examples=2,
+        context_before=3,
+        context_after=2,
+        batch_size=100,
+        device="cpu",
+    )
     table = max_activating_examples(cfg, root / "sae", root, shards, root / "maxact.parquet")
     return {"root": root, "tokens": tokens, "values": values, "cfg": cfg, "rows": table.to_pylist()}
 

@@ -1,4 +1,5 @@
 """Known-answer tests for saepipe.evaluate.geometry (dictionary geometry, routing metrics)."""
+
 from __future__ import annotations
 
 import math
@@ -29,6 +30,7 @@ def _dense_max_cos(W_MD: torch.Tensor) -> torch.Tensor:
 
 
 # ---- decoder_redundancy --------------------------------------------------------------------
+
 
 def test_redundancy_exact_duplicates():
     base = _randn(10, 64)
@@ -80,6 +82,7 @@ def test_redundancy_needs_two_features():
 
 # ---- expert_specialization -----------------------------------------------------------------
 
+
 def _expert0_duplicated(M=16, n=4, d=64):
     """Expert 0 = n copies of one direction; every other row a random direction."""
     W = _randn(M, d, seed=3)
@@ -130,6 +133,7 @@ def test_specialization_single_expert_equals_whole_dictionary():
 
 # ---- expert_similarity_matrix / within_between_cosines -------------------------------------
 
+
 def test_expert_similarity_matrix_hand_case():
     e = torch.eye(4)
     u = (e[0] + e[1]) / math.sqrt(2)
@@ -153,9 +157,8 @@ def test_expert_similarity_matrix_matches_brute_force(absolute):
     ref = torch.empty(N, N, dtype=torch.float64)
     for i in range(N):
         for j in range(N):
-            block = G[i * n:(i + 1) * n, j * n:(j + 1) * n]
-            ref[i, j] = ((block.sum() - block.diagonal().sum()) / (n * (n - 1)) if i == j
-                         else block.mean())
+            block = G[i * n : (i + 1) * n, j * n : (j + 1) * n]
+            ref[i, j] = (block.sum() - block.diagonal().sum()) / (n * (n - 1)) if i == j else block.mean()
     got = expert_similarity_matrix(W, N, absolute=absolute, chunk=3)
     assert got.shape == (N, N)
     assert torch.allclose(got, ref, atol=1e-6)
@@ -198,6 +201,7 @@ def test_within_between_sampled_membership_and_size():
 
 
 # ---- activation_similarity -----------------------------------------------------------------
+
 
 def test_activation_similarity_hand_cases():
     ones = torch.ones(2, 3)
@@ -247,6 +251,7 @@ def test_activation_similarity_matches_brute_force():
 
 
 # ---- ExpertUsage ---------------------------------------------------------------------------
+
 
 def test_expert_usage_counts_entropy_cdf():
     usage = ExpertUsage(4)

@@ -3,6 +3,7 @@
 No GPU is needed: the lease only hands out device indices and sets CUDA_VISIBLE_DEVICES;
 what is checked is that concurrent jobs never get the same index.
 """
+
 from __future__ import annotations
 
 import os
@@ -11,9 +12,9 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import REPO, SNAKEMAKE
 from leases import assert_no_shared_device
+
 from saepipe.lease import gpu_lease, read_leases, try_lease
 
 # A job that holds a lease for a while; its log (stderr) records what it got.
@@ -52,10 +53,12 @@ def lease_env(tmp_path, monkeypatch):
 
 def test_snakemake_jobs_each_get_their_own_gpu(tmp_path, lease_env):
     (tmp_path / "job.py").write_text(JOB)
-    (tmp_path / "Snakefile").write_text(SNAKEFILE.replace("{python}", sys.executable)
-                                        .replace("{job}", str(tmp_path / "job.py")))
-    proc = subprocess.run([SNAKEMAKE, "--cores", "4", "--resources", "gpu=2"], cwd=tmp_path,
-                          capture_output=True, text=True)
+    (tmp_path / "Snakefile").write_text(
+        SNAKEFILE.replace("{python}", sys.executable).replace("{job}", str(tmp_path / "job.py"))
+    )
+    proc = subprocess.run(
+        [SNAKEMAKE, "--cores", "4", "--resources", "gpu=2"], cwd=tmp_path, capture_output=True, text=True
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     leases = [lease for i in range(6) for lease in read_leases((tmp_path / f"logs/{i}.log").read_text())]
     assert len(leases) == 6 and {lease["source"] for lease in leases} == {"lease"}
@@ -67,8 +70,12 @@ def test_more_jobs_than_gpus_wait_for_a_free_one(tmp_path, lease_env):
     """Four jobs started at once on two devices: two wait, and say so in their logs."""
     (tmp_path / "job.py").write_text(JOB)
     logs = [tmp_path / f"{i}.log" for i in range(4)]
-    procs = [subprocess.Popen([sys.executable, str(tmp_path / "job.py"), "0.5"], stderr=log.open("w"),
-                              stdout=subprocess.DEVNULL) for log in logs]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(tmp_path / "job.py"), "0.5"], stderr=log.open("w"), stdout=subprocess.DEVNULL
+        )
+        for log in logs
+    ]
     assert [p.wait(timeout=30) for p in procs] == [0] * 4
     texts = [log.read_text() for log in logs]
     leases = [lease for text in texts for lease in read_leases(text)]
@@ -119,8 +126,9 @@ def test_bad_gpu_count_is_a_clear_error(lease_env, monkeypatch):
 def test_killed_holder_frees_its_gpu(tmp_path, lease_env, monkeypatch):
     monkeypatch.setenv("SAEPIPE_GPUS", "1")
     (tmp_path / "job.py").write_text(JOB)
-    holder = subprocess.Popen([sys.executable, str(tmp_path / "job.py"), "60"],
-                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    holder = subprocess.Popen(
+        [sys.executable, str(tmp_path / "job.py"), "60"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+    )
     try:
         assert holder.stdout.readline().strip() == "leased"
         assert try_lease(0, lease_env) is None  # held by the other process
@@ -135,9 +143,16 @@ def test_killed_holder_frees_its_gpu(tmp_path, lease_env, monkeypatch):
 @pytest.mark.slow
 def test_pipeline_gpu_jobs_log_their_device(micro_run):
     """Every GPU rule's job goes through the lease and logs what it got."""
-    logs = {rule: sorted((micro_run / "results/logs").glob(pattern)) for rule, pattern in {
-        "extract": "extract/*.log", "train": "train/*.log", "evaluate": "evaluate/*.log",
-        "lm_baseline": "lm_baseline.log", "maxact": "maxact/*.log"}.items()}
+    logs = {
+        rule: sorted((micro_run / "results/logs").glob(pattern))
+        for rule, pattern in {
+            "extract": "extract/*.log",
+            "train": "train/*.log",
+            "evaluate": "evaluate/*.log",
+            "lm_baseline": "lm_baseline.log",
+            "maxact": "maxact/*.log",
+        }.items()
+    }
     for rule, paths in logs.items():
         assert paths, rule
         for path in paths:

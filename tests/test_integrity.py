@@ -1,4 +1,5 @@
 """Damaged and mismatched activation shards are refused with the shard's name and the fix."""
+
 from __future__ import annotations
 
 import re
@@ -7,8 +8,7 @@ import numpy as np
 import pytest
 import zarr
 
-from saepipe.data.shards import (ShardError, check_compatible, read_meta, read_shard, verify_shard,
-                                 write_shard)
+from saepipe.data.shards import ShardError, check_compatible, read_meta, read_shard, verify_shard, write_shard
 
 N, D = 40_000, 64  # acts: 5 MB in two chunks (4 MB target), so one chunk can be damaged alone
 
@@ -17,10 +17,20 @@ N, D = 40_000, 64  # acts: 5 MB in two chunks (4 MB target), so one chunk can be
 def shard(tmp_path):
     path = tmp_path / "results" / "activations" / "train" / "000.zarr"
     rng = np.random.default_rng(0)
-    write_shard(path, rng.standard_normal((N, D)).astype(np.float16), np.arange(N, dtype=np.int32),
-                np.zeros(N, np.int32),  # all zero = the fill value: its chunk must still be written
-                {"model": "m@1", "hook": "blocks.1.hook_resid_pre", "dtype": "float16", "d_in": D,
-                 "token_count": N, "mean_norm": 8.0})
+    write_shard(
+        path,
+        rng.standard_normal((N, D)).astype(np.float16),
+        np.arange(N, dtype=np.int32),
+        np.zeros(N, np.int32),  # all zero = the fill value: its chunk must still be written
+        {
+            "model": "m@1",
+            "hook": "blocks.1.hook_resid_pre",
+            "dtype": "float16",
+            "d_in": D,
+            "token_count": N,
+            "mean_norm": 8.0,
+        },
+    )
     return path
 
 
@@ -54,7 +64,7 @@ def test_flipped_byte_in_a_chunk_is_detected(shard):
 
 def test_truncated_chunk_is_detected(shard):
     chunk = _chunk(shard)
-    chunk.write_bytes(chunk.read_bytes()[: 1000])
+    chunk.write_bytes(chunk.read_bytes()[:1000])
     _refused(shard, r"acts.*(checksum|truncated)")
 
 
@@ -80,12 +90,18 @@ def test_row_count_disagreeing_with_metadata(shard):
     _refused(shard, f"acts has {N} rows but the metadata says token_count={N + 1}")
 
 
-@pytest.mark.parametrize("key,value", [("model", "gpt2@abc"), ("hook", "blocks.8.hook_resid_pre"),
-                                       ("dtype", "bfloat16"), ("d_in", 768)])
+@pytest.mark.parametrize(
+    "key,value", [("model", "gpt2@abc"), ("hook", "blocks.8.hook_resid_pre"), ("dtype", "bfloat16"), ("d_in", 768)]
+)
 def test_shard_from_another_model_hook_or_dtype_is_refused(shard, tmp_path, key, value):
     other = tmp_path / "results" / "activations" / "train" / "001.zarr"
-    write_shard(other, np.zeros((10, D), np.float16), np.zeros(10, np.int32), np.zeros(10, np.int32),
-                {**read_meta(shard), "token_count": 10, key: value})
+    write_shard(
+        other,
+        np.zeros((10, D), np.float16),
+        np.zeros(10, np.int32),
+        np.zeros(10, np.int32),
+        {**read_meta(shard), "token_count": 10, key: value},
+    )
     with pytest.raises(ShardError) as err:
         check_compatible([read_meta(shard), read_meta(other)], [shard, other])
     msg = str(err.value)
@@ -95,8 +111,9 @@ def test_shard_from_another_model_hook_or_dtype_is_refused(shard, tmp_path, key,
 
 def test_metadata_without_the_identity_keys_is_refused(shard, tmp_path):
     other = tmp_path / "x.zarr"
-    write_shard(other, np.zeros((10, D), np.float16), np.zeros(10, np.int32), np.zeros(10, np.int32),
-                {"token_count": 10})
+    write_shard(
+        other, np.zeros((10, D), np.float16), np.zeros(10, np.int32), np.zeros(10, np.int32), {"token_count": 10}
+    )
     with pytest.raises(ShardError, match=r"no 'model' in their metadata.*--forcerun .*x\.zarr"):
         check_compatible([read_meta(shard), read_meta(other)], [shard, other])
 
@@ -125,7 +142,9 @@ def test_extraction_refuses_to_start_without_disk_space(native_model_and_corpus,
     free = shutil.disk_usage(tmp_path)._replace(free=10_000)
     monkeypatch.setattr("saepipe.extract.shutil.disk_usage", lambda path: free)
     out = tmp_path / "results" / "activations" / "train" / "000.zarr"
-    with pytest.raises(OSError, match=r"not enough disk for shard .*000\.zarr: it needs 0\.00 GB but .* has 0\.00 GB free"):
+    with pytest.raises(
+        OSError, match=r"not enough disk for shard .*000\.zarr: it needs 0\.00 GB but .* has 0\.00 GB free"
+    ):
         extract_shard(cfg, *native_model_and_corpus, "train", 0, out)
     assert not out.exists()
     # the estimate: 1024 tokens x (16 x 2 + 8) B for the split, half of it for this shard
@@ -136,12 +155,13 @@ def test_excluded_positions_are_recorded_and_left_out_of_the_norm(native_model_a
     from saepipe.data.shards import keep_mask
     from saepipe.extract import ExtractConfig, extract_shard
 
-    cfg = ExtractConfig(hook="blocks.1.hook_resid_pre", train_tokens=512, shard_tokens=512, batch_size=8,
-                        exclude_positions=[0])
+    cfg = ExtractConfig(
+        hook="blocks.1.hook_resid_pre", train_tokens=512, shard_tokens=512, batch_size=8, exclude_positions=[0]
+    )
     meta = extract_shard(cfg, *native_model_and_corpus, "train", 0, tmp_path / "s.zarr")
     shard = read_shard(tmp_path / "s.zarr")
     assert meta["exclude_positions"] == [0] and meta["prepend_bos"] is True
-    assert len(shard.acts_TD) == 512                       # every position stored (CE, MaxAct)
+    assert len(shard.acts_TD) == 512  # every position stored (CE, MaxAct)
     keep = keep_mask(shard.positions_T, meta["exclude_positions"])
     assert keep.sum() == 512 - 32 == meta["kept_token_count"] and not keep[shard.positions_T == 0].any()
     np.testing.assert_array_equal(shard.kept_acts(), shard.acts_TD[keep])

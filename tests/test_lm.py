@@ -1,4 +1,5 @@
 """The TransformerLens bridge helpers: hook validation, stopping at the hook, CE patching."""
+
 import pytest
 import torch
 
@@ -28,7 +29,7 @@ def test_capture_stops_at_the_hook(model):
     finally:
         model.reset_hooks()
     assert act.shape == (2, 16, 32)
-    assert fired == []   # nothing after the hook ran
+    assert fired == []  # nothing after the hook ran
     _, cache = model.run_with_cache(tokens, names_filter=["blocks.1.hook_resid_pre"])
     torch.testing.assert_close(act, cache["blocks.1.hook_resid_pre"])
 

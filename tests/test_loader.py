@@ -1,6 +1,7 @@
 """The training feed: prefetch and the device cache give exactly the streamed batches (at
 any resume step), NaN/inf activations are refused naming shard and row, and the trainer's
 precision / batch-size / cache options resolve and run."""
+
 from __future__ import annotations
 
 import json
@@ -25,9 +26,22 @@ def _shard(path, start, n, d=8, bad_row=None, **meta):
     acts[:, 0], acts[:, 1] = value // 1000, value % 1000
     if bad_row is not None:
         acts[bad_row, 3] = np.nan
-    write_shard(path, acts, np.zeros(n, np.int32), np.arange(n, dtype=np.int32) % 10,
-                {"model": "m", "hook": "h", "dtype": "float16", "d_in": d, "token_count": n,
-                 "mean_norm": float(np.sqrt(d)), "seq_len": 10, **meta})
+    write_shard(
+        path,
+        acts,
+        np.zeros(n, np.int32),
+        np.arange(n, dtype=np.int32) % 10,
+        {
+            "model": "m",
+            "hook": "h",
+            "dtype": "float16",
+            "d_in": d,
+            "token_count": n,
+            "mean_norm": float(np.sqrt(d)),
+            "seq_len": 10,
+            **meta,
+        },
+    )
     return str(path)
 
 
@@ -66,6 +80,7 @@ def test_cache_only_when_everything_fits(shards):
 def test_closing_the_stream_stops_the_prefetch_thread(shards):
     def prefetchers():
         return [t for t in threading.enumerate() if t.name.startswith("ShardStream-")]
+
     before = len(prefetchers())
     gen = ShardStream(shards, 64, 40 * 64, prefetch=1).batches(0)
     next(gen)
@@ -88,14 +103,18 @@ def test_nan_row_is_refused_naming_shard_and_row(tmp_path, how):
 def test_excluded_positions_are_not_trained_on(tmp_path):
     """exclude_positions [0, 3]: 8 of every 10 rows; a NaN at an excluded row is harmless,
     one at a kept row is named by its row in the shard."""
-    paths = [_shard(tmp_path / f"{i}.zarr", 1000 * i, 300, bad_row=130 if i else None,
-                    exclude_positions=[0, 3]) for i in range(3)]
+    paths = [
+        _shard(tmp_path / f"{i}.zarr", 1000 * i, 300, bad_row=130 if i else None, exclude_positions=[0, 3])
+        for i in range(3)
+    ]
     stream = ShardStream(paths, 40, 3 * 240, seed=1, buffer_shards=2, prefetch=1)
     assert stream.lengths == [240] * 3
     ids = [i for b in stream for i in _ids(b)]
     assert sorted(ids) == [1000 * s + r for s in range(3) for r in range(300) if r % 10 not in (0, 3)]
-    assert all(torch.equal(a, b) for a, b in zip(ShardStream(paths, 40, 720, seed=1, buffer_shards=2).batches(9),
-                                                 list(stream)[9:], strict=True))
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(ShardStream(paths, 40, 720, seed=1, buffer_shards=2).batches(9), list(stream)[9:], strict=True)
+    )
     paths[1] = _shard(tmp_path / "bad.zarr", 1000, 300, bad_row=131, exclude_positions=[0, 3])
     with pytest.raises(NonFiniteActivations, match=r"bad\.zarr: row 131 holds"):
         list(ShardStream(paths, 40, 720, seed=1, buffer_shards=2))
@@ -121,15 +140,22 @@ def test_auto_fields_resolve_per_device_and_bad_values_are_named():
         TrainConfig(device_cache_gb=-1)
 
 
-@pytest.mark.parametrize("sae", [{"arch": "topk", "width": 64, "k": 4},
-                                 {"arch": "switch", "width": 64, "k": 4, "n_experts": 4},
-                                 {"arch": "scale", "width": 64, "k": 4, "n_experts": 4, "active_experts": 2}])
+@pytest.mark.parametrize(
+    "sae",
+    [
+        {"arch": "topk", "width": 64, "k": 4},
+        {"arch": "switch", "width": 64, "k": 4, "n_experts": 4},
+        {"arch": "scale", "width": 64, "k": 4, "n_experts": 4, "active_experts": 2},
+    ],
+)
 def test_bf16_autocast_and_device_cache_train(shards, tmp_path, sae, one_thread):
     """bf16 autocast (the GPU default) on the CPU: trains, weights stay float32; the device
     cache trains on exactly the streamed batches (bitwise equal to streaming in fp32)."""
-    base = dict(tokens=30 * 64, batch_size=64, lr=1e-3, warmup_steps=3, log_every=10, device="cpu",
-                checkpoint_every_s=1e9)
+    base = dict(
+        tokens=30 * 64, batch_size=64, lr=1e-3, warmup_steps=3, log_every=10, device="cpu", checkpoint_every_s=1e9
+    )
     from safetensors.torch import load_file
+
     fp32 = train_sae(sae, TrainConfig(**base, prefetch_windows=0), shards, tmp_path / "stream")
     train_sae(sae, TrainConfig(**base, device_cache_gb=1.0), shards, tmp_path / "cache")
     a, b = (load_file(str(tmp_path / d / "sae.safetensors")) for d in ("stream", "cache"))

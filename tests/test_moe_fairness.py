@@ -9,17 +9,16 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-
 from synthetic import sample, train
 from test_saes import kill_every_third, naive_switch, starve_last_expert
 from test_scale_sae import naive_scale
+
 from saepipe.saes import ARCHITECTURES, build_sae, load_sae, save_sae
 from saepipe.saes.base import ADAM_FLOPS_PER_PARAM, DECODER_FLOPS_PER_WEIGHT
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-MOE = {"switch": {"arch": "switch", "n_experts": 4},
-       "scale": {"arch": "scale", "n_experts": 4, "active_experts": 2}}
+MOE = {"switch": {"arch": "switch", "n_experts": 4}, "scale": {"arch": "scale", "n_experts": 4, "active_experts": 2}}
 
 
 def make_moe(arch, d=16, M=128, k=4, **kw):
@@ -53,14 +52,13 @@ def test_balance_alpha_units(arch, units):
     L_lb = N * (f_N * probs_BN.mean(0)).sum()
     assert L_lb > 1.2
     recon_raw = (x_BD - out.x_hat_BD).pow(2).sum(1).mean() / d
-    total_over_f2 = sum(out.losses.values()) / f ** 2
+    total_over_f2 = sum(out.losses.values()) / f**2
     if units == "paper":
         torch.testing.assert_close(total_over_f2, recon_raw + alpha * L_lb, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(out.losses["balance"], alpha * f ** 2 * L_lb)
+        torch.testing.assert_close(out.losses["balance"], alpha * f**2 * L_lb)
     else:
         torch.testing.assert_close(out.losses["balance"], alpha * L_lb)
-        torch.testing.assert_close(total_over_f2, recon_raw + alpha / f ** 2 * L_lb,
-                                   rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(total_over_f2, recon_raw + alpha / f**2 * L_lb, rtol=1e-5, atol=1e-5)
 
 
 def test_alpha_units_default_validation_and_old_configs(tmp_path):
@@ -76,8 +74,7 @@ def test_alpha_units_default_validation_and_old_configs(tmp_path):
         out_dir = save_sae(sae, tmp_path / arch)
         cfg = json.loads((out_dir / "config.json").read_text())
         assert cfg["alpha_units"] == "paper"  # the convention is recorded with every SAE
-        for key in ("alpha_units", "auxk", "auxk_expert_weight", "k_aux", "aux_coeff",
-                    "weight_order"):
+        for key in ("alpha_units", "auxk", "auxk_expert_weight", "k_aux", "aux_coeff", "weight_order"):
             cfg.pop(key, None)
         (out_dir / "config.json").write_text(json.dumps(cfg))
         assert load_sae(out_dir).cfg == sae.cfg
@@ -118,21 +115,29 @@ def test_auxk_matches_dense_reference_and_reaches_only_dead_latents(arch):
     torch.testing.assert_close(g_eff, g_ref, rtol=1e-4, atol=1e-6)
     rows_M = g_eff["W_dec"].abs().sum(1)
     assert rows_M[~dead_M].max() == 0 and rows_M[dead_M].max() > 0  # only dead latents decode
-    assert rows_M[3 * n:][dead_M[3 * n:]].max() > 0  # ... also in the unrouted expert
+    assert rows_M[3 * n :][dead_M[3 * n :]].max() > 0  # ... also in the unrouted expert
     assert "W_router" not in g_eff or g_eff["W_router"].abs().max() == 0  # weights detached
     sae.eval()
     assert "auxk" not in sae(x_BD).losses
 
 
-def _train_with_dead_half(arch: str, auxk: bool, expert_weight: bool = True,
-                          steps: int = 300) -> float:
+def _train_with_dead_half(arch: str, auxk: bool, expert_weight: bool = True, steps: int = 300) -> float:
     """d=32, M=256, N=4 on synthetic sparse data with the odd latents poisoned dead (Switch:
     encoder columns x 0.01, so they never reach the expert's TopK; Scale: b_enc = -1);
     returns the final dead fraction (dead = no firing for 2048 tokens = 4 batches)."""
     gen = torch.Generator().manual_seed(1)
     feats_FD = F.normalize(torch.randn(256, 32, generator=gen), dim=1)
-    sae = build_sae({**MOE[arch], "d_in": 32, "width": 256, "k": 4, "auxk": auxk,
-                     "auxk_expert_weight": expert_weight, "dead_tokens": 2048})
+    sae = build_sae(
+        {
+            **MOE[arch],
+            "d_in": 32,
+            "width": 256,
+            "k": 4,
+            "auxk": auxk,
+            "auxk_expert_weight": expert_weight,
+            "dead_tokens": 2048,
+        }
+    )
     sae.init_from_batch(sample(gen, feats_FD, 512))
     with torch.no_grad():
         if arch == "switch":
@@ -173,8 +178,15 @@ def _all_configs():
     for lowpass in ("mean", "identity", "learned"):
         for fs in (True, False):
             for norm in ("rows", "columns"):
-                yield {"arch": "scale", **base, "n_experts": 4, "active_experts": 2,
-                       "lowpass": lowpass, "feature_scaling": fs, "decoder_norm": norm}
+                yield {
+                    "arch": "scale",
+                    **base,
+                    "n_experts": 4,
+                    "active_experts": 2,
+                    "lowpass": lowpass,
+                    "feature_scaling": fs,
+                    "decoder_norm": norm,
+                }
 
 
 def test_n_params_matches_built_sae():

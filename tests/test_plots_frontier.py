@@ -2,6 +2,7 @@
 several seeds per sweep point: the plotted means and 95% CI half-widths against values
 computed by hand, error bars only where there are >= 2 seeds, the equal-training-cost row
 only when the table has train_* columns, and the PNGs written."""
+
 from __future__ import annotations
 
 import math
@@ -30,21 +31,46 @@ WALL_TITLE = "Equal training cost (measured): ‖x − x̂‖² vs training s/to
 FLOPS_TITLE = "Equal training cost (FLOPs): ‖x − x̂‖² vs training FLOPs/token\n(lower-left is better)"
 
 # per seed: (l0, l2_per_token, loss_recovered, train_wall_s_per_token, train_flops_per_token)
-TOPK8 = [(8.0, 10.0, 0.90, 1.0e-6, 4.0e8), (8.0, 11.0, 0.92, 1.2e-6, 4.0e8),
-         (8.0, 13.0, 0.91, 1.1e-6, 4.0e8)]
+TOPK8 = [(8.0, 10.0, 0.90, 1.0e-6, 4.0e8), (8.0, 11.0, 0.92, 1.2e-6, 4.0e8), (8.0, 13.0, 0.91, 1.1e-6, 4.0e8)]
 TOPK32 = [(32.0, 6.0, 0.97, 2.0e-6, 4.2e8), (32.0, 6.5, 0.96, 2.2e-6, 4.2e8), (32.0, 5.5, 0.98, 2.6e-6, 4.2e8)]
 RELU = [(20.0, 9.0, 0.93, 0.8e-6, 3.0e8), (26.0, 8.0, 0.95, 0.9e-6, 3.0e8)]  # L0 varies by seed
 SWITCH8 = [(8.0, 12.0, 0.88, 0.3e-6, 9.0e8), (8.0, 12.4, 0.89, 0.4e-6, 9.0e8)]
 
 
-def _row(point: str, seed: int, group: str, arch: str, k: int, values: tuple, *, width=1024,
-         n_experts=1, base=None, by=None, cost=True, point_id=True) -> dict:
+def _row(
+    point: str,
+    seed: int,
+    group: str,
+    arch: str,
+    k: int,
+    values: tuple,
+    *,
+    width=1024,
+    n_experts=1,
+    base=None,
+    by=None,
+    cost=True,
+    point_id=True,
+) -> dict:
     l0, l2, lr, wall, flops = values
-    row = {"sae_id": f"{point}-s{seed}", "seed": seed, "group": group, "arch": arch, "k": k,
-           "width": width, "n_experts": n_experts, "active_experts": 1 if n_experts > 1 else None,
-           "feature_scaling": None, "match_baseline": base, "match_by": by, "l0": l0,
-           "l2_per_token": l2, "loss_recovered": lr, "flops_per_token": 2.0 * 64 * (width // n_experts + k),
-           "training_tokens": 100_000}
+    row = {
+        "sae_id": f"{point}-s{seed}",
+        "seed": seed,
+        "group": group,
+        "arch": arch,
+        "k": k,
+        "width": width,
+        "n_experts": n_experts,
+        "active_experts": 1 if n_experts > 1 else None,
+        "feature_scaling": None,
+        "match_baseline": base,
+        "match_by": by,
+        "l0": l0,
+        "l2_per_token": l2,
+        "loss_recovered": lr,
+        "flops_per_token": 2.0 * 64 * (width // n_experts + k),
+        "training_tokens": 100_000,
+    }
     if point_id:
         row["point_id"] = point
     if cost:
@@ -55,12 +81,17 @@ def _row(point: str, seed: int, group: str, arch: str, k: int, values: tuple, *,
 def _table(n_seeds: int | None = None, **kw) -> list[dict]:
     """topk k=8, k=32 (3 seeds), relu (2 seeds, L0 varies), switch k=8 FLOP-matched to topk
     (2 seeds); `n_seeds` keeps only the first n seeds of every point."""
-    specs = [("topk-k8", "topk", "topk", 8, TOPK8, {}), ("topk-k32", "topk", "topk", 32, TOPK32, {}),
-             ("relu-k16", "relu", "relu", 16, RELU, {}),
-             ("switch-k8", "switch", "switch", 8, SWITCH8,
-              dict(width=8192, n_experts=8, base="topk", by="flops"))]
-    return [_row(pid, s, g, a, k, v, **extra, **kw)
-            for pid, g, a, k, seeds, extra in specs for s, v in enumerate(seeds[:n_seeds])]
+    specs = [
+        ("topk-k8", "topk", "topk", 8, TOPK8, {}),
+        ("topk-k32", "topk", "topk", 32, TOPK32, {}),
+        ("relu-k16", "relu", "relu", 16, RELU, {}),
+        ("switch-k8", "switch", "switch", 8, SWITCH8, dict(width=8192, n_experts=8, base="topk", by="flops")),
+    ]
+    return [
+        _row(pid, s, g, a, k, v, **extra, **kw)
+        for pid, g, a, k, seeds, extra in specs
+        for s, v in enumerate(seeds[:n_seeds])
+    ]
 
 
 def _ci(xs: list[float]) -> tuple[float, float]:
@@ -144,8 +175,9 @@ def test_frontier_figure_draws_the_intervals_and_the_cost_row():
     l2_ax = next(ax for ax in axes["All SAEs"] if ax.get_yscale() == "linear")
     bars = _errorbars(l2_ax)
     mean, half = _ci([v[1] for v in TOPK8])
-    assert any(x == 8.0 and lo == pytest.approx(mean - half) and hi == pytest.approx(mean + half)
-               for x, lo, hi in bars["y"])
+    assert any(
+        x == 8.0 and lo == pytest.approx(mean - half) and hi == pytest.approx(mean + half) for x, lo, hi in bars["y"]
+    )
     assert len(bars["y"]) == 4  # one per point (relu's and switch's included)
     mean_l0, half_l0 = _ci([v[0] for v in RELU])
     assert [(lo, hi) for _, lo, hi in bars["x"]] == [pytest.approx((mean_l0 - half_l0, mean_l0 + half_l0))]
@@ -179,8 +211,10 @@ def test_table_without_train_columns_draws_without_cost_row():
 def test_plot_frontier_and_scaling_write_pngs(tmp_path):
     """From parquet to PNG: the frontier from a table as older pipelines wrote it (no
     point_id, no train_* columns), the scaling figure from the seeded table."""
-    for plot, name, rows in ((plot_frontier, "frontier.png", _table(point_id=False, cost=False)),
-                             (plot_scaling, "scaling.png", _table())):
+    for plot, name, rows in (
+        (plot_frontier, "frontier.png", _table(point_id=False, cost=False)),
+        (plot_scaling, "scaling.png", _table()),
+    ):
         table = tmp_path / f"{name}.parquet"
         pq.write_table(pa.Table.from_pylist(rows), table)
         plot(str(table), str(tmp_path / name))

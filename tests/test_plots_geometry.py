@@ -1,4 +1,5 @@
 """Expert-geometry figures (saepipe.plots.geometry) on tiny freshly initialised MoE SAEs."""
+
 from __future__ import annotations
 
 import struct
@@ -8,8 +9,8 @@ import torch
 
 pytest.importorskip("sklearn")
 
-from saepipe.plots.geometry import _encoder_features, plot_feature_geometry, plot_tsne  # noqa: E402
-from saepipe.saes import build_sae, save_sae  # noqa: E402
+from saepipe.plots.geometry import _encoder_features, plot_feature_geometry, plot_tsne
+from saepipe.saes import build_sae, save_sae
 
 D = 16
 
@@ -27,8 +28,7 @@ def saes(tmp_path_factory):
     root = tmp_path_factory.mktemp("geometry_saes")
     return {
         "switch": _save(root, "switch-n4", arch="switch", width=64, k=4, n_experts=4),
-        "scale": _save(root, "scale-n4", arch="scale", width=64, k=4, n_experts=4,
-                       active_experts=2),
+        "scale": _save(root, "scale-n4", arch="scale", width=64, k=4, n_experts=4, active_experts=2),
         "switch32": _save(root, "switch-n32", arch="switch", width=128, k=2, n_experts=32),
         "switch1": _save(root, "switch-n1", arch="switch", width=64, k=4, n_experts=1),
         "topk": _save(root, "topk", arch="topk", width=64, k=4),
@@ -71,8 +71,7 @@ def test_scale_uses_effective_encoder(saes):
     assert not torch.allclose(W_MD, sae.W_enc_DM().detach().T)
 
 
-@pytest.mark.parametrize("key, match", [("topk", "not a mixture-of-experts SAE"),
-                                        ("switch1", "at least 2 experts")])
+@pytest.mark.parametrize("key, match", [("topk", "not a mixture-of-experts SAE"), ("switch1", "at least 2 experts")])
 def test_non_moe_rejected(saes, tmp_path, key, match):
     out = tmp_path / "x.png"
     with pytest.raises(ValueError, match=match):

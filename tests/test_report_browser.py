@@ -12,6 +12,7 @@
 In CI (CI=true, root) Chromium is installed with apt-get when missing and the test must
 run; elsewhere it skips when there is no Chromium.
 """
+
 from __future__ import annotations
 
 import base64
@@ -26,7 +27,6 @@ from pathlib import Path
 
 import matplotlib.image
 import pytest
-
 from conftest import MICRO_SAES, snakemake
 from test_pipeline import FIGURES
 
@@ -34,13 +34,28 @@ pytestmark = pytest.mark.slow
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
 # in the order of the report's menu (Snakemake 9 sorts categories by name, localeCompare)
-CATEGORIES = ["0. Claim verdicts", "0. Metrics", "1. Sparsity-reconstruction frontier", "2. Compute scaling",
-              "3. Feature geometry", "4. Experts", "5. Feature inspection"]
+CATEGORIES = [
+    "0. Claim verdicts",
+    "0. Metrics",
+    "1. Sparsity-reconstruction frontier",
+    "2. Compute scaling",
+    "3. Feature geometry",
+    "4. Experts",
+    "5. Feature inspection",
+]
 INCONCLUSIVE_RGB = (0xA1, 0x5C, 0x00)  # saepipe.verdicts.STATUS_COLOURS["inconclusive"]
 # Headless, no sandbox (root), and none of the background connections a closed network refuses.
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         "--hide-scrollbars"]
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--hide-scrollbars",
+]
 
 
 def chromium_binary() -> str:
@@ -61,8 +76,12 @@ def chromium_binary() -> str:
 
 def chromium(binary: str, profile: Path, url: str, *args: str) -> str:
     """Run headless Chromium on `url` (JavaScript runs for up to 10 s of virtual time)."""
-    proc = subprocess.run([binary, *FLAGS, f"--user-data-dir={profile}", "--virtual-time-budget=10000",
-                           *args, url], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [binary, *FLAGS, f"--user-data-dir={profile}", "--virtual-time-budget=10000", *args, url],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout
 
@@ -137,8 +156,9 @@ def test_every_embedded_figure_is_an_image(rendered):
         assert min(width, height) >= 300, (figure, width, height)  # a drawn figure, not a stub
 
 
-@pytest.mark.parametrize("page, needle", [("metrics.html", "Metrics of every SAE"),
-                                          ("features.html", "Top-activating contexts")])
+@pytest.mark.parametrize(
+    "page, needle", [("metrics.html", "Metrics of every SAE"), ("features.html", "Top-activating contexts")]
+)
 def test_embedded_pages_render_every_sae(rendered, page, needle):
     binary, work, report = rendered
     html = work / page

@@ -1,5 +1,6 @@
 """Preemption and resume: a SIGTERM'd or crashed training run, rerun, ends with the weights
 of an uninterrupted run (bitwise, CPU); stale or half-written checkpoints are not resumed."""
+
 from __future__ import annotations
 
 import json
@@ -29,8 +30,16 @@ SAES = {
 }
 # 60 steps of 64 rows over 3 shards of 700 rows: windows of 1400 and 700 rows, so batches
 # straddle windows and epochs; no periodic checkpoint unless a test asks for one.
-CFG = TrainConfig(tokens=60 * 64, batch_size=64, lr=1e-3, warmup_steps=5, log_every=5,
-                  buffer_shards=2, device="cpu", checkpoint_every_s=1e9)
+CFG = TrainConfig(
+    tokens=60 * 64,
+    batch_size=64,
+    lr=1e-3,
+    warmup_steps=5,
+    log_every=5,
+    buffer_shards=2,
+    device="cpu",
+    checkpoint_every_s=1e9,
+)
 TIMING = {"tokens_per_s", "elapsed_s"}
 
 # Trains in a fresh process; with "pause_at" it stops before step N until a line on stdin,
@@ -60,9 +69,13 @@ def shards(tmp_path_factory) -> list[str]:
     for i in range(3):
         acts = rng.standard_normal((700, 16)).astype(np.float16)
         norm = float(np.linalg.norm(acts.astype(np.float32), axis=1).mean())
-        write_shard(root / f"{i}.zarr", acts, np.zeros(700, np.int32), np.arange(700, dtype=np.int32),
-                    {"model": "m", "hook": "h", "dtype": "float16", "d_in": 16, "token_count": 700,
-                     "mean_norm": norm})
+        write_shard(
+            root / f"{i}.zarr",
+            acts,
+            np.zeros(700, np.int32),
+            np.arange(700, dtype=np.int32),
+            {"model": "m", "hook": "h", "dtype": "float16", "d_in": 16, "token_count": 700, "mean_norm": norm},
+        )
         paths.append(str(root / f"{i}.zarr"))
     return paths
 
@@ -70,8 +83,14 @@ def shards(tmp_path_factory) -> list[str]:
 def _start(sae: dict, shards: list[str], out: Path, **extra) -> subprocess.Popen:
     args = {"sae": sae, "train": asdict(CFG), "shards": shards, "out": str(out), **extra}
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.Popen([sys.executable, "-c", RUNNER, json.dumps(args)], env=env, text=True,
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    return subprocess.Popen(
+        [sys.executable, "-c", RUNNER, json.dumps(args)],
+        env=env,
+        text=True,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
 
 
 def _finish(proc: subprocess.Popen) -> tuple[int, str]:
@@ -84,8 +103,13 @@ def _assert_same_run(out: Path, ref: Path) -> None:
     a, b = load_file(str(out / "sae.safetensors")), load_file(str(ref / "sae.safetensors"))
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])]
-    rows, ref_rows = ([{k: v for k, v in json.loads(line).items() if k not in TIMING}
-                       for line in (d / "train_log.jsonl").read_text().splitlines()] for d in (out, ref))
+    rows, ref_rows = (
+        [
+            {k: v for k, v in json.loads(line).items() if k not in TIMING}
+            for line in (d / "train_log.jsonl").read_text().splitlines()
+        ]
+        for d in (out, ref)
+    )
     assert [r["step"] for r in rows] == list(range(0, 60, 5)) + [59]
     assert rows == ref_rows
 
@@ -124,12 +148,15 @@ def _crash(x):
 @pytest.fixture
 def at_step(monkeypatch):
     """at_step(n, fn): in the next training runs, batch n is replaced by fn(batch) (or fn raises)."""
+
     def patch(n: int, fn) -> None:
         class Patched(ShardStream):
             def batches(self, start=0):
                 for step, x in enumerate(super().batches(start), start):
                     yield fn(x) if step == n else x
+
         monkeypatch.setattr(train, "ShardStream", Patched)
+
     return patch
 
 
@@ -181,8 +208,11 @@ def test_kill_while_writing_keeps_previous_checkpoint(shards, tmp_path, monkeypa
 def test_nan_loss_keeps_last_good_checkpoint(shards, tmp_path, at_step, one_thread):
     cfg = TrainConfig(**{**asdict(CFG), "checkpoint_every_s": 0})
     at_step(12, lambda x: torch.full_like(x, float("nan")))
-    with pytest.raises(FloatingPointError, match=r"loss became nan at step 12; lower train.lr.*"
-                                                 r"last good checkpoint \(12 steps done\) is kept"):
+    with pytest.raises(
+        FloatingPointError,
+        match=r"loss became nan at step 12; lower train.lr.*"
+        r"last good checkpoint \(12 steps done\) is kept",
+    ):
         train_sae(SAES["topk"], cfg, shards, tmp_path / "out")
     state = torch.load(tmp_path / "out/checkpoint.pt", weights_only=True)
     assert state["step"] == 12 and all(torch.isfinite(t).all() for t in state["sae"].values())
@@ -194,6 +224,8 @@ def test_stream_resumes_at_any_step_without_reading_skipped_windows(shards, monk
     monkeypatch.setattr(loader, "read_shard", lambda p: reads.append(p) or read_shard(p))
     for start in (0, 21, 44, 59):
         reads.clear()
-        assert all(torch.equal(a, b) for a, b in zip(ShardStream(shards, 64, 60 * 64, seed=3).batches(start),
-                                                     full[start:], strict=True))
+        assert all(
+            torch.equal(a, b)
+            for a, b in zip(ShardStream(shards, 64, 60 * 64, seed=3).batches(start), full[start:], strict=True)
+        )
     assert len(reads) == 1  # step 59 is in the last window of epoch 1: that window's one shard

@@ -2,15 +2,15 @@
 checkpoint and ends bitwise where the uninterrupted run ended; finished shards and SAEs
 are not redone. The preemption is a real SIGTERM to the real train job (the trainer's own
 handler), sent from a `sitecustomize` module that the test puts first on PYTHONPATH."""
+
 from __future__ import annotations
 
 import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from conftest import snakemake
+from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow
 
@@ -18,7 +18,7 @@ SAE = "switch_flop-k4"
 # Imported by every Python process of the run; acts in a train job while no marker file
 # exists: SIGTERM to itself 3 steps after it started or resumed (what Slurm sends before a
 # preemption or a time limit).
-PREEMPT_ONCE = '''
+PREEMPT_ONCE = """
 import os, signal, sys
 from pathlib import Path
 
@@ -35,15 +35,18 @@ if sys.argv[0].endswith(".train.py") and not marker.exists():
                 yield batch
 
     train.ShardStream = Preempted
-'''
+"""
 
 
 def test_preempted_train_job_is_retried_and_resumes(micro_copy, tmp_path):
     results = micro_copy / "results"
     sae_dir = results / "saes" / SAE
     reference = load_file(str(sae_dir / "sae.safetensors"))  # the uninterrupted run's weights
-    untouched = [p for p in (*results.glob("activations/*/*.zarr/zarr.json"),
-                             *results.glob("saes/*/sae.safetensors")) if SAE not in str(p)]
+    untouched = [
+        p
+        for p in (*results.glob("activations/*/*.zarr/zarr.json"), *results.glob("saes/*/sae.safetensors"))
+        if SAE not in str(p)
+    ]
     mtimes = {p: p.stat().st_mtime_ns for p in untouched}
     for name in ("sae.safetensors", "config.json", "train_log.jsonl"):
         (sae_dir / name).unlink()  # this SAE was never trained: its train job is due

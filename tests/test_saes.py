@@ -9,12 +9,21 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
-
 from synthetic import recovery, sample, train
-from saepipe.saes import (ARCHITECTURES, SAE, Encoding, SAEOutput, SwitchConfig, TopKConfig,
-                          build_sae, config_from_dict, load_sae, save_sae)
-from saepipe.saes import kernels
 
+from saepipe.saes import (
+    ARCHITECTURES,
+    SAE,
+    Encoding,
+    SAEOutput,
+    SwitchConfig,
+    TopKConfig,
+    build_sae,
+    config_from_dict,
+    kernels,
+    load_sae,
+    save_sae,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -55,7 +64,7 @@ def naive_topk(sae, x_BD):
 
 def naive_balance_coeff(cfg):
     """alpha in the normalised loss: the papers' alpha (raw units) times act_norm_factor^2."""
-    return cfg.alpha * cfg.act_norm_factor ** 2 if cfg.alpha_units == "paper" else cfg.alpha
+    return cfg.alpha * cfg.act_norm_factor**2 if cfg.alpha_units == "paper" else cfg.alpha
 
 
 def naive_switch(sae, x_BD):
@@ -76,8 +85,11 @@ def naive_switch(sae, x_BD):
     balance = naive_balance_coeff(cfg) * N * (f_N * probs_BN.mean(0)).sum()
     # AuxK over the whole dictionary; latent j decoded with its own expert's gate p_{i(j)}
     aux_w_BM = probs_BN[:, torch.arange(M) // n] if cfg.auxk_expert_weight else None
-    losses = {"mse": (x_n - x_hat_n).pow(2).mean(), "balance": balance,
-              **naive_auxk(sae, x_n, x_hat_n, pre_BM, None if cfg.heaviside else aux_w_BM)}
+    losses = {
+        "mse": (x_n - x_hat_n).pow(2).mean(),
+        "balance": balance,
+        **naive_auxk(sae, x_n, x_hat_n, pre_BM, None if cfg.heaviside else aux_w_BM),
+    }
     return x_hat_n / cfg.act_norm_factor, losses
 
 
@@ -89,8 +101,7 @@ def kill_every_third(sae):
 
 def make_sae(arch, d=32, M=256, k=8, N=4, **kw):
     extra = {"n_experts": N} if arch == "switch" else {"auxk": False}
-    sae = build_sae({"arch": arch, "d_in": d, "width": M, "k": k, "act_norm_factor": 0.5,
-                     **extra, **kw})
+    sae = build_sae({"arch": arch, "d_in": d, "width": M, "k": k, "act_norm_factor": 0.5, **extra, **kw})
     x = torch.randn(512, d) * 2 + 1
     sae.init_from_batch(x)
     with torch.no_grad():  # move off the symmetric init
@@ -114,11 +125,16 @@ def grads(sae, *extra):
     return g
 
 
-CASES = [("topk", {}), ("topk", {"auxk": True, "dead": True}), ("switch", {}),
-         ("switch", {"heaviside": True, "alpha_units": "normalised", "dead": True}),
-         ("switch", {"dead": True}), ("switch", {"dead": True, "k_aux": 1000}),  # k_aux > n_dead
-         ("switch", {"dead": True, "auxk_expert_weight": False}),
-         ("switch", {"d": 6, "M": 12, "k": 2, "N": 3, "dead": True})]  # unaligned -> loop fallback
+CASES = [
+    ("topk", {}),
+    ("topk", {"auxk": True, "dead": True}),
+    ("switch", {}),
+    ("switch", {"heaviside": True, "alpha_units": "normalised", "dead": True}),
+    ("switch", {"dead": True}),
+    ("switch", {"dead": True, "k_aux": 1000}),  # k_aux > n_dead
+    ("switch", {"dead": True, "auxk_expert_weight": False}),
+    ("switch", {"d": 6, "M": 12, "k": 2, "N": 3, "dead": True}),
+]  # unaligned -> loop fallback
 
 
 @pytest.mark.parametrize("arch,kw", CASES)
@@ -151,8 +167,9 @@ def test_efficient_matches_naive(arch, kw):
     if arch == "switch":
         counts = torch.bincount(out.expert_B, minlength=sae.cfg.n_experts)
         assert counts[-1] == 0 and (counts > 0).sum() >= 2, counts
-        assert torch.equal(out.idx_BK // (sae.cfg.width // sae.cfg.n_experts),
-                           out.expert_B[:, None].expand_as(out.idx_BK))
+        assert torch.equal(
+            out.idx_BK // (sae.cfg.width // sae.cfg.n_experts), out.expert_B[:, None].expand_as(out.idx_BK)
+        )
     g_eff = backward(out.x_hat_BD, out.losses)
     torch.testing.assert_close(out.x_hat_BD, x_hat_ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out.losses, losses_ref, rtol=1e-5, atol=1e-6)
@@ -181,8 +198,7 @@ def test_grouped_mm_native_vs_fallback_with_empty_expert():
 @pytest.mark.parametrize("heaviside", [False, True])
 def test_switch_balance_and_router_grad(heaviside):
     N, alpha = 4, 3.0
-    sae = build_sae(SwitchConfig("switch", 16, 64, 4, n_experts=N, alpha=alpha,
-                                 heaviside=heaviside))
+    sae = build_sae(SwitchConfig("switch", 16, 64, 4, n_experts=N, alpha=alpha, heaviside=heaviside))
     x = torch.randn(256, 16).abs() + 1
     sae.W_router.data.zero_()  # uniform probabilities
     assert abs(sae(x).losses["balance"].item() - alpha * 1) < 1e-5
@@ -228,8 +244,19 @@ def test_save_load_roundtrip(arch, tmp_path):
     text = (out_dir / "config.json").read_text()
     cfg = json.loads(text)
     assert text == json.dumps(cfg, sort_keys=True, indent=2) + "\n"
-    assert {"arch", "d_in", "width", "k", "n_experts", "active_experts", "hook", "model_id",
-            "act_norm_factor", "training_tokens", "seed"} <= set(cfg)
+    assert {
+        "arch",
+        "d_in",
+        "width",
+        "k",
+        "n_experts",
+        "active_experts",
+        "hook",
+        "model_id",
+        "act_norm_factor",
+        "training_tokens",
+        "seed",
+    } <= set(cfg)
     assert cfg["n_experts"] == N and cfg["act_norm_factor"] == 0.5
     loaded = load_sae(out_dir)
     assert loaded.cfg == sae.cfg and type(loaded) is type(sae)
@@ -305,10 +332,13 @@ def test_geometric_median():
 
 # measured (data+init seeds 0-4, 1 thread): topk 0.985-0.994 in ~4.5 s, switch 0.958-0.965 in
 # ~3 s; random init scores 0.51-0.55. Thresholds leave margin for platform differences.
-@pytest.mark.parametrize("cfg,steps,threshold", [
-    ({"arch": "topk", "width": 512, "dead_tokens": 50_000}, 800, 0.95),
-    ({"arch": "switch", "width": 1024, "n_experts": 4}, 800, 0.92),
-])
+@pytest.mark.parametrize(
+    "cfg,steps,threshold",
+    [
+        ({"arch": "topk", "width": 512, "dead_tokens": 50_000}, 800, 0.95),
+        ({"arch": "switch", "width": 1024, "n_experts": 4}, 800, 0.92),
+    ],
+)
 def test_learns_ground_truth_features(cfg, steps, threshold):
     gen = torch.Generator().manual_seed(0)
     feats_FD = F.normalize(torch.randn(256, 32, generator=gen), dim=1)
@@ -323,8 +353,9 @@ def _train_with_dead_half(auxk: bool, steps: int = 300) -> float:
     """TopK whose odd latents start dead (encoder bias pushed down); returns the final dead fraction."""
     gen = torch.Generator().manual_seed(1)
     feats_FD = F.normalize(torch.randn(256, 32, generator=gen), dim=1)
-    sae = build_sae({"arch": "topk", "d_in": 32, "width": 256, "k": 4, "auxk": auxk,
-                     "dead_tokens": 2048, "aux_coeff": 1 / 32})
+    sae = build_sae(
+        {"arch": "topk", "d_in": 32, "width": 256, "k": 4, "auxk": auxk, "dead_tokens": 2048, "aux_coeff": 1 / 32}
+    )
     sae.init_from_batch(sample(gen, feats_FD, 512))
     with torch.no_grad():
         sae.b_enc[1::2] = -1.0

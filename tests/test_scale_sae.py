@@ -10,12 +10,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
-
 from synthetic import recovery, sample, train
 from test_saes import kill_every_third, naive_auxk, naive_balance_coeff
+
 from saepipe.saes import SwitchConfig, SwitchSAE, load_sae, registry, save_sae
 from saepipe.saes.scale import ScaleConfig, ScaleSAE
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -79,8 +78,11 @@ def naive_scale(sae, x_BD):
     f_N = torch.bincount(probs_BN.argmax(1), minlength=N).float() / len(x_BD)
     balance = naive_balance_coeff(cfg) * N * (f_N * probs_BN.mean(0)).sum()
     aux_w_BM = w_all_BN[:, owner_M] if cfg.auxk_expert_weight else None
-    losses = {"mse": (x_n - x_hat_n).pow(2).mean(), "balance": balance,  # AuxK: whole dictionary
-              **naive_auxk(sae, x_n, x_hat_n, pre_BM, aux_w_BM)}
+    losses = {
+        "mse": (x_n - x_hat_n).pow(2).mean(),
+        "balance": balance,  # AuxK: whole dictionary
+        **naive_auxk(sae, x_n, x_hat_n, pre_BM, aux_w_BM),
+    }
     return x_hat_n / cfg.act_norm_factor, losses, sel_BE
 
 
@@ -98,24 +100,28 @@ def make_sae(seed=0, B=384, **kw):
 
 
 def grads(sae, *extra):
-    g = {name: torch.zeros_like(p) if p.grad is None else p.grad.clone()
-         for name, p in sae.named_parameters()}
+    g = {name: torch.zeros_like(p) if p.grad is None else p.grad.clone() for name, p in sae.named_parameters()}
     g.update({f"input{i}": t.grad.clone() for i, t in enumerate(extra)})
     return g
 
 
-VARIANTS = [(w, fs, lp, order) for order in ("after_topk", "before_topk")
-            for w in ("prob", "renorm_logits", "code_softmax_of_probs")
-            for fs, lp in ((False, "mean"), (True, "mean"), (True, "identity"), (True, "learned"))]
-SHAPES = [{}, {"M": 64, "N": 8, "e": 2, "k": 12},  # k > n: candidates e * n
-          {"d": 6, "M": 12, "N": 4, "e": 2, "k": 4}]  # n = 3: unaligned -> loop fallback
+VARIANTS = [
+    (w, fs, lp, order)
+    for order in ("after_topk", "before_topk")
+    for w in ("prob", "renorm_logits", "code_softmax_of_probs")
+    for fs, lp in ((False, "mean"), (True, "mean"), (True, "identity"), (True, "learned"))
+]
+SHAPES = [
+    {},
+    {"M": 64, "N": 8, "e": 2, "k": 12},  # k > n: candidates e * n
+    {"d": 6, "M": 12, "N": 4, "e": 2, "k": 4},
+]  # n = 3: unaligned -> loop fallback
 
 
 @pytest.mark.parametrize("shape", SHAPES[:1], ids=["base"])
 @pytest.mark.parametrize("weighting,fs,lowpass,order", VARIANTS)
 def test_efficient_matches_naive(weighting, fs, lowpass, order, shape):
-    _check_against_naive(expert_weighting=weighting, feature_scaling=fs, lowpass=lowpass,
-                         weight_order=order, **shape)
+    _check_against_naive(expert_weighting=weighting, feature_scaling=fs, lowpass=lowpass, weight_order=order, **shape)
 
 
 @pytest.mark.parametrize("order", ["after_topk", "before_topk"])
@@ -124,12 +130,16 @@ def test_efficient_matches_naive_shapes(shape, order):
     _check_against_naive(lowpass="learned", weight_order=order, **shape)
 
 
-@pytest.mark.parametrize("kw", [
-    {"weight_order": "after_topk", "lowpass": "mean"},
-    {"weight_order": "before_topk", "lowpass": "identity", "expert_weighting": "renorm_logits"},
-    {"weight_order": "after_topk", "lowpass": "learned", "expert_weighting": "code_softmax_of_probs"},
-    {"auxk_expert_weight": False, "alpha_units": "normalised"},
-    {"k_aux": 1000}])  # k_aux > n_dead
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"weight_order": "after_topk", "lowpass": "mean"},
+        {"weight_order": "before_topk", "lowpass": "identity", "expert_weighting": "renorm_logits"},
+        {"weight_order": "after_topk", "lowpass": "learned", "expert_weighting": "code_softmax_of_probs"},
+        {"auxk_expert_weight": False, "alpha_units": "normalised"},
+        {"k_aux": 1000},
+    ],
+)  # k_aux > n_dead
 def test_efficient_matches_naive_with_auxk(kw):
     """A third of the latents dead: AuxK value and every gradient match the dense reference."""
     _check_against_naive(dead=True, **kw)
@@ -247,8 +257,9 @@ def test_old_learned_lowpass_file_is_refused(tmp_path):
 def _one_hot_sae(weighting="prob", k=2, order="before_topk"):
     """d=8, N=4, n=4: expert 0 latent 3 reads 2 x_0, expert 1 latent 1 reads 1.5 x_0 (the rest
     is zero); router bias prefers experts 0 and 1 (logits 1, 0.5, -5, -5)."""
-    sae = ScaleSAE(make_cfg(d=8, M=16, k=k, N=4, e=2, expert_weighting=weighting,
-                            feature_scaling=False, weight_order=order))
+    sae = ScaleSAE(
+        make_cfg(d=8, M=16, k=k, N=4, e=2, expert_weighting=weighting, feature_scaling=False, weight_order=order)
+    )
     with torch.no_grad():
         for p in (sae.W_enc, sae.W_router, sae.b_dec, sae.b_router):
             p.zero_()
@@ -318,11 +329,9 @@ def test_e1_equals_switch(fs):
     sw.init_from_batch(x)
     with torch.no_grad():
         sw.W_router.mul_(4.0)
-    for weighting, heaviside in (("prob", False), ("renorm_logits", True),
-                                 ("code_softmax_of_probs", True)):
+    for weighting, heaviside in (("prob", False), ("renorm_logits", True), ("code_softmax_of_probs", True)):
         sw.cfg.heaviside = heaviside
-        sc = ScaleSAE(make_cfg(d=d, M=M, k=k, N=N, e=1, expert_weighting=weighting,
-                               feature_scaling=fs))
+        sc = ScaleSAE(make_cfg(d=d, M=M, k=k, N=N, e=1, expert_weighting=weighting, feature_scaling=fs))
         sc.load_state_dict({**sc.state_dict(), **sw.state_dict()})
         a, b = sc(x), sw(x)
         torch.testing.assert_close(a.x_hat_BD, b.x_hat_BD, rtol=1e-5, atol=1e-5)
@@ -331,8 +340,7 @@ def test_e1_equals_switch(fs):
         gate = sw.encode(x).gate_B
         sa, sb = a.idx_BK.sort(1), b.idx_BK.sort(1)
         assert torch.equal(sa.values, sb.values)
-        torch.testing.assert_close(a.acts_BK.gather(1, sa.indices),
-                                   gate[:, None] * b.acts_BK.gather(1, sb.indices))
+        torch.testing.assert_close(a.acts_BK.gather(1, sa.indices), gate[:, None] * b.acts_BK.gather(1, sb.indices))
         sc.zero_grad(), sw.zero_grad()
         sum(a.losses.values()).backward()
         sum(b.losses.values()).backward()
@@ -371,7 +379,7 @@ def test_decoder_norm_hooks(norm):
     torch.testing.assert_close(unit_axes(W), torch.ones_like(unit_axes(W)))
     if norm == "columns":
         assert (W.norm(dim=1) - 1).abs().max() > 0.05  # rows are not unit-norm
-        assert (W.norm(dim=0) - N ** 0.5).abs().max() < 1e-4  # N unit blocks per global column
+        assert (W.norm(dim=0) - N**0.5).abs().max() < 1e-4  # N unit blocks per global column
     sum(sae(x).losses.values()).backward()
     g_before = sae.W_dec.grad.clone()
     sae.before_optimizer_step()
@@ -384,46 +392,79 @@ def test_decoder_norm_columns_by_hand():
     """N=2 experts of n=2 latents, d=2: each expert's 2x2 block gets unit columns."""
     sae = ScaleSAE(make_cfg(d=2, M=4, k=1, N=2, e=1, decoder_norm="columns"))
     with torch.no_grad():
-        sae.W_dec.copy_(torch.tensor([[3.0, 1.0], [4.0, 0.0],     # expert 0: column norms 5, 1
-                                      [0.0, 2.0], [1.0, 2.0]]))   # expert 1: norms 1, sqrt 8
+        sae.W_dec.copy_(
+            torch.tensor(
+                [
+                    [3.0, 1.0],
+                    [4.0, 0.0],  # expert 0: column norms 5, 1
+                    [0.0, 2.0],
+                    [1.0, 2.0],
+                ]
+            )
+        )  # expert 1: norms 1, sqrt 8
     sae.after_optimizer_step()
-    r8 = 8 ** 0.5
-    torch.testing.assert_close(sae.W_dec.detach(), torch.tensor(
-        [[0.6, 1.0], [0.8, 0.0], [0.0, 2 / r8], [1.0, 2 / r8]]))
-    W = sae.W_dec.detach().clone()
+    r8 = 8**0.5
+    torch.testing.assert_close(sae.W_dec.detach(), torch.tensor([[0.6, 1.0], [0.8, 0.0], [0.0, 2 / r8], [1.0, 2 / r8]]))
     sae.W_dec.grad = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [2.0, -1.0]])
     sae.before_optimizer_step()
     # row-wise g - (g.W_j) W_j / ||W_j||^2, by hand: row 0 (0.6, 1), ||.||^2 = 1.36, g.W = 0.6;
     # row 1 (0.8, 0) is orthogonal to g = (0, 1); row 2 (0, 1/sqrt2) keeps g's first entry;
     # row 3 (1, 1/sqrt2), ||.||^2 = 1.5, g.W = 2 - 1/sqrt2
-    c3 = (2 - 0.5 ** 0.5) / 1.5
-    want = torch.tensor([[1 - 0.36 / 1.36, -0.6 / 1.36], [0.0, 1.0], [1.0, 0.0],
-                         [2 - c3, -1 - c3 * 0.5 ** 0.5]])
+    c3 = (2 - 0.5**0.5) / 1.5
+    want = torch.tensor([[1 - 0.36 / 1.36, -0.6 / 1.36], [0.0, 1.0], [1.0, 0.0], [2 - c3, -1 - c3 * 0.5**0.5]])
     torch.testing.assert_close(sae.W_dec.grad, want)
 
 
 @pytest.mark.parametrize("lowpass", ["mean", "learned"])
 def test_save_load_roundtrip(lowpass, tmp_path):
     assert registry.ARCHITECTURES["scale"] == (ScaleSAE, ScaleConfig)
-    sae, x = make_sae(lowpass=lowpass, hook="blocks.1.hook_resid_pre", model_id="tiny", seed=3,
-                      expert_weighting="renorm_logits", decoder_norm="columns")
+    sae, x = make_sae(
+        lowpass=lowpass,
+        hook="blocks.1.hook_resid_pre",
+        model_id="tiny",
+        seed=3,
+        expert_weighting="renorm_logits",
+        decoder_norm="columns",
+    )
     out_dir = save_sae(sae, tmp_path / "sae")
     d, M, N, n = 32, 256, 8, 32
-    shapes = {"W_enc": (d, M), "b_enc": (M,), "W_dec": (M, d), "b_dec": (d,),
-              "W_router": (d, N), "b_router": (d,), "router_bias": (N,), "omega": (N,)}
+    shapes = {
+        "W_enc": (d, M),
+        "b_enc": (M,),
+        "W_dec": (M, d),
+        "b_dec": (d,),
+        "W_router": (d, N),
+        "b_router": (d,),
+        "router_bias": (N,),
+        "omega": (N,),
+    }
     if lowpass == "learned":
         shapes["lowpass_A"] = (d, d)
     tensors = load_file(str(out_dir / "sae.safetensors"))
     assert {k: tuple(v.shape) for k, v in tensors.items()} == shapes
     assert all(v.dtype == torch.float32 for v in tensors.values())
     # W_enc [d, M]: expert i owns columns [i n, (i+1) n); router_bias / omega are real values
-    torch.testing.assert_close(tensors["W_enc"][:, 2 * n:3 * n], sae.W_enc[2].detach())
+    torch.testing.assert_close(tensors["W_enc"][:, 2 * n : 3 * n], sae.W_enc[2].detach())
     assert tensors["router_bias"][-1] == sae.router_bias[-1] and tensors["omega"].abs().max() > 0
     cfg = json.loads((out_dir / "config.json").read_text())
     assert cfg["arch"] == "scale" and cfg["n_experts"] == N and cfg["active_experts"] == 3
-    assert {"expert_weighting", "feature_scaling", "lowpass", "decoder_norm", "alpha",
-            "alpha_units", "weight_order", "auxk", "k_aux", "aux_coeff",
-            "dead_tokens", "act_norm_factor", "hook", "model_id", "seed"} <= set(cfg)
+    assert {
+        "expert_weighting",
+        "feature_scaling",
+        "lowpass",
+        "decoder_norm",
+        "alpha",
+        "alpha_units",
+        "weight_order",
+        "auxk",
+        "k_aux",
+        "aux_coeff",
+        "dead_tokens",
+        "act_norm_factor",
+        "hook",
+        "model_id",
+        "seed",
+    } <= set(cfg)
     assert cfg["alpha_units"] == "paper" and cfg["weight_order"] == "after_topk"
     loaded = load_sae(out_dir)
     assert loaded.cfg == sae.cfg and type(loaded) is ScaleSAE
@@ -439,13 +480,24 @@ def test_flops_config_errors_and_dead_stats():
     assert ScaleSAE(cfg).flops_per_token() == cfg.flops_per_token()
     assert cfg.encoder_fraction() == 2 / 8
     assert ScaleConfig.from_dict(cfg.to_dict()) == cfg
-    errors = [({"M": 250}, "divisible"), ({"e": 0}, "active_experts"), ({"e": 9}, "active_experts"),
-              ({"k": 65, "e": 2}, "k=65"), ({"expert_weighting": "gate"}, "expert_weighting"),
-              ({"lowpass": "fft"}, "lowpass"), ({"decoder_norm": "both"}, "decoder_norm"),
-              ({"feature_scaling": 1}, "feature_scaling"), ({"alpha": -1.0}, "alpha"),
-              ({"N": 0}, "n_experts"), ({"dead_tokens": -1}, "dead_tokens"),
-              ({"weight_order": "middle"}, "weight_order"), ({"alpha_units": "raw"}, "alpha_units"),
-              ({"k_aux": 0}, "k_aux"), ({"aux_coeff": -1.0}, "aux_coeff"), ({"auxk": 1}, "auxk")]
+    errors = [
+        ({"M": 250}, "divisible"),
+        ({"e": 0}, "active_experts"),
+        ({"e": 9}, "active_experts"),
+        ({"k": 65, "e": 2}, "k=65"),
+        ({"expert_weighting": "gate"}, "expert_weighting"),
+        ({"lowpass": "fft"}, "lowpass"),
+        ({"decoder_norm": "both"}, "decoder_norm"),
+        ({"feature_scaling": 1}, "feature_scaling"),
+        ({"alpha": -1.0}, "alpha"),
+        ({"N": 0}, "n_experts"),
+        ({"dead_tokens": -1}, "dead_tokens"),
+        ({"weight_order": "middle"}, "weight_order"),
+        ({"alpha_units": "raw"}, "alpha_units"),
+        ({"k_aux": 0}, "k_aux"),
+        ({"aux_coeff": -1.0}, "aux_coeff"),
+        ({"auxk": 1}, "auxk"),
+    ]
     for kw, msg in errors:
         with pytest.raises(ValueError, match=msg):
             make_cfg(**kw)

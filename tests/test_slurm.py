@@ -10,6 +10,7 @@ Needs root (daemons, mknod) and Debian's Slurm packages, which cluster.sh instal
 apt-get when missing. In CI (CI=true) the test must run, so anything that stops it fails;
 elsewhere it skips and says why. Deselect with `-m "not slurm"`.
 """
+
 from __future__ import annotations
 
 import json
@@ -22,9 +23,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import REPO, SNAKEMAKE, copy_workflow, micro_config
 from leases import assert_no_shared_device
+
 from saepipe.lease import read_leases
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
@@ -81,15 +82,22 @@ def slurm_env():
         started = time.time()
         with log.open("w") as out:
             try:
-                failed = subprocess.run(["bash", str(CLUSTER), "start", str(state)], stdout=out,
-                                        stderr=subprocess.STDOUT, timeout=480).returncode != 0
+                failed = (
+                    subprocess.run(
+                        ["bash", str(CLUSTER), "start", str(state)], stdout=out, stderr=subprocess.STDOUT, timeout=480
+                    ).returncode
+                    != 0
+                )
             except subprocess.TimeoutExpired:
                 failed = True
         if failed:
             cannot_run(f"could not start the Slurm test cluster:\n{log.read_text()[-3000:]}")
         print(f"Slurm test cluster started in {time.time() - started:.1f}s")
-        yield {**os.environ, "PATH": f"{state / 'bin'}{os.pathsep}{os.environ['PATH']}",
-               "SLURM_CONF": str(state / "etc/slurm.conf")}
+        yield {
+            **os.environ,
+            "PATH": f"{state / 'bin'}{os.pathsep}{os.environ['PATH']}",
+            "SLURM_CONF": str(state / "etc/slurm.conf"),
+        }
     finally:
         subprocess.run(["bash", str(CLUSTER), "stop", str(state)], timeout=120)
         shutil.rmtree(state, ignore_errors=True)
@@ -103,14 +111,21 @@ def slurm_run(slurm_env, tmp_path_factory) -> Path:
     env = {**slurm_env, "PYTHONPATH": str(workdir)}
     started = time.time()
     try:
-        proc = subprocess.run([SNAKEMAKE, "--profile", str(profile), *TARGETS], cwd=workdir, env=env,
-                              capture_output=True, text=True, timeout=600)
+        proc = subprocess.run(
+            [SNAKEMAKE, "--profile", str(profile), *TARGETS],
+            cwd=workdir,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
     except subprocess.TimeoutExpired as err:
         queue = subprocess.run(["squeue"], env=env, capture_output=True, text=True).stdout
         raise AssertionError(f"the Slurm run did not finish in {err.timeout}s; queue:\n{queue}") from err
     if proc.returncode != 0:
-        slurm_logs = "".join(f"--- {p}\n{p.read_text()[-1500:]}"
-                             for p in sorted((workdir / ".snakemake/slurm_logs").rglob("*.log"))[-3:])
+        slurm_logs = "".join(
+            f"--- {p}\n{p.read_text()[-1500:]}" for p in sorted((workdir / ".snakemake/slurm_logs").rglob("*.log"))[-3:]
+        )
         raise AssertionError(f"snakemake --profile failed:\n{proc.stderr[-4000:]}\n{slurm_logs}")
     print(f"micro pipeline on Slurm: {time.time() - started:.1f}s")
     return workdir
@@ -130,7 +145,13 @@ def test_every_job_went_through_sbatch(slurm_run, slurm_env):
         assert job["Comment"].startswith("rule_"), job
         by_rule.setdefault(job["Comment"].removeprefix("rule_").split("_wildcards_")[0], []).append(job)
     assert {rule: len(js) for rule, js in by_rule.items()} == {
-        "corpus": 1, "lm": 1, "extract": 3, "lm_baseline": 1, "train": len(SAES), "evaluate": len(SAES)}
+        "corpus": 1,
+        "lm": 1,
+        "extract": 3,
+        "lm_baseline": 1,
+        "train": len(SAES),
+        "evaluate": len(SAES),
+    }
     assert {job["State"] for job in jobs} == {"COMPLETED"}
     for rule, rule_jobs in by_rule.items():
         for job in rule_jobs:  # the profile's partitions and GPU requests reached sbatch
@@ -157,7 +178,9 @@ def test_results_equal_the_local_run(slurm_run, request):
     for sae in SAES:
         weights = f"results/saes/{sae}/sae.safetensors"
         assert (slurm_run / weights).read_bytes() == (micro_run / weights).read_bytes(), sae
-        slurm, local = (json.loads((wd / f"results/saes/{sae}/metrics.json").read_text())
-                        for wd in (slurm_run, micro_run))
-        assert {k: v for k, v in slurm.items() if k not in TIMING} == \
-               {k: v for k, v in local.items() if k not in TIMING}, sae
+        slurm, local = (
+            json.loads((wd / f"results/saes/{sae}/metrics.json").read_text()) for wd in (slurm_run, micro_run)
+        )
+        assert {k: v for k, v in slurm.items() if k not in TIMING} == {
+            k: v for k, v in local.items() if k not in TIMING
+        }, sae

@@ -1,8 +1,9 @@
 """Sweep expansion: grid axes, ids, matched configurations and config errors."""
+
 import pytest
 import yaml
-
 from conftest import REPO
+
 from saepipe.saes import ARCHITECTURES, config_from_dict
 from saepipe.sweep import SweepError, canonical, expand_sweep
 
@@ -38,8 +39,18 @@ def test_default_config_sweep():
 def test_grid_axes_ids_and_training_overrides():
     points = _expand({"t": {"arch": "topk", "width": 256, "k": [4, 8], "lr": [1e-3, 3e-3]}})
     assert sorted(points) == ["t-k4-lr0.001", "t-k4-lr0.003", "t-k8-lr0.001", "t-k8-lr0.003"]
-    scale = _expand({"s": {"arch": "scale", "width": 256, "n_experts": 4, "active_experts": [1, 2],
-                           "feature_scaling": [True, False], "k": 8}})
+    scale = _expand(
+        {
+            "s": {
+                "arch": "scale",
+                "width": 256,
+                "n_experts": 4,
+                "active_experts": [1, 2],
+                "feature_scaling": [True, False],
+                "k": 8,
+            }
+        }
+    )
     assert sorted(scale) == ["s-e1-fs0", "s-e1-fs1", "s-e2-fs0", "s-e2-fs1"]
     p = points["t-k8-lr0.003"]
     assert p["sae"] == {"arch": "topk", "width": 256, "k": 8}
@@ -47,8 +58,10 @@ def test_grid_axes_ids_and_training_overrides():
 
 
 def test_flop_matched_switch_is_derived_and_checked():
-    sweep = {"dense": {"arch": "topk", "width": 512, "k": 8},
-             "sw": {"arch": "switch", "n_experts": 4, "k": 8, "match": {"baseline": "dense", "by": "flops"}}}
+    sweep = {
+        "dense": {"arch": "topk", "width": 512, "k": 8},
+        "sw": {"arch": "switch", "n_experts": 4, "k": 8, "match": {"baseline": "dense", "by": "flops"}},
+    }
     points = _expand(sweep)
     assert points["sw"]["sae"]["width"] == 2048
     sweep["sw"]["width"] = 1024
@@ -76,9 +89,16 @@ def test_canonical_ignores_key_order():
 
 
 def test_seeds_are_an_axis_with_readable_ids_and_point_ids():
-    points = expand_sweep({"train": {**TRAIN, "seed": [0, 1]},
-                           "sweep": {"t": {"arch": "topk", "width": 64, "k": [4, 8]},
-                                     "one": {"arch": "topk", "width": 64, "k": 4, "seed": 7}}}, 64)
+    points = expand_sweep(
+        {
+            "train": {**TRAIN, "seed": [0, 1]},
+            "sweep": {
+                "t": {"arch": "topk", "width": 64, "k": [4, 8]},
+                "one": {"arch": "topk", "width": 64, "k": 4, "seed": 7},
+            },
+        },
+        64,
+    )
     assert sorted(points) == ["one", "t-k4-s0", "t-k4-s1", "t-k8-s0", "t-k8-s1"]
     assert points["t-k8-s1"]["point"] == "t-k8" and points["t-k8-s1"]["train"]["seed"] == 1
     assert points["one"]["point"] == "one" and points["one"]["train"]["seed"] == 7  # the group's own value wins
@@ -95,8 +115,10 @@ def test_lr_auto_is_accepted_as_a_training_field():
 
 def test_train_flops_matching_derives_the_widest_width_within_the_baseline_cost():
     train = {**TRAIN, "batch_size": 1024}
-    sweep = {"dense": {"arch": "topk", "width": 512, "k": 8},
-             "sw": {"arch": "switch", "n_experts": 4, "k": 8, "match": {"baseline": "dense", "by": "train_flops"}}}
+    sweep = {
+        "dense": {"arch": "topk", "width": 512, "k": 8},
+        "sw": {"arch": "switch", "n_experts": 4, "k": 8, "match": {"baseline": "dense", "by": "train_flops"}},
+    }
     points = expand_sweep({"train": train, "sweep": sweep}, 64)
     sae = points["sw"]["sae"]
     cfg = lambda w: config_from_dict({**sae, "width": w, "d_in": 64})  # noqa: E731

@@ -1,5 +1,6 @@
 """bench/train_throughput.py runs end to end at its tiny preset and writes a consistent table
 (structure and arithmetic only: no speed is asserted)."""
+
 from __future__ import annotations
 
 import json
@@ -15,8 +16,22 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def test_tiny_preset_writes_a_consistent_table(tmp_path):
-    cmd = [sys.executable, "bench/train_throughput.py", "--preset", "tiny", "--device", "cpu",
-           "--steps", "1", "--warmup", "1", "--threads", "1", "--out-dir", str(tmp_path)]
+    cmd = [
+        sys.executable,
+        "bench/train_throughput.py",
+        "--preset",
+        "tiny",
+        "--device",
+        "cpu",
+        "--steps",
+        "1",
+        "--warmup",
+        "1",
+        "--threads",
+        "1",
+        "--out-dir",
+        str(tmp_path),
+    ]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     (js,), (md,) = tmp_path.glob("train_throughput-*-cpu.json"), tmp_path.glob("train_throughput-*-cpu.md")
@@ -39,8 +54,9 @@ def test_tiny_preset_writes_a_consistent_table(tmp_path):
     assert set(loader["tokens_per_s"]) == {"stream, prefetch 0", "stream, prefetch 1", "device cache"}
     fastest = max(r["tokens_per_s"] for r in result["rows"])
     assert loader["fastest_consumer_tokens_per_s"] == fastest
-    assert all(loader["ratio_to_fastest_consumer"][m] == pytest.approx(v / fastest)
-               for m, v in loader["tokens_per_s"].items())
+    assert all(
+        loader["ratio_to_fastest_consumer"][m] == pytest.approx(v / fastest) for m, v in loader["tokens_per_s"].items()
+    )
     text = md.read_text()
     assert f"`{result['command']}`" in text
     assert all(f"| {n} | cpu | 512 |" in text for n in names) and "| device cache |" in text

@@ -4,6 +4,7 @@ The micro sweep with the toy (plus TopK, for the figures that compare) runs thro
 ``snakemake``: the toy trains, evaluates, is in the table with its trait columns, in every
 figure that applies to a routed fixed-k SAE, and in the report. Nothing in saepipe names it.
 """
+
 from __future__ import annotations
 
 import re
@@ -22,8 +23,16 @@ matplotlib.use("Agg")
 
 TESTS = Path(__file__).resolve().parent
 TOY_SAE = "toy"  # single-k groups: the id is the group
-TOY_FIGURES = ("frontier", "scaling", "redundancy", "activation_similarity", "expert_usage", "expert_load",
-               "feature_geometry", "tsne")  # the figures that apply to a routed, fixed-k SAE
+TOY_FIGURES = (
+    "frontier",
+    "scaling",
+    "redundancy",
+    "activation_similarity",
+    "expert_usage",
+    "expert_load",
+    "feature_geometry",
+    "tsne",
+)  # the figures that apply to a routed, fixed-k SAE
 
 
 @pytest.fixture
@@ -49,8 +58,14 @@ def test_registry_exposes_the_toy_traits(toy_registered):
     from saepipe.saes.switch import SwitchSAE
     from saepipe.saes.topk import TopKConfig
 
-    assert arch_traits("toymoe") == {"arch_label": "Toy MoE", "arch_order": 50, "l0_fixed": True,
-                                     "routed": True, "has_omega": False, "has_threshold": False}
+    assert arch_traits("toymoe") == {
+        "arch_label": "Toy MoE",
+        "arch_order": 50,
+        "l0_fixed": True,
+        "routed": True,
+        "has_omega": False,
+        "has_threshold": False,
+    }
     sae = build_sae({"arch": "toymoe", "d_in": 16, "width": 64, "k": 4, "n_experts": 4})
     assert isinstance(sae, ToyMoESAE) and sae.cfg.heaviside and sae.cfg.expert_count == 4
     register_architecture("toymoe", ToyMoESAE, ToyMoEConfig)  # re-import of the plugin: no-op
@@ -80,15 +95,22 @@ def test_nothing_outside_saepipe_saes_tests_an_architecture_name():
     found = []
     for path in sorted(REPO.rglob("*")):
         rel = path.relative_to(REPO).as_posix()
-        if (path.suffix in (".py", ".smk", ".yaml") or path.name == "Snakefile") and path.is_file() \
-                and not rel.startswith(skip) and "/." not in f"/{rel}":
-            found += [f"{rel}:{i}: {line.strip()}" for i, line in enumerate(path.read_text().splitlines(), 1)
-                      if pattern.search(line) and not (rel in not_archs and not_archs[rel] in line)]
+        if (
+            (path.suffix in (".py", ".smk", ".yaml") or path.name == "Snakefile")
+            and path.is_file()
+            and not rel.startswith(skip)
+            and "/." not in f"/{rel}"
+        ):
+            found += [
+                f"{rel}:{i}: {line.strip()}"
+                for i, line in enumerate(path.read_text().splitlines(), 1)
+                if pattern.search(line) and not (rel in not_archs and not_archs[rel] in line)
+            ]
     assert not found, "\n".join(found)
 
 
 def test_a_missing_plugin_names_the_module_and_the_fix():
-    env_code = ("import os; os.environ['SAEPIPE_PLUGINS'] = 'no_such_saepipe_plugin'; import saepipe.saes")
+    env_code = "import os; os.environ['SAEPIPE_PLUGINS'] = 'no_such_saepipe_plugin'; import saepipe.saes"
     proc = subprocess.run([sys.executable, "-c", env_code], cwd=REPO, capture_output=True, text=True)
     assert proc.returncode != 0
     assert "no_such_saepipe_plugin" in proc.stderr and "PYTHONPATH" in proc.stderr
@@ -142,10 +164,28 @@ def test_toy_architecture_runs_through_the_pipeline(tmp_path, monkeypatch, toy_r
     assert set(table) == {"topk", TOY_SAE}
     toy = table[TOY_SAE]
     assert toy["arch"] == "toymoe" and toy["heaviside"] is True
-    assert {k: toy[k] for k in ("arch_label", "arch_order", "l0_fixed", "routed", "has_omega", "has_threshold",
-                                "n_experts", "active_experts")} == {
-        "arch_label": "Toy MoE", "arch_order": 50, "l0_fixed": True, "routed": True, "has_omega": False,
-        "has_threshold": False, "n_experts": 4, "active_experts": 1}
+    assert {
+        k: toy[k]
+        for k in (
+            "arch_label",
+            "arch_order",
+            "l0_fixed",
+            "routed",
+            "has_omega",
+            "has_threshold",
+            "n_experts",
+            "active_experts",
+        )
+    } == {
+        "arch_label": "Toy MoE",
+        "arch_order": 50,
+        "l0_fixed": True,
+        "routed": True,
+        "has_omega": False,
+        "has_threshold": False,
+        "n_experts": 4,
+        "active_experts": 1,
+    }
     assert toy["l0"] <= 4 + 1e-6 and 0 < toy["fvu"] < 1.5
     assert len(toy["expert_counts"]) == 4 and sum(toy["expert_counts"]) == toy["n_tokens"]
     assert toy["intra_expert_redundancy"] is not None and toy["omega"] is None

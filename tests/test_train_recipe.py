@@ -1,4 +1,5 @@
 """The reference training recipe: lr "auto" (width rule) and gradient-norm clipping."""
+
 import math
 
 import pytest

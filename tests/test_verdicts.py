@@ -1,5 +1,6 @@
 """saepipe.verdicts on hand-made metric tables: every status and reason, the CI against a
 hand computation, pairing by seed, the JSON Schema, the config section and the printers."""
+
 from __future__ import annotations
 
 import html
@@ -12,37 +13,104 @@ import jsonschema
 import pytest
 import yaml
 
-from saepipe.verdicts import (CLAIMS, SCHEMA_VERSION, VerdictConfig, format_table, landing_summary, main,
-                              verdicts, verdicts_page, verdicts_schema, write_outputs)
+from saepipe.verdicts import (
+    CLAIMS,
+    SCHEMA_VERSION,
+    VerdictConfig,
+    format_table,
+    landing_summary,
+    main,
+    verdicts,
+    verdicts_page,
+    verdicts_schema,
+    write_outputs,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 T_975_DF1 = 12.706204736174698  # Student t quantile 0.975, 1 degree of freedom (tables)
-T_975_DF2 = 4.302652729911275   # ... 2 degrees of freedom
+T_975_DF2 = 4.302652729911275  # ... 2 degrees of freedom
 
 # group -> fixed fields of its rows (a micro version of the default sweep)
 GROUPS = {
     "topk": dict(arch="topk", width=128, flops_per_token=1000.0, train_flops_per_token=3000.0),
-    "switch_flop": dict(arch="switch", width=512, n_experts=4, active_experts=1, match_baseline="topk",
-                        match_by="flops", flops_per_token=1040.0, train_flops_per_token=9000.0),
-    "switch_width": dict(arch="switch", width=128, n_experts=4, match_baseline="topk", match_by="width",
-                         flops_per_token=250.0, train_flops_per_token=2000.0),
-    "scale_flop": dict(arch="scale", width=256, n_experts=4, active_experts=2, feature_scaling=True,
-                       match_baseline="topk", match_by="flops", flops_per_token=1050.0),
-    "scale_nofs": dict(arch="scale", width=256, n_experts=4, active_experts=2, feature_scaling=False,
-                       match_baseline="topk", match_by="flops", flops_per_token=1050.0),
-    "scale_e1": dict(arch="scale", width=512, n_experts=4, active_experts=1, feature_scaling=True,
-                     match_baseline="topk", match_by="flops", flops_per_token=1050.0),
+    "switch_flop": dict(
+        arch="switch",
+        width=512,
+        n_experts=4,
+        active_experts=1,
+        match_baseline="topk",
+        match_by="flops",
+        flops_per_token=1040.0,
+        train_flops_per_token=9000.0,
+    ),
+    "switch_width": dict(
+        arch="switch",
+        width=128,
+        n_experts=4,
+        match_baseline="topk",
+        match_by="width",
+        flops_per_token=250.0,
+        train_flops_per_token=2000.0,
+    ),
+    "scale_flop": dict(
+        arch="scale",
+        width=256,
+        n_experts=4,
+        active_experts=2,
+        feature_scaling=True,
+        match_baseline="topk",
+        match_by="flops",
+        flops_per_token=1050.0,
+    ),
+    "scale_nofs": dict(
+        arch="scale",
+        width=256,
+        n_experts=4,
+        active_experts=2,
+        feature_scaling=False,
+        match_baseline="topk",
+        match_by="flops",
+        flops_per_token=1050.0,
+    ),
+    "scale_e1": dict(
+        arch="scale",
+        width=512,
+        n_experts=4,
+        active_experts=1,
+        feature_scaling=True,
+        match_baseline="topk",
+        match_by="flops",
+        flops_per_token=1050.0,
+    ),
 }
 
 
 def row(group: str, k: int, seed: int | None, **metrics) -> dict:
     """One table row of `group` at `k` and `seed` (metrics default to harmless values)."""
     point = f"{group}-k{k}"
-    r = dict(sae_id=point if seed is None else f"{point}-s{seed}", point_id=point, seed=seed, group=group,
-             k=k, n_experts=None, active_experts=None, feature_scaling=None, match_baseline=None,
-             match_by=None, l0=float(k), l2_per_token=1.0, fvu=0.1, loss_recovered=0.9, delta_ce=0.1,
-             dead_fraction=0.01, redundancy_09=0.01, redundancy_08=0.02, mean_max_cos=0.5,
-             activation_similarity=0.1, train_wall_s_per_token=1e-6)
+    r = dict(
+        sae_id=point if seed is None else f"{point}-s{seed}",
+        point_id=point,
+        seed=seed,
+        group=group,
+        k=k,
+        n_experts=None,
+        active_experts=None,
+        feature_scaling=None,
+        match_baseline=None,
+        match_by=None,
+        l0=float(k),
+        l2_per_token=1.0,
+        fvu=0.1,
+        loss_recovered=0.9,
+        delta_ce=0.1,
+        dead_fraction=0.01,
+        redundancy_09=0.01,
+        redundancy_08=0.02,
+        mean_max_cos=0.5,
+        activation_similarity=0.1,
+        train_wall_s_per_token=1e-6,
+    )
     r.update(GROUPS[group])
     r.update(metrics)
     return r
@@ -69,18 +137,35 @@ def paper_sweep(seeds: int = 3) -> list[dict]:
     for k in (8, 16):
         for s in range(seeds):
             jitter = 0.01 * s
-            rows += [row("topk", k, s, l2_per_token=1.0 + jitter, redundancy_09=0.00 + jitter / 10),
-                     row("switch_flop", k, s, l2_per_token=0.80 + jitter, redundancy_09=0.05 + jitter),
-                     row("switch_width", k, s, l2_per_token=1.10 + jitter),
-                     row("scale_flop", k, s, l2_per_token=0.60 + jitter, redundancy_09=0.001,
-                         activation_similarity=0.090 + jitter / 10)]
+            rows += [
+                row("topk", k, s, l2_per_token=1.0 + jitter, redundancy_09=0.00 + jitter / 10),
+                row("switch_flop", k, s, l2_per_token=0.80 + jitter, redundancy_09=0.05 + jitter),
+                row("switch_width", k, s, l2_per_token=1.10 + jitter),
+                row(
+                    "scale_flop",
+                    k,
+                    s,
+                    l2_per_token=0.60 + jitter,
+                    redundancy_09=0.001,
+                    activation_similarity=0.090 + jitter / 10,
+                ),
+            ]
             if k == 16:
-                rows.append(row("scale_nofs", k, s, l2_per_token=0.65, redundancy_09=0.02 + jitter,
-                                activation_similarity=0.100 + jitter / 10))
+                rows.append(
+                    row(
+                        "scale_nofs",
+                        k,
+                        s,
+                        l2_per_token=0.65,
+                        redundancy_09=0.02 + jitter,
+                        activation_similarity=0.100 + jitter / 10,
+                    )
+                )
     return rows
 
 
 # ---------------------------------------------------------------- statistics
+
 
 def test_ci_over_three_seeds_matches_a_hand_computation():
     topk, switch = [1.0, 2.0, 4.0], [0.8, 1.7, 3.0]  # relative differences -0.20, -0.15, -0.25
@@ -127,15 +212,20 @@ def test_pairing_is_by_seed_not_by_row_order():
 
 def test_pairs_are_matched_on_seed_not_position():
     # TopK seed 1 is the worse one; pairing by position after a sort by value would flip the sign
-    rows = [row("topk", 8, 0, l2_per_token=1.0), row("topk", 8, 1, l2_per_token=3.0),
-            row("switch_flop", 8, 1, l2_per_token=2.7), row("switch_flop", 8, 0, l2_per_token=0.9)]
+    rows = [
+        row("topk", 8, 0, l2_per_token=1.0),
+        row("topk", 8, 1, l2_per_token=3.0),
+        row("switch_flop", 8, 1, l2_per_token=2.7),
+        row("switch_flop", 8, 0, l2_per_token=0.9),
+    ]
     v = one(verdicts(rows), "switch_flop_lower_l2")
     assert v["effect"]["values"] == pytest.approx([-0.1, -0.1])
 
 
 def test_loss_recovered_delta_dead_fraction_and_cost_ratios():
-    rows = (series("topk", 8, "loss_recovered", [0.90, 0.92, 0.94])
-            + series("switch_flop", 8, "loss_recovered", [0.95, 0.95, 0.98], l2_per_token=0.5))
+    rows = series("topk", 8, "loss_recovered", [0.90, 0.92, 0.94]) + series(
+        "switch_flop", 8, "loss_recovered", [0.95, 0.95, 0.98], l2_per_token=0.5
+    )
     rows[4]["dead_fraction"] = 0.12  # switch_flop-k8-s1, below the bound
     v = one(verdicts(rows), "switch_flop_lower_l2")
     assert v["delta_loss_recovered"]["values"] == pytest.approx([0.05, 0.03, 0.04])
@@ -147,6 +237,7 @@ def test_loss_recovered_delta_dead_fraction_and_cost_ratios():
 
 
 # ---------------------------------------------------------------- every status and reason
+
 
 def test_a_full_sweep_tests_every_claim_at_every_k():
     result = verdicts(paper_sweep())
@@ -171,12 +262,15 @@ def test_a_full_sweep_tests_every_claim_at_every_k():
 
 
 def test_contradicted_when_the_ci_lies_on_the_other_side():
-    rows = series("topk", 8, "l2_per_token", [1.0, 1.0, 1.0]) + series("switch_flop", 8, "l2_per_token", [1.2, 1.3, 1.25])
+    rows = series("topk", 8, "l2_per_token", [1.0, 1.0, 1.0]) + series(
+        "switch_flop", 8, "l2_per_token", [1.2, 1.3, 1.25]
+    )
     v = one(verdicts(rows), "switch_flop_lower_l2")
     assert v["status"] == "contradicted" and v["reason"].startswith("ci_excludes:") and "above 0" in v["reason"]
     # claim 5 expects MORE redundancy: a lower one contradicts it
-    rows = (series("topk", 8, "redundancy_09", [0.10, 0.11, 0.12])
-            + series("switch_flop", 8, "redundancy_09", [0.01, 0.02, 0.02]))
+    rows = series("topk", 8, "redundancy_09", [0.10, 0.11, 0.12]) + series(
+        "switch_flop", 8, "redundancy_09", [0.01, 0.02, 0.02]
+    )
     v = one(verdicts(rows), "moe_duplicates")
     assert v["status"] == "contradicted" and "below 0" in v["reason"]
 
@@ -221,8 +315,12 @@ def test_dead_latents_above_the_bound_make_it_undertrained():
 
 
 def test_zero_redundancy_on_both_sides_is_nothing_to_measure():
-    rows = (series("topk", 8, "redundancy_09", [0.0, 0.0]) + series("switch_flop", 8, "redundancy_09", [0.0, 0.0])
-            + series("scale_flop", 8, "redundancy_09", [0.0, 0.0]) + series("scale_nofs", 8, "redundancy_09", [0.0, 0.0]))
+    rows = (
+        series("topk", 8, "redundancy_09", [0.0, 0.0])
+        + series("switch_flop", 8, "redundancy_09", [0.0, 0.0])
+        + series("scale_flop", 8, "redundancy_09", [0.0, 0.0])
+        + series("scale_nofs", 8, "redundancy_09", [0.0, 0.0])
+    )
     result = verdicts(rows)
     for claim in ("moe_duplicates", "feature_scaling_lower_redundancy"):
         v = one(result, claim)
@@ -233,8 +331,9 @@ def test_zero_redundancy_on_both_sides_is_nothing_to_measure():
 
 
 def test_relative_effect_over_a_zero_baseline_is_nothing_to_measure():
-    rows = (series("scale_flop", 8, "activation_similarity", [0.1, 0.1])
-            + series("scale_nofs", 8, "activation_similarity", [0.0, 0.2]))
+    rows = series("scale_flop", 8, "activation_similarity", [0.1, 0.1]) + series(
+        "scale_nofs", 8, "activation_similarity", [0.0, 0.2]
+    )
     v = one(verdicts(rows), "feature_scaling_lower_similarity")
     assert v["effect"] is None and v["status"] == "inconclusive"
     assert v["reason"].startswith("nothing_to_measure:") and "undefined" in v["reason"]
@@ -260,8 +359,10 @@ def test_claims_select_only_their_architectures():
     rows = paper_sweep()
     rows += [row("scale_e1", 8, s, l2_per_token=0.1) for s in range(3)]  # e = 1: not claim 3's Scale
     # a BatchTopK point in the baseline's group (as if the group mixed archs): not a TopK baseline
-    rows += [row("topk", 8, s, l2_per_token=9.0, arch="batchtopk", point_id="btk-k8", sae_id=f"btk-k8-s{s}")
-             for s in range(3)]
+    rows += [
+        row("topk", 8, s, l2_per_token=9.0, arch="batchtopk", point_id="btk-k8", sae_id=f"btk-k8-s{s}")
+        for s in range(3)
+    ]
     result = verdicts(rows)
     assert [v["a_point"] for v in of(result, "scale_lower_l2_than_switch")] == ["scale_flop-k8", "scale_flop-k16"]
     assert {v["b_point"] for v in of(result, "switch_flop_lower_l2")} == {"topk-k8", "topk-k16"}
@@ -305,6 +406,7 @@ def test_two_rows_for_one_seed_of_a_point_is_an_error():
 
 # ---------------------------------------------------------------- output format
 
+
 def test_output_validates_against_its_schema_and_round_trips(tmp_path):
     result = verdicts(paper_sweep())
     schema = verdicts_schema()
@@ -316,8 +418,20 @@ def test_output_validates_against_its_schema_and_round_trips(tmp_path):
     write_outputs(result, tmp_path / "v.json", tmp_path / "v.html", tmp_path / "s.html")
     assert json.loads((tmp_path / "v.json").read_text()) == result
     verdict = schema["properties"]["verdicts"]["items"]["properties"]
-    for name in ("claim", "k", "effect", "n", "status", "reason", "a_saes", "b_saes", "paper",
-                 "delta_loss_recovered", "max_dead_fraction", "flop_ratio"):
+    for name in (
+        "claim",
+        "k",
+        "effect",
+        "n",
+        "status",
+        "reason",
+        "a_saes",
+        "b_saes",
+        "paper",
+        "delta_loss_recovered",
+        "max_dead_fraction",
+        "flop_ratio",
+    ):
         assert verdict[name]["description"], name
     bad = json.loads(json.dumps(result))
     bad["verdicts"][0]["status"] = "probably"
@@ -364,6 +478,7 @@ def test_html_page_and_landing_summary(tmp_path):
 
 # ---------------------------------------------------------------- config
 
+
 def test_config_section_is_optional_and_checked():
     assert VerdictConfig.from_config({}) == VerdictConfig()
     assert VerdictConfig.from_config({"verdicts": None}) == VerdictConfig()
@@ -392,7 +507,9 @@ def test_module_imports_neither_matplotlib_nor_snakemake():
     import subprocess
     import sys
 
-    code = ("import sys, saepipe.verdicts; bad = [m for m in ('matplotlib', 'snakemake', 'torch') if m in sys.modules]; "
-            "assert not bad, bad")
+    code = (
+        "import sys, saepipe.verdicts; bad = [m for m in ('matplotlib', 'snakemake', 'torch') if m in sys.modules]; "
+        "assert not bad, bad"
+    )
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr

@@ -8,6 +8,7 @@ The toy is a routed SAE without the router's gate: a Switch SAE (top-1 expert, T
 it) whose decoder output is not scaled by the router probability (``heaviside`` on by
 default), under its own name, label and sort order.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

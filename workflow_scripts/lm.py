@@ -1,5 +1,6 @@
 """Snakemake adapter: rule lm -> saepipe.lm.train_lm (native model) or
 saepipe.lm.prepare_pretrained (model.source: pretrained, nothing trained)."""
+
 import json
 from pathlib import Path
 
@@ -7,7 +8,7 @@ from saepipe.devices import set_threads
 from saepipe.io import log_to
 from saepipe.lm import LMConfig, ModelConfig, prepare_pretrained, train_lm
 
-with log_to(snakemake.log[0]):  # noqa: F821 - injected by Snakemake
+with log_to(snakemake.log[0]):
     set_threads(snakemake.threads)
     model_dir = Path(snakemake.output.weights).parent
     pretrained = json.loads(snakemake.params.model)

@@ -26,6 +26,7 @@ byte-level BPE tokenizer is trained on the train split only.
 Outputs (in one directory): train.npy / eval.npy (int32 [n_seq, seq_len]), tokenizer.json,
 corpus.json (statistics and provenance).
 """
+
 from __future__ import annotations
 
 import ast
@@ -37,9 +38,9 @@ import sys
 import sysconfig
 import tempfile
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
@@ -80,14 +81,17 @@ def local_dataset_files(path: str) -> tuple[str, list[str]] | None:
         files = sorted(glob.glob(path)) if any(c in path for c in "*?[") else ([path] if p.is_file() else [])
     if not files:
         if p.exists() or path.startswith((".", "/")) or any(c in path for c in "*?["):
-            raise FileNotFoundError(f"corpus.dataset.path {path!r} holds no data files "
-                                    f"({', '.join(sorted(DATASET_FORMATS))})")
+            raise FileNotFoundError(
+                f"corpus.dataset.path {path!r} holds no data files ({', '.join(sorted(DATASET_FORMATS))})"
+            )
         return None
     kinds = {DATASET_FORMATS.get(Path(f).suffix) for f in files}
     builder = kinds.pop() if len(kinds) == 1 else None
     if builder is None:
-        raise ValueError(f"corpus.dataset.path {path!r} must hold files of one format among "
-                         f"{sorted(DATASET_FORMATS)}; found {sorted({Path(f).suffix for f in files})}")
+        raise ValueError(
+            f"corpus.dataset.path {path!r} must hold files of one format among "
+            f"{sorted(DATASET_FORMATS)}; found {sorted({Path(f).suffix for f in files})}"
+        )
     return builder, files
 
 
@@ -105,8 +109,10 @@ def dataset_documents(cfg: DatasetConfig) -> Iterator[str]:
         ds = datasets.load_dataset(builder, data_files=files, split="train", streaming=cfg.streaming, **extra)
     for row in ds:  # a streamed dataset may not know its columns before the first row
         if cfg.text_column not in row:
-            raise ValueError(f"corpus.dataset.text_column is {cfg.text_column!r} but {cfg.path!r} has "
-                             f"columns {sorted(row)}; set text_column to the one holding the text")
+            raise ValueError(
+                f"corpus.dataset.text_column is {cfg.text_column!r} but {cfg.path!r} has "
+                f"columns {sorted(row)}; set text_column to the one holding the text"
+            )
         text = row[cfg.text_column]
         if text:
             yield text
@@ -224,7 +230,7 @@ class SequenceWriter:
 
     def __init__(self, raw_path: Path, seq_len: int, bos: int | None):
         self.raw_path, self.seq_len, self.bos = raw_path, seq_len, bos
-        self.body = seq_len - (bos is not None)   # text tokens per row
+        self.body = seq_len - (bos is not None)  # text tokens per row
         self.pending: list[np.ndarray] = []
         self.pending_len = self.n_seq = 0
         self.file = open(raw_path, "wb")
@@ -254,8 +260,11 @@ class SequenceWriter:
         """Write `[n_seq, seq_len]` int32 to `out_npy` atomically (the partial last row is dropped)."""
         self._flush()
         self.file.close()
-        raw = np.memmap(self.raw_path, np.int32, "r", shape=(self.n_seq, self.seq_len)) if self.n_seq else \
-            np.zeros((0, self.seq_len), np.int32)
+        raw = (
+            np.memmap(self.raw_path, np.int32, "r", shape=(self.n_seq, self.seq_len))
+            if self.n_seq
+            else np.zeros((0, self.seq_len), np.int32)
+        )
         with atomic_path(out_npy) as tmp:
             arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.int32, shape=(self.n_seq, self.seq_len))
             for start in range(0, self.n_seq, 1 << 16):
@@ -266,8 +275,9 @@ class SequenceWriter:
         self.raw_path.unlink()
 
 
-def _write_documents(tokenizer, texts: Iterator[str], writers: dict, split_of, eot: int,
-                     max_tokens: int | None, batch: int = 512) -> dict[str, int]:
+def _write_documents(
+    tokenizer, texts: Iterator[str], writers: dict, split_of, eot: int, max_tokens: int | None, batch: int = 512
+) -> dict[str, int]:
     """Tokenise `texts` in batches into the split `split_of(text)` names; documents per split."""
     docs = {name: 0 for name in writers}
     done = False
@@ -301,8 +311,9 @@ def _special_ids(tokenizer, hf_tokenizer, prepend_bos: bool) -> tuple[int, int |
     return eot, (bos if prepend_bos else None)
 
 
-def build_corpus(cfg: CorpusConfig, out_dir: str | os.PathLike, pretrained_tokenizer: str | None = None,
-                 revision: str | None = None) -> dict:
+def build_corpus(
+    cfg: CorpusConfig, out_dir: str | os.PathLike, pretrained_tokenizer: str | None = None, revision: str | None = None
+) -> dict:
     """Run the corpus stage; returns the statistics written to corpus.json.
 
     `pretrained_tokenizer`: the tokenizer of a pretrained model (hub name or directory, at
@@ -323,8 +334,10 @@ def build_corpus(cfg: CorpusConfig, out_dir: str | os.PathLike, pretrained_token
         tokenizer = hf_tokenizer.backend_tokenizer
     if cfg.source == "dataset":
         if cfg.dataset is None:
-            raise ValueError("corpus.source is 'dataset' but corpus.dataset is missing: give "
-                             "corpus.dataset: {path: ..., split: ..., text_column: ...}")
+            raise ValueError(
+                "corpus.source is 'dataset' but corpus.dataset is missing: give "
+                "corpus.dataset: {path: ..., split: ..., text_column: ...}"
+            )
         texts: Iterator[str] = dataset_documents(DatasetConfig(**cfg.dataset))
     else:
         texts = iter(_python_docs_texts(cfg))

@@ -28,12 +28,14 @@ the shard and the row.
 Memory (streaming): the current window plus, with prefetch, the next window being built,
 i.e. about (prefetch + 1) * buffer_shards shards plus the shard being read.
 """
+
 from __future__ import annotations
 
 import os
 import queue
 import threading
-from typing import Callable, Iterator, Sequence, TypeVar
+from collections.abc import Callable, Iterator, Sequence
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -65,7 +67,8 @@ def check_finite(acts_TD: np.ndarray, path: str | os.PathLike, row_ids: np.ndarr
             f"{path}: row {row} holds non-finite activations "
             f"({acts_TD[r][~np.isfinite(acts_TD[r].astype(np.float32))][:3].tolist()}, ...){more}. "
             "The model produced NaN/inf at the hook (e.g. fp16 overflow); fix the extraction "
-            "(extract in float32, or another hook/model), delete the shard and rerun to re-extract it.")
+            "(extract in float32, or another hook/model), delete the shard and rerun to re-extract it."
+        )
 
 
 class ShardStream:
@@ -77,9 +80,17 @@ class ShardStream:
     Neither changes the batches.
     """
 
-    def __init__(self, paths: Sequence[str | os.PathLike], batch_size: int, total_tokens: int,
-                 seed: int = 0, buffer_shards: int = 2, device: torch.device | str = "cpu",
-                 prefetch: int = 1, cache_bytes: float = 0):
+    def __init__(
+        self,
+        paths: Sequence[str | os.PathLike],
+        batch_size: int,
+        total_tokens: int,
+        seed: int = 0,
+        buffer_shards: int = 2,
+        device: torch.device | str = "cpu",
+        prefetch: int = 1,
+        cache_bytes: float = 0,
+    ):
         if not paths:
             raise ValueError("no activation shards given")
         self.paths = list(paths)
@@ -124,8 +135,7 @@ class ShardStream:
         plan = self._plan(start * self.batch_size, count * self.batch_size)
         if self.cached:
             cache = self._load_cache()
-            sources: Iterator[torch.Tensor] = (torch.from_numpy(self._window_sources(*w)).to(self.device)
-                                               for w in plan)
+            sources: Iterator[torch.Tensor] = (torch.from_numpy(self._window_sources(*w)).to(self.device) for w in plan)
             batches = self._assemble(sources, count, lambda idx: cache.index_select(0, idx).float())
         else:
             windows = _ahead((self._read_window(*w) for w in plan), self.prefetch, "ShardStream-windows")
@@ -139,8 +149,9 @@ class ShardStream:
             return torch.from_numpy(rows.numpy().astype(np.float32))
         return rows.to(self.device, non_blocking=self.pin).float()
 
-    def _assemble(self, windows: Iterator[torch.Tensor], count: int,
-                  to_batch: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[torch.Tensor]:
+    def _assemble(
+        self, windows: Iterator[torch.Tensor], count: int, to_batch: Callable[[torch.Tensor], torch.Tensor]
+    ) -> Iterator[torch.Tensor]:
         """`count` batches of consecutive rows of the windows (rows, or cache indices)."""
         rows, i = None, 0
         for _ in range(count):
@@ -207,8 +218,10 @@ class ShardStream:
             row_ids = np.flatnonzero(keep_mask(shard.positions_T, self.excluded[i]))
             acts = acts[row_ids]
         if len(acts) != self.lengths[i]:
-            raise ValueError(f"{self.paths[i]}: metadata says {self.lengths[i]} training rows but it "
-                             f"holds {len(acts)}; the shard is damaged, delete it to re-extract")
+            raise ValueError(
+                f"{self.paths[i]}: metadata says {self.lengths[i]} training rows but it "
+                f"holds {len(acts)}; the shard is damaged, delete it to re-extract"
+            )
         check_finite(acts, self.paths[i], row_ids)
         return acts
 
@@ -260,7 +273,7 @@ def _ahead(items: Iterator[T], depth: int, name: str = "ShardStream-prefetch") -
                 q.put((item, None))
                 if item is done:
                     return
-        except BaseException as err:  # noqa: BLE001 - handed to the consumer
+        except BaseException as err:
             q.put((None, err))
         finally:  # stops an upstream _ahead's thread too
             getattr(items, "close", lambda: None)()

@@ -15,11 +15,12 @@ detected when the shard is read (`ShardError`, naming the shard and the command 
 regenerates it), as are unreadable metadata and a row count that disagrees with it.
 Shards of another model, hook, dtype or width are refused by `check_compatible`.
 """
+
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,8 +46,9 @@ def regenerate_hint(paths) -> str:
 
 def _damaged(path, what: str, err: Exception | None = None) -> ShardError:
     cause = f" ({type(err).__name__}: {err})" if err is not None else ""
-    return ShardError(f"activation shard {path} is damaged: {what}{cause}. Regenerate it with: "
-                      f"{regenerate_hint([path])}")
+    return ShardError(
+        f"activation shard {path} is damaged: {what}{cause}. Regenerate it with: {regenerate_hint([path])}"
+    )
 
 
 @dataclass
@@ -68,15 +70,20 @@ def _array(group, name: str, data: np.ndarray) -> None:
     row_bytes = data.dtype.itemsize * int(np.prod(data.shape[1:], dtype=np.int64))
     rows = max(1, min(len(data), CHUNK_BYTES // max(row_bytes, 1)))
     arr = group.create_array(
-        name, shape=data.shape, dtype=data.dtype, chunks=(rows, *data.shape[1:]),
-        serializer=BytesCodec(), compressors=[Crc32cCodec()],
+        name,
+        shape=data.shape,
+        dtype=data.dtype,
+        chunks=(rows, *data.shape[1:]),
+        serializer=BytesCodec(),
+        compressors=[Crc32cCodec()],
         config={"write_empty_chunks": True},  # a missing chunk file then always means damage
     )
     arr[...] = data
 
 
-def write_shard(path: str | os.PathLike, acts_TD: np.ndarray, tokens_T: np.ndarray,
-                positions_T: np.ndarray, meta: dict) -> None:
+def write_shard(
+    path: str | os.PathLike, acts_TD: np.ndarray, tokens_T: np.ndarray, positions_T: np.ndarray, meta: dict
+) -> None:
     """Write one shard atomically (a killed job leaves only a hidden temp directory)."""
     if not (len(acts_TD) == len(tokens_T) == len(positions_T)):
         raise ValueError("acts, tokens and positions must have the same number of rows")
@@ -90,8 +97,7 @@ def write_shard(path: str | os.PathLike, acts_TD: np.ndarray, tokens_T: np.ndarr
 
 def _open(path) -> zarr.Group:
     if not Path(path).is_dir():
-        raise FileNotFoundError(f"activation shard {path} does not exist; build it with: "
-                                f"{regenerate_hint([path])}")
+        raise FileNotFoundError(f"activation shard {path} does not exist; build it with: {regenerate_hint([path])}")
     try:
         group = zarr.open_group(str(path), mode="r")
         missing = [name for name in ARRAYS if name not in group]
@@ -111,10 +117,15 @@ def _direct_layout(arr) -> bool:
     """True for the layout `write_shard` makes (raw little-endian bytes + crc32c, regular row
     chunks, "/" chunk keys), which `_read_direct` reads without zarr's per-chunk pipeline."""
     m = arr.metadata
-    return (len(m.codecs) == 2 and isinstance(m.codecs[0], BytesCodec) and isinstance(m.codecs[1], Crc32cCodec)
-            and getattr(m.codecs[0].endian, "value", None) in ("little", None) and sys.byteorder == "little"
-            and getattr(m.chunk_key_encoding, "separator", None) == "/"
-            and tuple(m.chunk_grid.chunk_shape[1:]) == tuple(arr.shape[1:]))
+    return (
+        len(m.codecs) == 2
+        and isinstance(m.codecs[0], BytesCodec)
+        and isinstance(m.codecs[1], Crc32cCodec)
+        and getattr(m.codecs[0].endian, "value", None) in ("little", None)
+        and sys.byteorder == "little"
+        and getattr(m.chunk_key_encoding, "separator", None) == "/"
+        and tuple(m.chunk_grid.chunk_shape[1:]) == tuple(arr.shape[1:])
+    )
 
 
 def _read_direct(path, arr, name: str) -> np.ndarray:
@@ -144,8 +155,9 @@ def _read_direct(path, arr, name: str) -> np.ndarray:
 def _read_array(path, group, name: str) -> np.ndarray:
     arr = group[name]
     if arr.nchunks_initialized != arr.nchunks:
-        raise _damaged(path, f"{name} has {arr.nchunks - arr.nchunks_initialized} of its "
-                             f"{arr.nchunks} chunk files missing")
+        raise _damaged(
+            path, f"{name} has {arr.nchunks - arr.nchunks_initialized} of its {arr.nchunks} chunk files missing"
+        )
     if _direct_layout(arr):
         data = _read_direct(path, arr, name)
     else:
@@ -185,14 +197,14 @@ def check_compatible(metas: Sequence[dict], paths: Sequence[str | os.PathLike]) 
     for key in COMPATIBILITY_KEYS:
         if any(key not in meta for meta in metas):
             bad = [str(p) for p, m in zip(paths, metas) if key not in m]
-            raise ShardError(f"shard(s) {', '.join(bad)} have no {key!r} in their metadata (not written "
-                             f"by saepipe's extract stage); rebuild them with: {regenerate_hint(bad)}")
-    stale = [(path, meta) for path, meta in zip(paths, metas)
-             if any(meta[k] != first[k] for k in COMPATIBILITY_KEYS)]
+            raise ShardError(
+                f"shard(s) {', '.join(bad)} have no {key!r} in their metadata (not written "
+                f"by saepipe's extract stage); rebuild them with: {regenerate_hint(bad)}"
+            )
+    stale = [(path, meta) for path, meta in zip(paths, metas) if any(meta[k] != first[k] for k in COMPATIBILITY_KEYS)]
     if stale:
         path, meta = stale[0]
-        diff = ", ".join(f"{k} {meta[k]!r} (expected {first[k]!r})" for k in COMPATIBILITY_KEYS
-                         if meta[k] != first[k])
+        diff = ", ".join(f"{k} {meta[k]!r} (expected {first[k]!r})" for k in COMPATIBILITY_KEYS if meta[k] != first[k])
         raise ShardError(
             f"shard {path} does not match {paths[0]}: {diff}; {len(stale)} of {len(paths)} shards "
             "differ. They come from another model, hook or dtype (an older run?). Delete or "

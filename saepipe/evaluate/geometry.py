@@ -16,10 +16,11 @@ Conventions
 * Experts own contiguous latent blocks: expert ``i`` owns ``[i * n, (i + 1) * n)`` with
   ``n = M // N`` (Switch and Scale, docs/reference.md §1).
 """
+
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -97,8 +98,7 @@ def decoder_redundancy(
     ``str(float(t))``: 0.9 -> ``"redundancy_0.9"``. Needs M >= 2.
     """
     max_cos_M = _max_other_cos(_unit_rows(W_dec_MD), chunk)
-    out: dict = {f"redundancy_{float(t)}": (max_cos_M > t).float().mean().item()
-                 for t in thresholds}
+    out: dict = {f"redundancy_{float(t)}": (max_cos_M > t).float().mean().item() for t in thresholds}
     out["mean_max_cos"] = max_cos_M.mean().item()
     if return_max_cos:
         out["max_cos_M"] = max_cos_M.cpu()
@@ -127,10 +127,13 @@ def expert_specialization(
     n = _expert_width(M, n_experts)
     if n < 2:
         raise ValueError(f"need >= 2 features per expert, got n = M / N = {n}")
-    intra = sum(
-        (_max_other_cos(U_MD[i * n : (i + 1) * n], chunk) > threshold).float().mean().item()
-        for i in range(n_experts)
-    ) / n_experts
+    intra = (
+        sum(
+            (_max_other_cos(U_MD[i * n : (i + 1) * n], chunk) > threshold).float().mean().item()
+            for i in range(n_experts)
+        )
+        / n_experts
+    )
     gen = torch.Generator().manual_seed(seed)
     sample = torch.randperm(M, generator=gen)[:n].to(U_MD.device)
     inter = (_max_other_cos(U_MD[sample], chunk) > threshold).float().mean().item()
@@ -148,9 +151,7 @@ def _abs_cos_sum(A_MD: Tensor, B_MD: Tensor, chunk: int) -> float:
 
 
 @torch.no_grad()
-def expert_similarity_matrix(
-    W_dec_MD: Tensor, n_experts: int, absolute: bool = False, chunk: int = 4096
-) -> Tensor:
+def expert_similarity_matrix(W_dec_MD: Tensor, n_experts: int, absolute: bool = False, chunk: int = 4096) -> Tensor:
     """``[N, N]`` mean cosine between the features of expert i and those of expert j.
 
     Default (``absolute=False``): mean SIGNED cosine, the primary choice. It is exact and
@@ -189,8 +190,7 @@ def expert_similarity_matrix(
 
 @torch.no_grad()
 def _pair_cos(U_MD: Tensor, a_P: Tensor, b_P: Tensor, chunk: int = 16384) -> Tensor:
-    out = [(U_MD[a_P[s : s + chunk]] * U_MD[b_P[s : s + chunk]]).sum(dim=1).cpu()
-           for s in range(0, len(a_P), chunk)]
+    out = [(U_MD[a_P[s : s + chunk]] * U_MD[b_P[s : s + chunk]]).sum(dim=1).cpu() for s in range(0, len(a_P), chunk)]
     return torch.cat(out) if out else torch.empty(0)
 
 
@@ -259,8 +259,7 @@ def activation_similarity(idx_BK: Tensor, acts_BK: Tensor) -> float:
     or ``T x M`` matrix. Needs ``T >= 2`` tokens.
     """
     if idx_BK.shape != acts_BK.shape or idx_BK.dim() != 2:
-        raise ValueError(f"idx_BK {tuple(idx_BK.shape)} and acts_BK {tuple(acts_BK.shape)} "
-                         "must be the same 2-D shape")
+        raise ValueError(f"idx_BK {tuple(idx_BK.shape)} and acts_BK {tuple(acts_BK.shape)} must be the same 2-D shape")
     T = idx_BK.shape[0]
     if T < 2:
         raise ValueError(f"need at least 2 tokens, got {T}")
@@ -305,8 +304,7 @@ class ExpertUsage:
             return
         e = expert_B.detach().reshape(-1).long().cpu()
         if e.numel() and (e.min() < 0 or e.max() >= self.n_experts):
-            raise ValueError(f"expert ids must be in [0, {self.n_experts}), got "
-                             f"[{e.min().item()}, {e.max().item()}]")
+            raise ValueError(f"expert ids must be in [0, {self.n_experts}), got [{e.min().item()}, {e.max().item()}]")
         self._counts_N += torch.bincount(e, minlength=self.n_experts)
 
     @property
@@ -348,5 +346,10 @@ class ExpertUsage:
     def summary(self) -> dict:
         """JSON-ready dict: counts, n_tokens, entropy (nats), entropy_normalised, sorted_cdf."""
         H, norm = self.entropy()
-        return {"counts": self._counts_N.tolist(), "n_tokens": self.n_tokens,
-                "entropy": H, "entropy_normalised": norm, "sorted_cdf": self.sorted_cdf()}
+        return {
+            "counts": self._counts_N.tolist(),
+            "n_tokens": self.n_tokens,
+            "entropy": H,
+            "entropy_normalised": norm,
+            "sorted_cdf": self.sorted_cdf(),
+        }

@@ -9,21 +9,21 @@ reconstruction metrics and keep their clean activation in BOTH spliced CE losses
 SAE), so no SAE is charged for a token it never trained on (docs/reference.md §5); the CE itself still
 averages over every next-token prediction.
 """
+
 from __future__ import annotations
 
 import math
 import sys
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
 
 from saepipe.data.shards import check_compatible, read_meta, read_shard
 from saepipe.devices import resolve_device
-from saepipe.evaluate.geometry import (ExpertUsage, activation_similarity, decoder_redundancy,
-                                       expert_specialization)
+from saepipe.evaluate.geometry import ExpertUsage, activation_similarity, decoder_redundancy, expert_specialization
 from saepipe.io import read_json, write_json
 from saepipe.lm import ce_loss, load_lm
 from saepipe.saes import load_sae
@@ -51,38 +51,39 @@ class EvalConfig:
 @dataclass
 class SAEMetrics:
     """One SAE's evaluation (metrics.json). Units: raw activations of the hook."""
+
     sae_id: str
-    n_tokens: int             # eval activations used for the reconstruction metrics
-    mse: float                # mean over tokens and dims of (x - x_hat)^2
-    l2_per_token: float       # mean over tokens of ||x - x_hat||^2
-    fvu: float                # sum ||x - x_hat||^2 / sum ||x - mean(x)||^2
-    explained_variance: float # 1 - fvu
-    l0: float                 # mean number of active latents per token
-    dead_fraction: float      # latents never active on the eval tokens
-    ce_tokens: int            # tokens the CE losses average over
+    n_tokens: int  # eval activations used for the reconstruction metrics
+    mse: float  # mean over tokens and dims of (x - x_hat)^2
+    l2_per_token: float  # mean over tokens of ||x - x_hat||^2
+    fvu: float  # sum ||x - x_hat||^2 / sum ||x - mean(x)||^2
+    explained_variance: float  # 1 - fvu
+    l0: float  # mean number of active latents per token
+    dead_fraction: float  # latents never active on the eval tokens
+    ce_tokens: int  # tokens the CE losses average over
     ce_loss_original: float
     ce_loss_reconstructed: float
     ce_loss_zero: float
-    loss_recovered: float     # (CE_zero - CE_recon) / (CE_zero - CE_orig)
-    delta_ce: float           # CE_recon - CE_orig
-    flops_per_token: int      # forward FLOPs per token (docs/reference.md §1)
-    redundancy_09: float      # fraction of decoder rows with max cosine to another row > 0.9
-    redundancy_08: float      # same at 0.8
-    mean_max_cos: float       # mean over decoder rows of the max cosine to another row
+    loss_recovered: float  # (CE_zero - CE_recon) / (CE_zero - CE_orig)
+    delta_ce: float  # CE_recon - CE_orig
+    flops_per_token: int  # forward FLOPs per token (docs/reference.md §1)
+    redundancy_09: float  # fraction of decoder rows with max cosine to another row > 0.9
+    redundancy_08: float  # same at 0.8
+    mean_max_cos: float  # mean over decoder rows of the max cosine to another row
     activation_similarity: float  # mean over token pairs i != j of |S_i ∩ S_j| / L0, with L0 the
-                                  # MEASURED mean |S_t| of the same first `similarity_tokens`
-                                  # tokens (Scale App. A.4; not the config's k)
+    # MEASURED mean |S_t| of the same first `similarity_tokens`
+    # tokens (Scale App. A.4; not the config's k)
     expert_counts: list[int]  # (token, expert) routings per expert, EVERY selected expert counted:
-                              # sums to e * n_tokens (Switch e = 1, Scale e = active_experts);
-                              # [n_tokens] if dense
-    expert_entropy: float     # entropy (nats) of the expert_counts distribution
+    # sums to e * n_tokens (Switch e = 1, Scale e = active_experts);
+    # [n_tokens] if dense
+    expert_entropy: float  # entropy (nats) of the expert_counts distribution
     expert_entropy_normalised: float  # entropy / log N (1 = perfectly balanced)
-    expert_cdf: list[float]   # cumulative share of expert_counts, experts by descending count
+    expert_cdf: list[float]  # cumulative share of expert_counts, experts by descending count
     intra_expert_redundancy: float | None  # MoE: mean over experts of within-expert redundancy_0.9
     inter_expert_redundancy: float | None  # MoE: same on a random n-feature sample of the dictionary
     omega: list[float] | None  # Scale: learned feature-scaling omega per expert
     train_tokens_per_s: float | None  # from the training run (config.json "run")
-    wall_time_s: float | None         # training wall time (config.json "run")
+    wall_time_s: float | None  # training wall time (config.json "run")
     train_flops_per_token: float | None  # forward + backward + optimizer FLOPs per training token
     #   (SAEConfig.train_flops_per_token at the run's batch size: 3 x forward + (12 x parameters
     #   (Adam) + 6 x decoder weights (norm constraint)) / batch_size)
@@ -103,8 +104,10 @@ def _eval_sequences(shards: list[str], ce_tokens: int) -> torch.Tensor:
         if have * seq_len >= ce_tokens:
             break
     if have * seq_len < ce_tokens:
-        raise ValueError(f"evaluate.ce_tokens ({ce_tokens:,}) exceeds the eval shards' "
-                         f"{have * seq_len:,} tokens; lower it or raise extract.eval_tokens")
+        raise ValueError(
+            f"evaluate.ce_tokens ({ce_tokens:,}) exceeds the eval shards' "
+            f"{have * seq_len:,} tokens; lower it or raise extract.eval_tokens"
+        )
     return torch.from_numpy(np.concatenate(seqs)).long()
 
 
@@ -113,14 +116,17 @@ def _exclude_positions(metas: list[dict], paths: list[str]) -> list[int]:
     the shards must agree, since one CE splice serves them all."""
     found = {tuple(sorted(set(m.get("exclude_positions") or []))) for m in metas}
     if len(found) > 1:
-        raise ValueError(f"the eval shards disagree on exclude_positions ({sorted(found)}) among "
-                         f"{', '.join(map(str, paths))}; they come from different extract "
-                         "configs: regenerate them with one extract.exclude_positions")
+        raise ValueError(
+            f"the eval shards disagree on exclude_positions ({sorted(found)}) among "
+            f"{', '.join(map(str, paths))}; they come from different extract "
+            "configs: regenerate them with one extract.exclude_positions"
+        )
     return list(found.pop())
 
 
-def _mean_ce(model, seqs: torch.Tensor, batch: int, device, hook=None, replace=None,
-             keep_positions: Sequence[int] = ()) -> float:
+def _mean_ce(
+    model, seqs: torch.Tensor, batch: int, device, hook=None, replace=None, keep_positions: Sequence[int] = ()
+) -> float:
     """Sequence-weighted mean CE over `seqs`; `replace` splices the hook activation except at
     `keep_positions` (the shards' exclude_positions), which stay clean."""
     total = 0.0
@@ -140,19 +146,19 @@ def lm_baseline(cfg: EvalConfig, model_dir: str, shards: list[str], out_json: st
     model = load_lm(model_dir, device)
     seqs = _eval_sequences(shards, cfg.ce_tokens)
     result = {
-        "hook": meta["hook"], "model": meta["model"], "ce_tokens": int(seqs.numel()),
+        "hook": meta["hook"],
+        "model": meta["model"],
+        "ce_tokens": int(seqs.numel()),
         "exclude_positions": excluded,
         "ce_loss_original": _mean_ce(model, seqs, cfg.ce_batch_size, device),
-        "ce_loss_zero": _mean_ce(model, seqs, cfg.ce_batch_size, device, meta["hook"], torch.zeros_like,
-                                 excluded),
+        "ce_loss_zero": _mean_ce(model, seqs, cfg.ce_batch_size, device, meta["hook"], torch.zeros_like, excluded),
     }
     write_json(out_json, result)
     return result
 
 
 @torch.no_grad()
-def reconstruction_stats(sae, shards: list[str], batch_size: int, device,
-                         similarity_tokens: int = 4096) -> dict:
+def reconstruction_stats(sae, shards: list[str], batch_size: int, device, similarity_tokens: int = 4096) -> dict:
     """Streaming sums over the eval shards' kept rows (exclude_positions left out) -> mse,
     l2_per_token, fvu, l0, dead_fraction, expert usage (every routed expert of each token,
     `out.experts_BE`: the counts sum to e * n_tokens) and the activation similarity of the
@@ -175,28 +181,39 @@ def reconstruction_stats(sae, shards: list[str], batch_size: int, device,
             nnz += active_BK.sum().item()
             fired[out.idx_BK[active_BK]] = True
             if out.expert_B is not None and out.experts_BE is None:
-                raise ValueError(f"{type(sae).__name__} routes tokens (expert_B) but returns no "
-                                 "experts_BE; its forward must report every selected expert "
-                                 "[B, e] (column 0 = top-1) for the expert-usage metrics")
+                raise ValueError(
+                    f"{type(sae).__name__} routes tokens (expert_B) but returns no "
+                    "experts_BE; its forward must report every selected expert "
+                    "[B, e] (column 0 = top-1) for the expert-usage metrics"
+                )
             usage.update(out.experts_BE, n_tokens=len(x_BD))
             if n < similarity_tokens:
                 codes.append((out.idx_BK[: similarity_tokens - n].cpu(), out.acts_BK[: similarity_tokens - n].cpu()))
             n += len(x_BD)
     total_var = sum_sq - (sum_x.pow(2).sum().item() / n)
     return {
-        "n_tokens": n, "mse": sse / (n * sae.cfg.d_in), "l2_per_token": sse / n,
-        "fvu": sse / total_var, "explained_variance": 1 - sse / total_var,
-        "l0": nnz / n, "dead_fraction": 1 - fired.float().mean().item(),
+        "n_tokens": n,
+        "mse": sse / (n * sae.cfg.d_in),
+        "l2_per_token": sse / n,
+        "fvu": sse / total_var,
+        "explained_variance": 1 - sse / total_var,
+        "l0": nnz / n,
+        "dead_fraction": 1 - fired.float().mean().item(),
         "activation_similarity": activation_similarity(
-            torch.cat([c[0] for c in codes]), torch.cat([c[1] for c in codes])),
+            torch.cat([c[0] for c in codes]), torch.cat([c[1] for c in codes])
+        ),
         **_usage_fields(usage),
     }
 
 
 def _usage_fields(usage: ExpertUsage) -> dict:
     entropy, normalised = usage.entropy()
-    return {"expert_counts": usage.counts.tolist(), "expert_entropy": entropy,
-            "expert_entropy_normalised": normalised, "expert_cdf": usage.sorted_cdf()}
+    return {
+        "expert_counts": usage.counts.tolist(),
+        "expert_entropy": entropy,
+        "expert_entropy_normalised": normalised,
+        "expert_cdf": usage.sorted_cdf(),
+    }
 
 
 @torch.no_grad()
@@ -206,22 +223,34 @@ def dictionary_stats(sae) -> dict:
     W_dec_MD = sae.W_dec.detach()
     red = decoder_redundancy(W_dec_MD, thresholds=(0.9, 0.8))
     n_experts = sae.cfg.expert_count
-    spec = expert_specialization(W_dec_MD, n_experts) if n_experts > 1 else {
-        "intra_expert_redundancy": None, "inter_expert_redundancy": None}
-    return {"redundancy_09": red["redundancy_0.9"], "redundancy_08": red["redundancy_0.8"],
-            "mean_max_cos": red["mean_max_cos"], **spec, "omega": None, **sae.extra_stats()}
+    spec = (
+        expert_specialization(W_dec_MD, n_experts)
+        if n_experts > 1
+        else {"intra_expert_redundancy": None, "inter_expert_redundancy": None}
+    )
+    return {
+        "redundancy_09": red["redundancy_0.9"],
+        "redundancy_08": red["redundancy_0.8"],
+        "mean_max_cos": red["mean_max_cos"],
+        **spec,
+        "omega": None,
+        **sae.extra_stats(),
+    }
 
 
 def _training_cost(cfg, run: dict) -> dict:
     """Training FLOPs per token (analytic, at the run's batch size) and measured seconds per token."""
     batch = run.get("train", {}).get("batch_size")
     wall, tokens = run.get("wall_time_s"), cfg.training_tokens
-    return {"train_flops_per_token": float(cfg.train_flops_per_token(batch)) if isinstance(batch, int) else None,
-            "train_wall_s_per_token": wall / tokens if wall and tokens else None}
+    return {
+        "train_flops_per_token": float(cfg.train_flops_per_token(batch)) if isinstance(batch, int) else None,
+        "train_wall_s_per_token": wall / tokens if wall and tokens else None,
+    }
 
 
-def evaluate_sae(cfg: EvalConfig, sae_dir: str, model_dir: str, shards: list[str],
-                 baseline_json: str, out_json: str) -> SAEMetrics:
+def evaluate_sae(
+    cfg: EvalConfig, sae_dir: str, model_dir: str, shards: list[str], baseline_json: str, out_json: str
+) -> SAEMetrics:
     """The `evaluate` stage for one SAE; writes metrics.json."""
     metas = [read_meta(p) for p in shards]
     meta = check_compatible(metas, shards)
@@ -233,7 +262,8 @@ def evaluate_sae(cfg: EvalConfig, sae_dir: str, model_dir: str, shards: list[str
             f"{baseline_json} was computed with exclude_positions "
             f"{baseline.get('exclude_positions', [])} but the eval shards "
             f"exclude {excluded}; its CE_zero is not comparable. Rerun the lm_baseline stage "
-            f"(snakemake --forcerun {baseline_json})")
+            f"(snakemake --forcerun {baseline_json})"
+        )
     device = resolve_device(cfg.device)
     sae = load_sae(sae_dir).to(device).eval()
     if sae.cfg.hook != meta["hook"] or sae.cfg.model_id != meta["model"]:
@@ -246,19 +276,34 @@ def evaluate_sae(cfg: EvalConfig, sae_dir: str, model_dir: str, shards: list[str
     run = read_json(Path(sae_dir) / "config.json").get("run", {})
     model = load_lm(model_dir, device)
     seqs = _eval_sequences(shards, cfg.ce_tokens)
-    recon = _mean_ce(model, seqs, cfg.ce_batch_size, device, meta["hook"],
-                     lambda act: sae(act.reshape(-1, act.shape[-1]).float()).x_hat_BD.reshape(act.shape),
-                     excluded)
+    recon = _mean_ce(
+        model,
+        seqs,
+        cfg.ce_batch_size,
+        device,
+        meta["hook"],
+        lambda act: sae(act.reshape(-1, act.shape[-1]).float()).x_hat_BD.reshape(act.shape),
+        excluded,
+    )
     orig, zero = baseline["ce_loss_original"], baseline["ce_loss_zero"]
     metrics = SAEMetrics(
-        sae_id=Path(sae_dir).name, **stats, ce_tokens=int(seqs.numel()),
-        ce_loss_original=orig, ce_loss_reconstructed=recon, ce_loss_zero=zero,
-        loss_recovered=(zero - recon) / (zero - orig), delta_ce=recon - orig,
+        sae_id=Path(sae_dir).name,
+        **stats,
+        ce_tokens=int(seqs.numel()),
+        ce_loss_original=orig,
+        ce_loss_reconstructed=recon,
+        ce_loss_zero=zero,
+        loss_recovered=(zero - recon) / (zero - orig),
+        delta_ce=recon - orig,
         flops_per_token=int(sae.flops_per_token()),
-        train_tokens_per_s=run.get("train_tokens_per_s"), wall_time_s=run.get("wall_time_s"),
+        train_tokens_per_s=run.get("train_tokens_per_s"),
+        wall_time_s=run.get("wall_time_s"),
         **_training_cost(sae.cfg, run),
     )
     write_json(out_json, asdict(metrics))
-    print(f"evaluate {metrics.sae_id}: l0 {metrics.l0:.1f}, fvu {metrics.fvu:.4f}, "
-          f"loss recovered {metrics.loss_recovered:.4f}", file=sys.stderr)
+    print(
+        f"evaluate {metrics.sae_id}: l0 {metrics.l0:.1f}, fvu {metrics.fvu:.4f}, "
+        f"loss recovered {metrics.loss_recovered:.4f}",
+        file=sys.stderr,
+    )
     return metrics

@@ -10,6 +10,7 @@ uniformly over all its activations) and as many contexts where it never fires
 The judge is any OpenAI-compatible chat endpoint (`POST {base_url}/chat/completions`):
 a hosted API or a local server (vLLM, llama.cpp, Ollama ...). Plain urllib, no client library.
 """
+
 from __future__ import annotations
 
 import json
@@ -84,12 +85,19 @@ def resolve(cfg: dict) -> AutointerpConfig:
 def chat(cfg: AutointerpConfig, system: str, user: str) -> str:
     """One chat completion; retries transient failures, then raises with the endpoint named."""
     if not cfg.base_url:
-        raise ValueError("autointerp.base_url is not set: give the OpenAI-compatible endpoint in config.yaml "
-                         "or $SAEPIPE_AUTOINTERP_BASE_URL")
+        raise ValueError(
+            "autointerp.base_url is not set: give the OpenAI-compatible endpoint in config.yaml "
+            "or $SAEPIPE_AUTOINTERP_BASE_URL"
+        )
     url = cfg.base_url.rstrip("/") + "/chat/completions"
-    body = json.dumps({"model": cfg.model, "temperature": 0.0, "max_tokens": 256,
-                       "messages": [{"role": "system", "content": system},
-                                    {"role": "user", "content": user}]}).encode()
+    body = json.dumps(
+        {
+            "model": cfg.model,
+            "temperature": 0.0,
+            "max_tokens": 256,
+            "messages": [{"role": "system", "content": system}, {"role": "user", "content": user}],
+        }
+    ).encode()
     headers = {"Content-Type": "application/json"}
     if os.environ.get(cfg.api_key_env):
         headers["Authorization"] = f"Bearer {os.environ[cfg.api_key_env]}"
@@ -101,9 +109,11 @@ def chat(cfg: AutointerpConfig, system: str, user: str) -> str:
         except (urllib.error.URLError, TimeoutError, KeyError, json.JSONDecodeError) as err:
             client_error = isinstance(err, urllib.error.HTTPError) and 400 <= err.code < 500 and err.code != 429
             if client_error or attempt == cfg.retries:
-                raise RuntimeError(f"autointerp: request to {url} (model {cfg.model!r}) failed: {err}; "
-                                   "check autointerp.base_url / model and that the server is up") from err
-            time.sleep(min(30.0, 0.5 * 2 ** attempt))
+                raise RuntimeError(
+                    f"autointerp: request to {url} (model {cfg.model!r}) failed: {err}; "
+                    "check autointerp.base_url / model and that the server is up"
+                ) from err
+            time.sleep(min(30.0, 0.5 * 2**attempt))
     raise AssertionError("unreachable")
 
 
@@ -135,8 +145,13 @@ def judge_feature(cfg: AutointerpConfig, examples: list[dict], rng: random.Rando
     listing = "\n".join(f"{i + 1}. {''.join(e['tokens'])}" for i, e in enumerate(held_out))
     reply = chat(cfg, DETECT_PROMPT.format(explanation=explanation, n=len(held_out)), listing)
     said = parse_judgement(reply, len(held_out))
-    result = {"explanation": explanation, "n_examples": len(held_out), "parsed": said is not None,
-              "accuracy": None, "balanced_accuracy": None}
+    result = {
+        "explanation": explanation,
+        "n_examples": len(held_out),
+        "parsed": said is not None,
+        "accuracy": None,
+        "balanced_accuracy": None,
+    }
     if said is not None and held_out:
         tp = sum(s and t for s, t in zip(said, truth))
         tn = sum(not s and not t for s, t in zip(said, truth))
@@ -147,8 +162,9 @@ def judge_feature(cfg: AutointerpConfig, examples: list[dict], rng: random.Rando
     return result
 
 
-def autointerp(cfg: AutointerpConfig, maxact_parquet: str | Path, out_parquet: str | Path,
-               out_json: str | Path) -> dict:
+def autointerp(
+    cfg: AutointerpConfig, maxact_parquet: str | Path, out_parquet: str | Path, out_json: str | Path
+) -> dict:
     """The `autointerp` stage for one SAE: per-feature parquet + a summary json for the table."""
     rows = pq.read_table(maxact_parquet).to_pylist()
     by_feature: dict[int, list[dict]] = {}
@@ -160,17 +176,20 @@ def autointerp(cfg: AutointerpConfig, maxact_parquet: str | Path, out_parquet: s
     results = []
     for i, f in enumerate(features):
         results.append({"sae_id": sae_id, "feature": f, **judge_feature(cfg, by_feature[f], rng)})
-        print(f"autointerp {sae_id}: feature {f} ({i + 1}/{len(features)}): "
-              f"accuracy {results[-1]['accuracy']}, {results[-1]['explanation'][:80]!r}", file=sys.stderr)
+        print(
+            f"autointerp {sae_id}: feature {f} ({i + 1}/{len(features)}): "
+            f"accuracy {results[-1]['accuracy']}, {results[-1]['explanation'][:80]!r}",
+            file=sys.stderr,
+        )
     with atomic_path(out_parquet) as tmp:
         pq.write_table(pa.Table.from_pylist(results), str(tmp))
     scored = [r for r in results if r["accuracy"] is not None]
     summary = {
-        "autointerp_model": cfg.model, "autointerp_features": len(scored),
+        "autointerp_model": cfg.model,
+        "autointerp_features": len(scored),
         "autointerp_unparsed": len(results) - len(scored),
         "autointerp_accuracy": sum(r["accuracy"] for r in scored) / len(scored) if scored else None,
-        "autointerp_balanced_accuracy": (sum(r["balanced_accuracy"] for r in scored) / len(scored)
-                                         if scored else None),
+        "autointerp_balanced_accuracy": (sum(r["balanced_accuracy"] for r in scored) / len(scored) if scored else None),
     }
     write_json(out_json, summary)
     return summary

@@ -8,6 +8,7 @@ re-encoded to get the feature's activation on every context token, and `negative
 random windows where the feature never fires are added (held-out negatives for
 autointerp). Output: one parquet row per (feature, example); see `COLUMNS`.
 """
+
 from __future__ import annotations
 
 import sys
@@ -123,8 +124,13 @@ def scan(sae, shards: list[str], cfg: MaxActConfig, device) -> dict:
         offset += len(acts_TD)
         if offset >= cfg.tokens:
             break
-    return {"top": top.compact(), "random": rand.compact(), "counts": counts, "n_tokens": offset,
-            "n_kept": max(1, n_kept)}
+    return {
+        "top": top.compact(),
+        "random": rand.compact(),
+        "counts": counts,
+        "n_tokens": offset,
+        "n_kept": max(1, n_kept),
+    }
 
 
 class _EvalTokens:
@@ -187,8 +193,9 @@ def sample_features(counts: torch.Tensor, n: int, seed: int) -> torch.Tensor:
     return alive[torch.randperm(len(alive), generator=gen)[:n]].sort().values
 
 
-def max_activating_examples(cfg: MaxActConfig, sae_dir: str | Path, tokenizer_dir: str | Path,
-                            shards: list[str], out_parquet: str | Path) -> pa.Table:
+def max_activating_examples(
+    cfg: MaxActConfig, sae_dir: str | Path, tokenizer_dir: str | Path, shards: list[str], out_parquet: str | Path
+) -> pa.Table:
     """The `maxact` stage for one SAE: writes `out_parquet` (columns: `COLUMNS`)."""
     check_compatible([read_meta(p) for p in shards], shards)
     device = resolve_device(cfg.device)
@@ -216,11 +223,16 @@ def max_activating_examples(cfg: MaxActConfig, sae_dir: str | Path, tokenizer_di
 
     windows = [evals.window(row, cfg.context_before, cfg.context_after) for _, _, _, row, _ in examples]
     pair_rows = np.concatenate([np.arange(a, b) for a, b in windows]) if windows else np.zeros(0, int)
-    pair_feats = np.concatenate([np.full(b - a, ex[0]) for ex, (a, b) in zip(examples, windows)]) if windows else pair_rows
+    pair_feats = (
+        np.concatenate([np.full(b - a, ex[0]) for ex, (a, b) in zip(examples, windows)]) if windows else pair_rows
+    )
     unique_rows, inverse = np.unique(pair_rows, return_inverse=True)
     acts_UD = evals.acts(unique_rows)
-    token_acts = _feature_acts(sae, acts_UD[inverse], torch.from_numpy(pair_feats).long(), device,
-                               cfg.batch_size) if len(pair_rows) else np.zeros(0, np.float32)
+    token_acts = (
+        _feature_acts(sae, acts_UD[inverse], torch.from_numpy(pair_feats).long(), device, cfg.batch_size)
+        if len(pair_rows)
+        else np.zeros(0, np.float32)
+    )
 
     decode = load_tokenizer(tokenizer_dir)
     n_tokens, counts = found["n_tokens"], found["counts"]
@@ -240,22 +252,46 @@ def max_activating_examples(cfg: MaxActConfig, sae_dir: str | Path, tokenizer_di
         ids = evals.tokens_T[a:b].tolist()
         strs = [decode([t]) for t in ids]
         marked = row - a
-        records.append({
-            "sae_id": sae_id, "feature": f,
-            "expert": f // expert_width if n_experts > 1 else None,
-            "frequency": counts[f].item() / found["n_kept"], "kind": kind, "rank": rank, "row": row,
-            "activation": float(act), "token_ids": ids, "tokens": strs,
-            "token_acts": [float(v) for v in acts_ctx], "marked": marked,
-            "text": "".join(strs[:marked]) + f"«{strs[marked]}»" + "".join(strs[marked + 1 :]),
-        })
-    schema = pa.schema([("sae_id", pa.string()), ("feature", pa.int64()), ("expert", pa.int64()),
-                        ("frequency", pa.float64()), ("kind", pa.string()), ("rank", pa.int64()),
-                        ("row", pa.int64()), ("activation", pa.float64()),
-                        ("token_ids", pa.list_(pa.int64())), ("tokens", pa.list_(pa.string())),
-                        ("token_acts", pa.list_(pa.float64())), ("marked", pa.int64()), ("text", pa.string())])
+        records.append(
+            {
+                "sae_id": sae_id,
+                "feature": f,
+                "expert": f // expert_width if n_experts > 1 else None,
+                "frequency": counts[f].item() / found["n_kept"],
+                "kind": kind,
+                "rank": rank,
+                "row": row,
+                "activation": float(act),
+                "token_ids": ids,
+                "tokens": strs,
+                "token_acts": [float(v) for v in acts_ctx],
+                "marked": marked,
+                "text": "".join(strs[:marked]) + f"«{strs[marked]}»" + "".join(strs[marked + 1 :]),
+            }
+        )
+    schema = pa.schema(
+        [
+            ("sae_id", pa.string()),
+            ("feature", pa.int64()),
+            ("expert", pa.int64()),
+            ("frequency", pa.float64()),
+            ("kind", pa.string()),
+            ("rank", pa.int64()),
+            ("row", pa.int64()),
+            ("activation", pa.float64()),
+            ("token_ids", pa.list_(pa.int64())),
+            ("tokens", pa.list_(pa.string())),
+            ("token_acts", pa.list_(pa.float64())),
+            ("marked", pa.int64()),
+            ("text", pa.string()),
+        ]
+    )
     table = pa.Table.from_pylist(records, schema=schema)
     with atomic_path(out_parquet) as tmp:
         pq.write_table(table, str(tmp))
-    print(f"maxact {sae_id}: {len(features)} features ({int((counts > 0).sum())} of {sae.cfg.width} fire "
-          f"on {n_tokens:,} tokens), {len(records)} contexts", file=sys.stderr)
+    print(
+        f"maxact {sae_id}: {len(features)} features ({int((counts > 0).sum())} of {sae.cfg.width} fire "
+        f"on {n_tokens:,} tokens), {len(records)} contexts",
+        file=sys.stderr,
+    )
     return table

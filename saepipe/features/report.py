@@ -4,6 +4,7 @@ One collapsible section per SAE, a table row per sampled feature: its top contex
 each token shaded by the feature's activation on it (the example token boxed), then a few
 random activating contexts; with autointerp, the explanation and detection accuracy.
 """
+
 from __future__ import annotations
 
 import html
@@ -34,8 +35,10 @@ def _token_html(token: str, act: float, peak: float, marked: bool) -> str:
 
 def context_html(example: dict, peak: float) -> str:
     """One context line: tokens shaded by activation / the feature's peak, example boxed."""
-    tokens = "".join(_token_html(t, a, peak, i == example["marked"])
-                     for i, (t, a) in enumerate(zip(example["tokens"], example["token_acts"])))
+    tokens = "".join(
+        _token_html(t, a, peak, i == example["marked"])
+        for i, (t, a) in enumerate(zip(example["tokens"], example["token_acts"]))
+    )
     return f'<div class="ctx"><span class="act">{example["activation"]:6.2f} </span>{tokens}</div>'
 
 
@@ -44,23 +47,34 @@ def _feature_row(examples: list[dict], verdict: dict | None, n_top: int, n_rando
     top = sorted((e for e in examples if e["kind"] == "top"), key=lambda e: e["rank"])
     rand = sorted((e for e in examples if e["kind"] == "random"), key=lambda e: -e["activation"])
     peak = max((e["activation"] for e in top), default=0.0)
-    cells = [f'<td class="num">{first["feature"]}</td>',
-             f'<td class="num">{"" if first["expert"] is None else first["expert"]}</td>',
-             f'<td class="num">{100 * first["frequency"]:.3g}%</td>',
-             f'<td class="num">{peak:.2f}</td>']
+    cells = [
+        f'<td class="num">{first["feature"]}</td>',
+        f'<td class="num">{"" if first["expert"] is None else first["expert"]}</td>',
+        f'<td class="num">{100 * first["frequency"]:.3g}%</td>',
+        f'<td class="num">{peak:.2f}</td>',
+    ]
     if verdict is not None:
         acc = verdict.get("accuracy")
-        cells.append(f'<td>{html.escape(verdict.get("explanation") or "")}</td>'
-                     f'<td class="num">{"unparsed" if acc is None else f"{acc:.2f}"}</td>')
+        cells.append(
+            f"<td>{html.escape(verdict.get('explanation') or '')}</td>"
+            f'<td class="num">{"unparsed" if acc is None else f"{acc:.2f}"}</td>'
+        )
     shown = "".join(context_html(e, peak) for e in top[:n_top])
     if rand[:n_random]:
-        shown += '<div class="label">random activating contexts:</div>' + "".join(context_html(e, peak) for e in rand[:n_random])
+        shown += '<div class="label">random activating contexts:</div>' + "".join(
+            context_html(e, peak) for e in rand[:n_random]
+        )
     cells.append(f"<td>{shown}</td>")
     return "<tr>" + "".join(cells) + "</tr>"
 
 
-def feature_report(maxact_parquets: list[str], out_html: str | Path, autointerp_parquets: Sequence[str] = (),
-                   n_top: int = 5, n_random: int = 2) -> None:
+def feature_report(
+    maxact_parquets: list[str],
+    out_html: str | Path,
+    autointerp_parquets: Sequence[str] = (),
+    n_top: int = 5,
+    n_random: int = 2,
+) -> None:
     """Write the HTML page from every SAE's maxact (and optional autointerp) parquet."""
     verdicts = {}
     for path in autointerp_parquets:
@@ -78,13 +92,18 @@ def feature_report(maxact_parquets: list[str], out_html: str | Path, autointerp_
         by_feature: dict[int, list[dict]] = {}
         for r in rows:
             by_feature.setdefault(r["feature"], []).append(r)
-        body = "".join(_feature_row(ex, verdicts.get((sae_id, f)) if with_ai else None, n_top, n_random)
-                       for f, ex in sorted(by_feature.items()))
+        body = "".join(
+            _feature_row(ex, verdicts.get((sae_id, f)) if with_ai else None, n_top, n_random)
+            for f, ex in sorted(by_feature.items())
+        )
         sections.append(
             f"<details><summary>{html.escape(sae_id)} ({len(by_feature)} features)</summary>"
-            f"<table><tr>{''.join(f'<th>{h}</th>' for h in head)}</tr>{body}</table></details>")
-    note = ("Features sampled uniformly among those that fire on the held-out tokens; "
-            "contexts from the eval shards. Activations are in the SAE's normalised units; "
-            "freq. = share of tokens on which the feature fires. Click an SAE to expand it. "
-            "Every example, with token ids, is in results/saes/&lt;sae&gt;/maxact.parquet.")
+            f"<table><tr>{''.join(f'<th>{h}</th>' for h in head)}</tr>{body}</table></details>"
+        )
+    note = (
+        "Features sampled uniformly among those that fire on the held-out tokens; "
+        "contexts from the eval shards. Activations are in the SAE's normalised units; "
+        "freq. = share of tokens on which the feature fires. Click an SAE to expand it. "
+        "Every example, with token ids, is in results/saes/&lt;sae&gt;/maxact.parquet."
+    )
     write_page(out_html, "Top-activating contexts (MaxAct)", "".join(sections), note, STYLE)

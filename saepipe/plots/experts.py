@@ -3,19 +3,33 @@
 - ``plot_expert_usage``: sorted expert-activation CDF and normalised routing entropy (Scale Fig. 6b).
 - ``plot_expert_load``: per-expert token share and the balance loss over training.
 """
+
 from __future__ import annotations
 
 import matplotlib
 
 matplotlib.use("Agg")
-import math  # noqa: E402
-from typing import Any  # noqa: E402
+import math
+from typing import Any
 
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import EngFormatter, PercentFormatter  # noqa: E402
+import matplotlib.pyplot as plt
+from matplotlib.ticker import EngFormatter, PercentFormatter
 
-from saepipe.plots.rows import (  # noqa: E402
-    TOKENS_AXIS, _arches, _bar_values, _detail, _floats, _is_moe, _num, _palette, _read_log, _rows, _save, _shared_legend, _sort_key)
+from saepipe.plots.rows import (
+    TOKENS_AXIS,
+    _arches,
+    _bar_values,
+    _detail,
+    _floats,
+    _is_moe,
+    _num,
+    _palette,
+    _read_log,
+    _rows,
+    _save,
+    _shared_legend,
+    _sort_key,
+)
 
 
 def _cdf(r: dict) -> list[float] | None:
@@ -48,28 +62,44 @@ def plot_expert_usage(table_parquet: str, out_png: str) -> None:
     rows = _rows(table_parquet)
     moe = sorted((r for r in rows if _is_moe(r)), key=_sort_key)
     if not moe:
-        raise ValueError(f"plot_expert_usage: {table_parquet} has no MoE SAE (routed architecture trait, "
-                         f"n_experts > 1); archs present: {_arches(rows)}")
+        raise ValueError(
+            f"plot_expert_usage: {table_parquet} has no MoE SAE (routed architecture trait, "
+            f"n_experts > 1); archs present: {_arches(rows)}"
+        )
     cdfs = [(r, c) for r in moe if (c := _cdf(r)) is not None]
     ents = [(r, h) for r in moe if (h := _entropy(r)) is not None]
     if not cdfs and not ents:
-        raise ValueError(f"plot_expert_usage: the MoE SAEs in {table_parquet} "
-                         f"({', '.join(str(r.get('sae_id')) for r in moe)}) have no routing statistics "
-                         "(expert_cdf, expert_counts and expert_entropy_normalised are all missing); "
-                         "re-run the evaluate stage with the current code")
+        raise ValueError(
+            f"plot_expert_usage: the MoE SAEs in {table_parquet} "
+            f"({', '.join(str(r.get('sae_id')) for r in moe)}) have no routing statistics "
+            "(expert_cdf, expert_counts and expert_entropy_normalised are all missing); "
+            "re-run the evaluate stage with the current code"
+        )
     color = dict(zip((r["sae_id"] for r in moe), _palette(len(moe))))
     n_bars = len(ents)
     widths = ([1.0] if cdfs else []) + ([1.0] if ents else [])
-    fig, axes = plt.subplots(1, len(widths), figsize=(6.2 * len(widths), max(5.4, 0.3 * n_bars + 2.2)),
-                             constrained_layout=True, squeeze=False)
+    fig, axes = plt.subplots(
+        1,
+        len(widths),
+        figsize=(6.2 * len(widths), max(5.4, 0.3 * n_bars + 2.2)),
+        constrained_layout=True,
+        squeeze=False,
+    )
     axes = list(axes[0])
     if cdfs:
         ax = axes.pop(0)
         ax.plot([0, 1], [0, 1], ls="--", color="0.45", lw=1.2, label="uniform routing", zorder=1)
         for r, cdf in cdfs:
             n = len(cdf)
-            ax.plot([0] + [(i + 1) / n for i in range(n)], [0.0] + cdf, color=color[r["sae_id"]],
-                    marker="o" if n <= 32 else None, markersize=3.5, lw=1.7, label=_detail(r))
+            ax.plot(
+                [0] + [(i + 1) / n for i in range(n)],
+                [0.0] + cdf,
+                color=color[r["sae_id"]],
+                marker="o" if n <= 32 else None,
+                markersize=3.5,
+                lw=1.7,
+                label=_detail(r),
+            )
         ax.set_xlim(0, 1)
         ax.set_ylim(0, 1.02)
         ax.xaxis.set_major_formatter(PercentFormatter(1.0, decimals=1))
@@ -133,25 +163,30 @@ def plot_expert_load(train_logs: dict[str, str], out_png: str) -> None:
         if s["tok"] or s["btok"]:
             series[sae_id] = s
     if not series:
-        raise ValueError(f"plot_expert_load: none of the {len(train_logs)} train logs "
-                         f"({', '.join(sorted(train_logs)) or 'none given'}) has MoE routing rows "
-                         "('expert_counts' or 'balance'); pass the train_log.jsonl of Switch/Scale SAEs")
+        raise ValueError(
+            f"plot_expert_load: none of the {len(train_logs)} train logs "
+            f"({', '.join(sorted(train_logs)) or 'none given'}) has MoE routing rows "
+            "('expert_counts' or 'balance'); pass the train_log.jsonl of Switch/Scale SAEs"
+        )
     color = dict(zip(series, _palette(len(series))))
     has_counts = any(s["tok"] for s in series.values())
     has_bal = any(s["btok"] for s in series.values())
     panels = []
     if has_counts:
-        panels += [("max", "busiest expert: share × N", "Busiest expert  (1 = uniform)"),
-                   ("min", "idlest expert: share × N", "Idlest expert  (0 = received no token)"),
-                   ("cv", "CV of the per-expert token shares", "Load imbalance (coefficient of variation)")]
+        panels += [
+            ("max", "busiest expert: share × N", "Busiest expert  (1 = uniform)"),
+            ("min", "idlest expert: share × N", "Idlest expert  (0 = received no token)"),
+            ("cv", "CV of the per-expert token shares", "Load imbalance (coefficient of variation)"),
+        ]
     if has_bal:
         panels.append(("balance", "balance loss  α·N·Σ f_i P_i", "Load-balancing loss term"))
     ncols = 2 if len(panels) > 1 else 1
     nrows = math.ceil(len(panels) / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(max(9.0, 6.4 * ncols), 4.0 * nrows + 1.0),
-                             constrained_layout=True, squeeze=False)
+    fig, axes = plt.subplots(
+        nrows, ncols, figsize=(max(9.0, 6.4 * ncols), 4.0 * nrows + 1.0), constrained_layout=True, squeeze=False
+    )
     flat = list(axes.flat)
-    for ax in flat[len(panels):]:
+    for ax in flat[len(panels) :]:
         ax.remove()
     for ax, (key, ylabel, title) in zip(flat, panels):
         for sae_id, s in series.items():
@@ -170,6 +205,5 @@ def plot_expert_load(train_logs: dict[str, str], out_png: str) -> None:
         ax.set_title(title, fontsize=10)
         ax.grid(True, alpha=0.3)
     _shared_legend(fig, flat[: len(panels)], ncol=4)
-    fig.suptitle("Expert load during training  (one point per logged batch; top-1 routed expert)",
-                 fontsize=12)
+    fig.suptitle("Expert load during training  (one point per logged batch; top-1 routed expert)", fontsize=12)
     _save(fig, out_png)

@@ -23,6 +23,7 @@ A group keeps its colour and marker in every panel. A group whose points share k
 in the number of active experts (a Scale e sweep) is drawn as unconnected markers labelled
 "e=...".
 """
+
 from __future__ import annotations
 
 import math
@@ -30,12 +31,11 @@ import math
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import pyarrow.parquet as pq  # noqa: E402
-from matplotlib.ticker import FuncFormatter, LogFormatterSciNotation, ScalarFormatter  # noqa: E402
+import matplotlib.pyplot as plt
+import pyarrow.parquet as pq
+from matplotlib.ticker import FuncFormatter, LogFormatterSciNotation, ScalarFormatter
 
-from saepipe.plots.style import (finite, decorate, draw_series, group_styles,  # noqa: E402
-                                 mean_over_seeds, n_suffix, save, seeds_note)
+from saepipe.plots.style import decorate, draw_series, finite, group_styles, mean_over_seeds, n_suffix, save, seeds_note
 
 TITLE = "Sparsity–reconstruction frontier (held-out tokens; lower is better)"
 L0_LABEL = "L0 (mean active latents per token, log scale)"
@@ -46,14 +46,23 @@ COLUMNS = [
 ]
 # (column, x-axis label, panel title) of the equal-training-cost row
 COST_COLUMNS = [
-    ("train_wall_s_per_token", "measured training wall-clock per token (s, log scale)",
-     "Equal training cost (measured): ‖x − x̂‖² vs training s/token"),
-    ("train_flops_per_token", "training FLOPs per token (forward + backward + optimizer, log scale)",
-     "Equal training cost (FLOPs): ‖x − x̂‖² vs training FLOPs/token"),
+    (
+        "train_wall_s_per_token",
+        "measured training wall-clock per token (s, log scale)",
+        "Equal training cost (measured): ‖x − x̂‖² vs training s/token",
+    ),
+    (
+        "train_flops_per_token",
+        "training FLOPs per token (forward + backward + optimizer, log scale)",
+        "Equal training cost (FLOPs): ‖x − x̂‖² vs training FLOPs/token",
+    ),
 ]
 METRICS = ("l0", "l2_per_token", "one_minus_lr", "train_wall_s_per_token", "train_flops_per_token")
-MATCH_TITLES = {"flops": "FLOP-matched to {base}", "train_flops": "training-FLOP-matched to {base}",
-                "width": "width-matched to {base}"}
+MATCH_TITLES = {
+    "flops": "FLOP-matched to {base}",
+    "train_flops": "training-FLOP-matched to {base}",
+    "width": "width-matched to {base}",
+}
 ONE_MINUS_LR_FLOOR = 1e-6  # keeps a perfect (or better than clean) SAE on the log axis
 _SCI = LogFormatterSciNotation(labelOnlyBase=False)
 
@@ -99,8 +108,7 @@ def _is_e_sweep(pts: list[dict]) -> bool:
     return len({p.get("k") for p in pts}) == 1 and len({p.get("active_experts") for p in pts}) > 1
 
 
-def _plot_group(ax, xcol: str, ycol: str, pts: list[dict], label: str, style: dict,
-                tag_k: bool = False) -> list[int]:
+def _plot_group(ax, xcol: str, ycol: str, pts: list[dict], label: str, style: dict, tag_k: bool = False) -> list[int]:
     """One group's points with data for both columns: a line in the order given, or
     unconnected markers labelled e=... for a Scale e sweep; `tag_k` labels the others k=...
     (on a cost axis the k of a point is not readable from x). Returns the drawn n's."""
@@ -108,13 +116,18 @@ def _plot_group(ax, xcol: str, ycol: str, pts: list[dict], label: str, style: di
     if not pts:
         return []
     by_e = _is_e_sweep(pts)
-    ns = draw_series(ax, [p[xcol] for p in pts], [p[ycol] for p in pts], label=label, style=style,
-                     connect=not by_e)
+    ns = draw_series(ax, [p[xcol] for p in pts], [p[ycol] for p in pts], label=label, style=style, connect=not by_e)
     if by_e or tag_k:
         for p in pts:
             text = f"e={p.get('active_experts')}" if by_e else f"k={p.get('k')}"
-            ax.annotate(text, (p[xcol].mean, p[ycol].mean), textcoords="offset points", xytext=(6, -3),
-                        fontsize=7, color=style.get("color"))
+            ax.annotate(
+                text,
+                (p[xcol].mean, p[ycol].mean),
+                textcoords="offset points",
+                xytext=(6, -3),
+                fontsize=7,
+                color=style.get("color"),
+            )
     return ns
 
 
@@ -122,10 +135,16 @@ def _panel_rows(groups: dict[str, list[dict]]) -> list[tuple[str, list[str]]]:
     """(title, group names) for each row of L0 panels."""
     panels = [("All SAEs", sorted(groups))]
     for by, title in MATCH_TITLES.items():
-        for base in sorted({g[0]["match_baseline"] for g in groups.values()
-                            if g[0].get("match_by") == by and g[0].get("match_baseline") in groups}):
-            matched = sorted(name for name, g in groups.items()
-                             if g[0].get("match_by") == by and g[0].get("match_baseline") == base)
+        for base in sorted(
+            {
+                g[0]["match_baseline"]
+                for g in groups.values()
+                if g[0].get("match_by") == by and g[0].get("match_baseline") in groups
+            }
+        ):
+            matched = sorted(
+                name for name, g in groups.items() if g[0].get("match_by") == by and g[0].get("match_baseline") == base
+            )
             panels.append((title.format(base=base), [base, *matched]))
     return panels
 
@@ -145,8 +164,7 @@ def frontier_figure(rows: list[dict]):
     panel_rows = _panel_rows(groups)
     cost = [c for c in COST_COLUMNS if any(p[c[0]] is not None for p in points)]
     n_rows = len(panel_rows) + bool(cost)
-    fig, axes = plt.subplots(n_rows, 2, figsize=(12, 1.4 + 4.0 * n_rows), constrained_layout=True,
-                             squeeze=False)
+    fig, axes = plt.subplots(n_rows, 2, figsize=(12, 1.4 + 4.0 * n_rows), constrained_layout=True, squeeze=False)
     drawn: list[int] = []
     for (title, names), ax_row in zip(panel_rows, axes):
         for ax, (col, ylabel) in zip(ax_row, COLUMNS):
@@ -167,16 +185,30 @@ def frontier_figure(rows: list[dict]):
     return fig
 
 
-def _cost_row(ax_row, cost: list[tuple[str, str, str]], groups: dict[str, list[dict]],
-              labels: dict[str, str], style: dict[str, dict], drawn: list[int]) -> None:
+def _cost_row(
+    ax_row,
+    cost: list[tuple[str, str, str]],
+    groups: dict[str, list[dict]],
+    labels: dict[str, str],
+    style: dict[str, dict],
+    drawn: list[int],
+) -> None:
     """The equal-training-cost panels: l2_per_token vs each cost column the table has, every
     group's points in order of k (then active experts); a missing column's panel says so."""
     present = {c[0] for c in cost}
     for ax, (col, xlabel, title) in zip(ax_row, COST_COLUMNS):
         if col not in present:
             ax.axis("off")
-            ax.text(0.5, 0.5, f"no {col} in the table", ha="center", va="center",
-                    transform=ax.transAxes, fontsize=9, color="grey")
+            ax.text(
+                0.5,
+                0.5,
+                f"no {col} in the table",
+                ha="center",
+                va="center",
+                transform=ax.transAxes,
+                fontsize=9,
+                color="grey",
+            )
             continue
         for name in sorted(groups):
             pts = sorted(groups[name], key=lambda p: (p.get("k") or 0, p.get("active_experts") or 1))

@@ -8,6 +8,7 @@
 
 The numbers come from :mod:`saepipe.evaluate.geometry`; this module only draws them.
 """
+
 from __future__ import annotations
 
 import os
@@ -16,17 +17,17 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from matplotlib.colors import BoundaryNorm, ListedColormap  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+from matplotlib.colors import BoundaryNorm, ListedColormap
 
-from saepipe.evaluate.geometry import (  # noqa: E402
+from saepipe.evaluate.geometry import (
     expert_similarity_matrix,
     within_between_cosines,
 )
-from saepipe.io import atomic_path  # noqa: E402
-from saepipe.saes import load_config, load_sae  # noqa: E402
+from saepipe.io import atomic_path
+from saepipe.saes import load_config, load_sae
 
 __all__ = ["plot_feature_geometry", "plot_tsne"]
 
@@ -49,17 +50,19 @@ def _moe_config(sae_dir: str | os.PathLike):
     if not cfg.ROUTED:
         raise ValueError(
             f"{sae_dir}: arch {cfg.arch!r} is not a mixture-of-experts SAE; the expert "
-            "geometry figures need a routed SAE (ROUTED trait, e.g. Switch or Scale)")
+            "geometry figures need a routed SAE (ROUTED trait, e.g. Switch or Scale)"
+        )
     if n_experts < 2:
         raise ValueError(
-            f"{sae_dir}: {cfg.arch} SAE with n_experts={n_experts}; the expert geometry "
-            "figures need at least 2 experts")
+            f"{sae_dir}: {cfg.arch} SAE with n_experts={n_experts}; the expert geometry figures need at least 2 experts"
+        )
     return cfg
 
 
 def _describe(sae_dir: str | os.PathLike, cfg) -> str:
-    return (f"{Path(sae_dir).resolve().name}  ({cfg.arch}, N={cfg.expert_count} experts, "
-            f"M={cfg.width} latents, k={cfg.k})")
+    return (
+        f"{Path(sae_dir).resolve().name}  ({cfg.arch}, N={cfg.expert_count} experts, M={cfg.width} latents, k={cfg.k})"
+    )
 
 
 def _expert_ticks(ax, N: int) -> None:
@@ -81,8 +84,7 @@ def plot_feature_geometry(sae_dirs: list[str], out_png: str) -> None:
     """
     sae_dirs = [str(d) for d in sae_dirs]
     if not 1 <= len(sae_dirs) <= MAX_ROWS:
-        raise ValueError(f"plot_feature_geometry takes 1-{MAX_ROWS} SAE directories, "
-                         f"got {len(sae_dirs)}")
+        raise ValueError(f"plot_feature_geometry takes 1-{MAX_ROWS} SAE directories, got {len(sae_dirs)}")
     cfgs = [_moe_config(d) for d in sae_dirs]  # validate all before the (slower) loading
 
     fig = plt.figure(figsize=(12, 4.3 * len(sae_dirs)), constrained_layout=True)
@@ -95,19 +97,33 @@ def plot_feature_geometry(sae_dirs: list[str], out_png: str) -> None:
         sim = expert_similarity_matrix(W_dec, N).numpy()
 
         ax_h, ax_m = subfig.subplots(1, 2, gridspec_kw={"width_ratios": [1.55, 1]})
-        for vals, label, color in ((within, "within one expert", "tab:blue"),
-                                   (between, "between two experts", "tab:orange")):
-            ax_h.hist(vals, bins=bins, density=True, histtype="stepfilled", alpha=0.25,
-                      color=color)
-            ax_h.hist(vals, bins=bins, density=True, histtype="step", linewidth=1.6,
-                      color=color, label=f"{label}: mean {vals.mean():+.4f} ({len(vals):,} pairs)")
+        for vals, label, color in (
+            (within, "within one expert", "tab:blue"),
+            (between, "between two experts", "tab:orange"),
+        ):
+            ax_h.hist(vals, bins=bins, density=True, histtype="stepfilled", alpha=0.25, color=color)
+            ax_h.hist(
+                vals,
+                bins=bins,
+                density=True,
+                histtype="step",
+                linewidth=1.6,
+                color=color,
+                label=f"{label}: mean {vals.mean():+.4f} ({len(vals):,} pairs)",
+            )
             ax_h.axvline(vals.mean(), color=color, linestyle="--", linewidth=1)
         d = W_dec.shape[1]  # reference: cosine of two independent uniform directions in R^d
         c = np.linspace(-0.999, 0.999, 2001)
         ref = np.exp(0.5 * (d - 3) * np.log1p(-c * c))
         ref /= ref.sum() * (c[1] - c[0])
-        ax_h.plot(c, ref, color="0.35", linestyle=":", linewidth=1.4,
-                  label=f"two random directions in $\\mathbb{{R}}^{{{d}}}$ (reference)")
+        ax_h.plot(
+            c,
+            ref,
+            color="0.35",
+            linestyle=":",
+            linewidth=1.4,
+            label=f"two random directions in $\\mathbb{{R}}^{{{d}}}$ (reference)",
+        )
         ax_h.set_yscale("log")
         top = max(np.histogram(v, bins=bins, density=True)[0].max() for v in (within, between))
         ax_h.set_ylim(0.3 / max(len(within), len(between)) / (bins[1] - bins[0]), top * 30)
@@ -125,8 +141,15 @@ def plot_feature_geometry(sae_dirs: list[str], out_png: str) -> None:
             for i in range(N):
                 for j in range(N):
                     v = round(float(sim[i, j]), decimals) + 0.0  # + 0.0: no "-0.000"
-                    ax_m.text(j, i, f"{v:.{decimals}f}", ha="center", va="center", fontsize=6.5,
-                              color="white" if abs(sim[i, j]) > 0.6 * vmax else "black")
+                    ax_m.text(
+                        j,
+                        i,
+                        f"{v:.{decimals}f}",
+                        ha="center",
+                        va="center",
+                        fontsize=6.5,
+                        color="white" if abs(sim[i, j]) > 0.6 * vmax else "black",
+                    )
         _expert_ticks(ax_m, N)
         ax_m.set_xlabel("expert j")
         ax_m.set_ylabel("expert i")
@@ -195,12 +218,27 @@ def plot_tsne(sae_dir: str, out_png: str, max_points: int = 3000, seed: int = 0)
     panels = ((axes[0], W_enc_MD, enc_label), (axes[1], W_dec_MD, "Decoder (W_dec rows)"))
     for ax, W, label in panels:
         X = torch.nn.functional.normalize(W[torch.from_numpy(idx)].float(), dim=1).numpy()
-        tsne = TSNE(n_components=2, init="pca", perplexity=perplexity, learning_rate="auto",
-                    angle=TSNE_ANGLE, max_iter=TSNE_MAX_ITER, random_state=seed)
+        tsne = TSNE(
+            n_components=2,
+            init="pca",
+            perplexity=perplexity,
+            learning_rate="auto",
+            angle=TSNE_ANGLE,
+            max_iter=TSNE_MAX_ITER,
+            random_state=seed,
+        )
         with threadpool_limits(limits=1):  # single-threaded: see the note above TSNE_ANGLE
             Y = tsne.fit_transform(X.astype(np.float64))
-        sc = ax.scatter(Y[order, 0], Y[order, 1], c=expert[order], cmap=cmap, norm=norm,
-                        s=5 if len(idx) > 1000 else 12, alpha=0.8, linewidths=0)
+        sc = ax.scatter(
+            Y[order, 0],
+            Y[order, 1],
+            c=expert[order],
+            cmap=cmap,
+            norm=norm,
+            s=5 if len(idx) > 1000 else 12,
+            alpha=0.8,
+            linewidths=0,
+        )
         ax.set_title(f"{label}, L2-normalised")
         ax.set_xlabel("t-SNE 1")
         ax.set_ylabel("t-SNE 2")
@@ -209,17 +247,19 @@ def plot_tsne(sae_dir: str, out_png: str, max_points: int = 3000, seed: int = 0)
         ax.set_aspect("equal", adjustable="datalim")
 
     if N <= 20:
-        handles = [plt.Line2D([], [], marker="o", linestyle="", markersize=7,
-                              color=cmap(norm(i))) for i in range(N)]
-        fig.legend(handles, [str(i) for i in range(N)], title="expert", loc="outside right center",
-                   fontsize=9, frameon=False)
+        handles = [plt.Line2D([], [], marker="o", linestyle="", markersize=7, color=cmap(norm(i))) for i in range(N)]
+        fig.legend(
+            handles, [str(i) for i in range(N)], title="expert", loc="outside right center", fontsize=9, frameon=False
+        )
     else:
         cbar = fig.colorbar(sc, ax=axes, shrink=0.8, ticks=np.arange(0, N, max(1, N // 16)))
         cbar.set_label("expert id")
-    shown = (f"all {M:,} features" if len(idx) == M
-             else f"{len(idx):,} of {M:,} features (uniform random sample)")
-    fig.suptitle(f"t-SNE of feature directions coloured by expert: {_describe(sae_dir, cfg)}\n"
-                 f"{shown}; perplexity {perplexity:.3g}, seed {seed}", fontsize=11)
+    shown = f"all {M:,} features" if len(idx) == M else f"{len(idx):,} of {M:,} features (uniform random sample)"
+    fig.suptitle(
+        f"t-SNE of feature directions coloured by expert: {_describe(sae_dir, cfg)}\n"
+        f"{shown}; perplexity {perplexity:.3g}, seed {seed}",
+        fontsize=11,
+    )
     with atomic_path(out_png) as tmp:
         fig.savefig(tmp, dpi=130, format="png")
     plt.close(fig)

@@ -1,18 +1,32 @@
 """The learned feature-scaling gain omega (Scale paper Fig. 2) of the SAEs that have one
 (``has_omega`` trait: Scale)."""
+
 from __future__ import annotations
 
 import matplotlib
 
 matplotlib.use("Agg")
-import math  # noqa: E402
+import math
 
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import EngFormatter  # noqa: E402
+import matplotlib.pyplot as plt
+from matplotlib.ticker import EngFormatter
 
-from saepipe.plots.rows import (  # noqa: E402
-    MARKERS, TOKENS_AXIS, _detail, _e, _floats, _fs, _n_experts, _num, _palette, _read_log, _rows, _save, _sort_key,
-    _trait)
+from saepipe.plots.rows import (
+    MARKERS,
+    TOKENS_AXIS,
+    _detail,
+    _e,
+    _floats,
+    _fs,
+    _n_experts,
+    _num,
+    _palette,
+    _read_log,
+    _rows,
+    _save,
+    _sort_key,
+    _trait,
+)
 
 
 def plot_omega(table_parquet: str, train_logs: dict[str, str], out_png: str) -> None:
@@ -20,11 +34,9 @@ def plot_omega(table_parquet: str, train_logs: dict[str, str], out_png: str) -> 
     final omega (mean, min–max over experts) vs active experts e."""
     rows = {r.get("sae_id"): r for r in _rows(table_parquet)}
     # SAEs with feature scaling off keep omega at 0 (unused), so they are left out.
-    on = sorted((r for r in rows.values() if _trait(r, "has_omega") and _fs(r) is not False),
-                key=_sort_key)
+    on = sorted((r for r in rows.values() if _trait(r, "has_omega") and _fs(r) is not False), key=_sort_key)
     traj: dict[str, tuple[list[float], list[list[float]]]] = {}
-    for sae_id, path in sorted(train_logs.items(),
-                               key=lambda kv: _sort_key(rows.get(kv[0], {"sae_id": kv[0]}))):
+    for sae_id, path in sorted(train_logs.items(), key=lambda kv: _sort_key(rows.get(kv[0], {"sae_id": kv[0]}))):
         r = rows.get(sae_id)
         if r is not None and (not _trait(r, "has_omega") or _fs(r) is False):
             continue
@@ -51,7 +63,8 @@ def plot_omega(table_parquet: str, train_logs: dict[str, str], out_png: str) -> 
             f"has {sum(bool(_trait(r, 'has_omega')) for r in rows.values())} rows of SAEs with an omega "
             f"({len(on)} with feature scaling on, omega column "
             f"{'present' if any('omega' in r for r in rows.values()) else 'missing'}) and none of the "
-            f"{len(train_logs)} train logs has non-zero 'omega' rows")
+            f"{len(train_logs)} train logs has non-zero 'omega' rows"
+        )
     ncols = min(3, len(traj)) if traj else 0
     nrows = math.ceil(len(traj) / ncols) if traj else 1
     w_traj, w_final = 3.7 * ncols, (6.0 if final else 0.0)
@@ -61,14 +74,13 @@ def plot_omega(table_parquet: str, train_logs: dict[str, str], out_png: str) -> 
         sub = subs[0]
         axes = sub.subplots(nrows, ncols, sharex=True, sharey=True, squeeze=False)
         flat = list(axes.flat)
-        for ax in flat[len(traj):]:
+        for ax in flat[len(traj) :]:
             ax.remove()
         for ax, (sae_id, (tok, oms)) in zip(flat, traj.items()):
             n = len(oms[0])
             cols = plt.get_cmap("viridis")([i / max(1, n - 1) for i in range(n)])
             for i in range(n):
-                ax.plot(tok, [om[i] if i < len(om) else float("nan") for om in oms], color=cols[i],
-                        lw=0.9, alpha=0.85)
+                ax.plot(tok, [om[i] if i < len(om) else float("nan") for om in oms], color=cols[i], lw=0.9, alpha=0.85)
             ax.plot(tok, [sum(om) / len(om) for om in oms], color="black", lw=1.8)
             ax.axhline(0.0, color="0.45", lw=0.9, ls="--")
             r = rows.get(sae_id)
@@ -82,8 +94,9 @@ def plot_omega(table_parquet: str, train_logs: dict[str, str], out_png: str) -> 
                 ax.xaxis.set_tick_params(labelbottom=True)
             if ax.get_subplotspec().is_first_col():
                 ax.set_ylabel("ω", fontsize=9)
-        sub.suptitle("ω of each expert during training  (thin: one expert, colour = expert index; "
-                     "black: mean)", fontsize=9)
+        sub.suptitle(
+            "ω of each expert during training  (thin: one expert, colour = expert index; black: mean)", fontsize=9
+        )
     if final:
         ax = subs[-1].subplots()
         lines: dict[tuple, list] = {}
@@ -98,8 +111,17 @@ def plot_omega(table_parquet: str, train_logs: dict[str, str], out_png: str) -> 
             m = [it[1] for it in items]
             err = [[it[1] - it[2] for it in items], [it[3] - it[1] for it in items]]
             kk = f"k={int(k)}" if k is not None else "k=?"
-            ax.errorbar(es, m, yerr=err, color=cols[i], marker=MARKERS[i % len(MARKERS)], lw=1.6,
-                        capsize=4, markersize=6, label=f"{g}  ({kk}, N={n})")
+            ax.errorbar(
+                es,
+                m,
+                yerr=err,
+                color=cols[i],
+                marker=MARKERS[i % len(MARKERS)],
+                lw=1.6,
+                capsize=4,
+                markersize=6,
+                label=f"{g}  ({kk}, N={n})",
+            )
         all_e = sorted({_e(it[0]) for it in final})
         ax.axhline(0.0, color="0.45", lw=1.0, ls="--")
         if len(all_e) > 1:
@@ -113,6 +135,9 @@ def plot_omega(table_parquet: str, train_logs: dict[str, str], out_png: str) -> 
         ax.set_title("Final ω vs active experts", fontsize=10)
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7, loc="best")
-    fig.suptitle("Scale SAE feature scaling  Ŵ = W̄ + (1 + ω)(W_enc − W̄)  (Scale Fig. 2; "
-                 "SAEs with feature scaling off keep ω = 0 and are not shown)", fontsize=11)
+    fig.suptitle(
+        "Scale SAE feature scaling  Ŵ = W̄ + (1 + ω)(W_enc − W̄)  (Scale Fig. 2; "
+        "SAEs with feature scaling off keep ω = 0 and are not shown)",
+        fontsize=11,
+    )
     _save(fig, out_png)

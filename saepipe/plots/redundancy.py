@@ -3,50 +3,73 @@
 - ``plot_redundancy``: redundancy_0.9 vs k, vs active experts e, intra vs inter expert (Figs. 8, 6a).
 - ``plot_activation_similarity``: activation similarity per SAE, feature scaling off vs on (Fig. 7).
 """
+
 from __future__ import annotations
 
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.patches  # noqa: E402
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import PercentFormatter, ScalarFormatter  # noqa: E402
+import matplotlib.patches
+import matplotlib.pyplot as plt
+from matplotlib.ticker import PercentFormatter, ScalarFormatter
 
-from saepipe.plots.rows import (  # noqa: E402
-    MARKERS, _bar_values, _detail, _e, _fs, _is_moe, _label, _measured_l0, _n_experts, _num, _palette, _rows, _save,
-    _sort_key, _trait, _val)
+from saepipe.plots.rows import (
+    MARKERS,
+    _bar_values,
+    _detail,
+    _e,
+    _fs,
+    _is_moe,
+    _label,
+    _measured_l0,
+    _n_experts,
+    _num,
+    _palette,
+    _rows,
+    _save,
+    _sort_key,
+    _trait,
+    _val,
+)
 
 
 def _line_key(r: dict, varying: set[str]) -> tuple:
-    return tuple((f, r.get(f)) for f in ("n_experts", "active_experts", "feature_scaling")
-                 if f in varying)
+    return tuple((f, r.get(f)) for f in ("n_experts", "active_experts", "feature_scaling") if f in varying)
 
 
 def plot_redundancy(table_parquet: str, out_png: str) -> None:
     """redundancy_0.9 vs k per group, vs active experts e (Scale), intra vs inter expert."""
     rows = sorted(_rows(table_parquet), key=_sort_key)
     red = [r for r in rows if _num(r.get("redundancy_09")) is not None]
-    vs_k = [r for r in red if ((_num(r.get("l0")) if _measured_l0(r)
-                                else _num(r.get("k"))) or 0) > 0]  # log x axis
+    vs_k = [r for r in red if ((_num(r.get("l0")) if _measured_l0(r) else _num(r.get("k"))) or 0) > 0]  # log x axis
     # routed architectures with at least two values of e (Scale; Switch always routes 1)
     e_values: dict[str, set[int]] = {}
     for r in red:
         if _trait(r, "routed"):
             e_values.setdefault(str(r.get("arch")), set()).add(_e(r))
     vs_e = [r for r in red if len(e_values.get(str(r.get("arch")), ())) >= 2]
-    spec = [r for r in rows if _is_moe(r) and _num(r.get("intra_expert_redundancy")) is not None
-            and _num(r.get("inter_expert_redundancy")) is not None]
+    spec = [
+        r
+        for r in rows
+        if _is_moe(r)
+        and _num(r.get("intra_expert_redundancy")) is not None
+        and _num(r.get("inter_expert_redundancy")) is not None
+    ]
     if not vs_k and not vs_e and not spec:
-        raise ValueError(f"plot_redundancy: no SAE in {table_parquet} has redundancy_09 (with k) or "
-                         "intra/inter_expert_redundancy; re-run the evaluate stage with the current code")
+        raise ValueError(
+            f"plot_redundancy: no SAE in {table_parquet} has redundancy_09 (with k) or "
+            "intra/inter_expert_redundancy; re-run the evaluate stage with the current code"
+        )
     top = [p for p, ok in (("k", vs_k), ("e", vs_e)) if ok]
     mosaic = [top] if top else []
     if spec:
         mosaic.append(["spec"] * max(1, len(top)))
     spec_h = max(3.0, 0.24 * len(spec) + 1.6)
     ratios = ([4.8] if top else []) + ([spec_h] if spec else [])
-    fig, axd = plt.subplot_mosaic(mosaic, figsize=(13 if len(top) == 2 else 9, sum(ratios) + 0.8),
-                                  height_ratios=ratios, constrained_layout=True)
+    fig, axd = plt.subplot_mosaic(
+        mosaic, figsize=(13 if len(top) == 2 else 9, sum(ratios) + 0.8), height_ratios=ratios, constrained_layout=True
+    )
+
     def pct():  # one per axis; decimals follow the axis range (0.05% and 80% both read right)
         return PercentFormatter(1.0, decimals=None)
 
@@ -57,8 +80,9 @@ def plot_redundancy(table_parquet: str, out_png: str) -> None:
             groups.setdefault(str(r.get("group")), []).append(r)
         lines = []
         for g, grows in groups.items():
-            varying = {f for f in ("n_experts", "active_experts", "feature_scaling")
-                       if len({str(r.get(f)) for r in grows}) > 1}
+            varying = {
+                f for f in ("n_experts", "active_experts", "feature_scaling") if len({str(r.get(f)) for r in grows}) > 1
+            }
             split: dict[tuple, list[dict]] = {}
             for r in grows:
                 split.setdefault(_line_key(r, varying), []).append(r)
@@ -69,16 +93,28 @@ def plot_redundancy(table_parquet: str, out_png: str) -> None:
             measured = _measured_l0(lrows[0])
             xs = [_num(r.get("l0")) if measured else _num(r.get("k")) for r in lrows]
             pts = sorted(zip(xs, (_num(r["redundancy_09"]) for r in lrows)))
-            extra = ", ".join(f"N={v}" if f == "n_experts" else f"e={v}" if f == "active_experts"
-                              else "ω on" if v else "ω off" for f, v in key)
+            extra = ", ".join(
+                f"N={v}" if f == "n_experts" else f"e={v}" if f == "active_experts" else "ω on" if v else "ω off"
+                for f, v in key
+            )
             if _fs(lrows[0]) is False and "ω" not in extra:
                 extra = ", ".join(x for x in (extra, "ω off") if x)
-            label = f"{g}  ({_label(lrows[0])}" + (f", {extra}" if extra else "") + \
-                (", at measured L0)" if measured else ")")
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=MARKERS[i % len(MARKERS)],
-                    color=cols[i], lw=1.6, markersize=6, label=label,
-                    ls=":" if measured else ("--" if _fs(lrows[0]) is False else "-"),
-                    mfc="none" if measured else cols[i])
+            label = (
+                f"{g}  ({_label(lrows[0])}"
+                + (f", {extra}" if extra else "")
+                + (", at measured L0)" if measured else ")")
+            )
+            ax.plot(
+                [p[0] for p in pts],
+                [p[1] for p in pts],
+                marker=MARKERS[i % len(MARKERS)],
+                color=cols[i],
+                lw=1.6,
+                markersize=6,
+                label=label,
+                ls=":" if measured else ("--" if _fs(lrows[0]) is False else "-"),
+                mfc="none" if measured else cols[i],
+            )
         ax.set_xscale("log", base=2)
         ax.xaxis.set_major_formatter(ScalarFormatter())
         ax.yaxis.set_major_formatter(pct())
@@ -98,8 +134,16 @@ def plot_redundancy(table_parquet: str, out_png: str) -> None:
             pts = sorted((_e(r), _num(r["redundancy_09"])) for r in lrows)
             kk = f"k={int(k)}" if k is not None else "k=?"
             label = f"{g}  ({kk}, N={n}" + ("" if fs is None else (", ω on" if fs else ", ω off")) + ")"
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=MARKERS[i % len(MARKERS)],
-                    color=cols[i], lw=1.6, markersize=6, ls="--" if fs is False else "-", label=label)
+            ax.plot(
+                [p[0] for p in pts],
+                [p[1] for p in pts],
+                marker=MARKERS[i % len(MARKERS)],
+                color=cols[i],
+                lw=1.6,
+                markersize=6,
+                ls="--" if fs is False else "-",
+                label=label,
+            )
         es = sorted({_e(r) for r in vs_e})
         ax.set_xscale("log", base=2)
         ax.set_xticks(es, [str(e) for e in es])
@@ -118,10 +162,20 @@ def plot_redundancy(table_parquet: str, out_png: str) -> None:
         intra = [_val(r, "intra_expert_redundancy") for r in spec]
         inter = [_val(r, "inter_expert_redundancy") for r in spec]
         h = 0.38
-        b1 = ax.barh([v - h / 2 for v in y], intra, height=h, color="tab:blue",
-                     label="intra-expert (within one expert's n = M/N features)")
-        b2 = ax.barh([v + h / 2 for v in y], inter, height=h, color="tab:orange",
-                     label="inter-expert (random n features of the whole dictionary)")
+        b1 = ax.barh(
+            [v - h / 2 for v in y],
+            intra,
+            height=h,
+            color="tab:blue",
+            label="intra-expert (within one expert's n = M/N features)",
+        )
+        b2 = ax.barh(
+            [v + h / 2 for v in y],
+            inter,
+            height=h,
+            color="tab:orange",
+            label="inter-expert (random n features of the whole dictionary)",
+        )
         vmax = max(intra + inter) or 1e-3
         _bar_values(ax, b1, intra, "{:.1%}")
         _bar_values(ax, b2, inter, "{:.1%}")
@@ -137,7 +191,6 @@ def plot_redundancy(table_parquet: str, out_png: str) -> None:
     _save(fig, out_png)
 
 
-
 def _arch_bucket(r: dict) -> str:
     if _fs(r) is not None:
         return f"{_label(r)}, ω on" if _fs(r) else f"{_label(r)}, ω off"
@@ -150,9 +203,11 @@ def plot_activation_similarity(table_parquet: str, out_png: str) -> None:
     sim = sorted((r for r in rows if _num(r.get("activation_similarity")) is not None), key=_sort_key)
     if not sim:
         column = "present but empty" if any("activation_similarity" in r for r in rows) else "missing"
-        raise ValueError(f"plot_activation_similarity: no SAE in {table_parquet} has "
-                         f"activation_similarity ({len(rows)} rows; column {column}); "
-                         "re-run the evaluate stage with the current code")
+        raise ValueError(
+            f"plot_activation_similarity: no SAE in {table_parquet} has "
+            f"activation_similarity ({len(rows)} rows; column {column}); "
+            "re-run the evaluate stage with the current code"
+        )
     # feature scaling off vs on: Scale SAEs equal in everything but the flag
     pairs: dict[tuple, dict[bool, dict]] = {}
     for r in sim:
@@ -160,8 +215,7 @@ def plot_activation_similarity(table_parquet: str, out_png: str) -> None:
         if fs is not None:
             key = (_num(r.get("k")), _n_experts(r), _e(r), _num(r.get("width")))
             pairs.setdefault(key, {})[fs] = r
-    pairs = {k: v for k, v in sorted(pairs.items(), key=lambda kv: tuple(x or 0 for x in kv[0]))
-             if len(v) == 2}
+    pairs = {k: v for k, v in sorted(pairs.items(), key=lambda kv: tuple(x or 0 for x in kv[0])) if len(v) == 2}
     buckets: list[str] = []
     for r in sim:
         if _arch_bucket(r) not in buckets:
@@ -169,8 +223,12 @@ def plot_activation_similarity(table_parquet: str, out_png: str) -> None:
     bcol = {b: _palette(len(buckets))[i] for i, b in enumerate(buckets)}
     n = len(sim)
     mosaic = [["all", "pairs"]] if pairs else [["all"]]
-    fig, axd = plt.subplot_mosaic(mosaic, figsize=(14 if pairs else 9, max(5.0, 0.28 * n + 2.0)),
-                                  constrained_layout=True, width_ratios=[1.3, 1] if pairs else None)
+    fig, axd = plt.subplot_mosaic(
+        mosaic,
+        figsize=(14 if pairs else 9, max(5.0, 0.28 * n + 2.0)),
+        constrained_layout=True,
+        width_ratios=[1.3, 1] if pairs else None,
+    )
     ax = axd["all"]
     ys, y, prev = [], 0.0, None
     for r in sim:
@@ -191,10 +249,11 @@ def plot_activation_similarity(table_parquet: str, out_png: str) -> None:
     ax.set_xlabel("activation similarity  (mean over token pairs of |S_i ∩ S_j| / measured L0)")
     ax.set_title("Per SAE, grouped by architecture (held-out tokens)")
     ax.grid(True, axis="x", alpha=0.3)
-    handles = [matplotlib.patches.Patch(facecolor=bcol[b], hatch="//" if b.endswith(", ω off") else None,
-                                        label=b) for b in buckets]
-    ax.legend(handles=handles, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.09),
-              ncol=min(4, len(handles)))
+    handles = [
+        matplotlib.patches.Patch(facecolor=bcol[b], hatch="//" if b.endswith(", ω off") else None, label=b)
+        for b in buckets
+    ]
+    ax.legend(handles=handles, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.09), ncol=min(4, len(handles)))
     if pairs:
         ax = axd["pairs"]
         labels, off, on = [], [], []
@@ -205,14 +264,26 @@ def plot_activation_similarity(table_parquet: str, out_png: str) -> None:
         x = list(range(len(labels)))
         w = 0.38
         first = next(iter(pairs.values()))
-        b_off = ax.bar([v - w / 2 for v in x], off, width=w, color=bcol.get(_arch_bucket(first[False]), "0.6"),
-                       hatch="//", label="feature scaling off")
-        b_on = ax.bar([v + w / 2 for v in x], on, width=w, color=bcol.get(_arch_bucket(first[True]), "tab:red"),
-                      label="feature scaling on")
+        b_off = ax.bar(
+            [v - w / 2 for v in x],
+            off,
+            width=w,
+            color=bcol.get(_arch_bucket(first[False]), "0.6"),
+            hatch="//",
+            label="feature scaling off",
+        )
+        b_on = ax.bar(
+            [v + w / 2 for v in x],
+            on,
+            width=w,
+            color=bcol.get(_arch_bucket(first[True]), "tab:red"),
+            label="feature scaling on",
+        )
         _bar_values(ax, b_off, off, "{:.3g}")
         _bar_values(ax, b_on, on, "{:.3g}")
-        ax.set_xticks(x, labels, fontsize=8, rotation=30 if len(labels) > 4 else 0,
-                      ha="right" if len(labels) > 4 else "center")
+        ax.set_xticks(
+            x, labels, fontsize=8, rotation=30 if len(labels) > 4 else 0, ha="right" if len(labels) > 4 else "center"
+        )
         ax.set_ylim(0, max(off + on) * 1.15 or 1)
         ax.set_ylabel("activation similarity  (lower = more distinct codes)")
         ax.set_title(f"{_label(first[True])} SAEs: feature scaling off vs on (Scale Fig. 7)")

@@ -8,6 +8,7 @@ them, see ``saepipe.plots.availability.row_trait``), never from its ``arch`` nam
 without data (never an empty axes) and raise ``ValueError`` naming what is missing when
 nothing applicable is left.
 """
+
 from __future__ import annotations
 
 import json
@@ -16,12 +17,12 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import pyarrow.parquet as pq  # noqa: E402
+import matplotlib.pyplot as plt
+import pyarrow.parquet as pq
 
-from saepipe.io import atomic_path  # noqa: E402
-from saepipe.plots.availability import row_trait as _trait  # noqa: E402
-from saepipe.stats import finite  # noqa: E402
+from saepipe.io import atomic_path
+from saepipe.plots.availability import row_trait as _trait
+from saepipe.stats import finite
 
 MARKERS = "osD^v<>ph*P"
 TOKENS_AXIS = "training tokens"
@@ -85,9 +86,16 @@ def _fs(r: dict) -> bool | None:
 
 def _sort_key(r: dict):
     fs = _fs(r)
-    return (_trait(r, "arch_order"), str(r.get("arch")),
-            str(r.get("group")), _n_experts(r), _e(r), fs is not False, _num(r.get("k")) or 0,
-            str(r.get("sae_id")))
+    return (
+        _trait(r, "arch_order"),
+        str(r.get("arch")),
+        str(r.get("group")),
+        _n_experts(r),
+        _e(r),
+        fs is not False,
+        _num(r.get("k")) or 0,
+        str(r.get("sae_id")),
+    )
 
 
 def _detail(r: dict) -> str:
@@ -133,8 +141,13 @@ def _shared_legend(fig, axes, ncol: int = 4, fontsize: int = 8) -> None:
             if not lab.startswith("_"):
                 seen.setdefault(lab, h)
     if seen:
-        fig.legend(list(seen.values()), list(seen.keys()), loc="outside lower center",
-                   ncol=min(ncol, len(seen)), fontsize=fontsize)
+        fig.legend(
+            list(seen.values()),
+            list(seen.keys()),
+            loc="outside lower center",
+            ncol=min(ncol, len(seen)),
+            fontsize=fontsize,
+        )
 
 
 def _save(fig, out_png: str) -> None:
@@ -147,4 +160,3 @@ def _bar_values(ax, bars, values, fmt: str = "{:.3g}", fontsize: int = 7) -> Non
     """Value labels at the bar ends, on a white box so reference lines do not cross them."""
     for t in ax.bar_label(bars, labels=[fmt.format(v) for v in values], padding=2, fontsize=fontsize):
         t.set_bbox(dict(facecolor="white", edgecolor="none", alpha=0.85, pad=0.6))
-

@@ -10,18 +10,18 @@ with a 95% Student-t CI error bar on l2_per_token (and on training FLOPs if they
 between seeds); a single-seed point has no bar, and the subtitle states n. The points of a
 group that differ only in active experts (a Scale e sweep) are labelled e=...
 """
+
 from __future__ import annotations
 
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import pyarrow.parquet as pq  # noqa: E402
-from matplotlib.ticker import NullFormatter  # noqa: E402
+import matplotlib.pyplot as plt
+import pyarrow.parquet as pq
+from matplotlib.ticker import NullFormatter
 
-from saepipe.plots.availability import row_trait, scaling_ks  # noqa: E402
-from saepipe.plots.style import (decorate, draw_series, group_styles, mean_over_seeds,  # noqa: E402
-                                 n_suffix, save, seeds_note)
+from saepipe.plots.availability import row_trait, scaling_ks
+from saepipe.plots.style import decorate, draw_series, group_styles, mean_over_seeds, n_suffix, save, seeds_note
 
 TITLE = "Reconstruction vs training compute at fixed k (lower-left is better)"
 METRICS = ("training_flops", "l2_per_token")
@@ -46,25 +46,37 @@ def scaling_figure(rows: list[dict]):
     points = scaling_points(rows)
     ks = scaling_ks(points)
     if not ks:
-        raise ValueError("the scaling figure needs at least two fixed-k groups (e.g. topk and "
-                         "switch) sharing a value of k")
+        raise ValueError(
+            "the scaling figure needs at least two fixed-k groups (e.g. topk and switch) sharing a value of k"
+        )
     all_ns = [p["n_seeds"] for p in points if p["k"] in ks]
-    fig, axes = plt.subplots(1, len(ks), figsize=(4.6 * len(ks), 5.0), constrained_layout=True,
-                             squeeze=False, sharey=True)
+    fig, axes = plt.subplots(
+        1, len(ks), figsize=(4.6 * len(ks), 5.0), constrained_layout=True, squeeze=False, sharey=True
+    )
     drawn: list[int] = []
     for ax, k in zip(axes[0], ks):
         for g in sorted({p["group"] for p in points}):
-            pts = sorted((p for p in points if p["group"] == g and p["k"] == k),
-                         key=lambda p: p["training_flops"].mean)
+            pts = sorted((p for p in points if p["group"] == g and p["k"] == k), key=lambda p: p["training_flops"].mean)
             e_sweep = len({p.get("active_experts") for p in pts}) > 1  # Scale: label e
             for p in pts:
                 label = f"{g} (M={p['width']}{n_suffix([p['n_seeds']], all_ns)})"
-                drawn += draw_series(ax, [p["training_flops"]], [p["l2_per_token"]], label=label,
-                                     style={**style[g], "markersize": 8}, connect=False)
+                drawn += draw_series(
+                    ax,
+                    [p["training_flops"]],
+                    [p["l2_per_token"]],
+                    label=label,
+                    style={**style[g], "markersize": 8},
+                    connect=False,
+                )
                 if e_sweep:
-                    ax.annotate(f"e={p.get('active_experts')}", (p["training_flops"].mean,
-                                p["l2_per_token"].mean), textcoords="offset points", xytext=(7, -3),
-                                fontsize=7, color=style[g].get("color"))
+                    ax.annotate(
+                        f"e={p.get('active_experts')}",
+                        (p["training_flops"].mean, p["l2_per_token"].mean),
+                        textcoords="offset points",
+                        xytext=(7, -3),
+                        fontsize=7,
+                        color=style[g].get("color"),
+                    )
         ax.set_xscale("log")
         ax.xaxis.set_minor_formatter(NullFormatter())
         ax.margins(x=0.15)

@@ -8,9 +8,10 @@ draws the means with the intervals as error bars (none for a single-seed point);
 `seeds_note` says in words what the markers and bars are, for the figure's subtitle. A table
 without ``point_id`` (older pipelines) is read as one seed per point (point = ``sae_id``).
 """
+
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 from saepipe import stats
 from saepipe.stats import Estimate, mean_ci
@@ -18,22 +19,31 @@ from saepipe.stats import Estimate, mean_ci
 MARKERS = "osD^v<>ph*P"
 CONFIDENCE = 0.95
 # Columns the seeds of one point must agree on: two rows that differ here are two points.
-POINT_IDENTITY = ("group", "arch", "k", "width", "n_experts", "active_experts", "feature_scaling",
-                  "match_baseline", "match_by")
+POINT_IDENTITY = (
+    "group",
+    "arch",
+    "k",
+    "width",
+    "n_experts",
+    "active_experts",
+    "feature_scaling",
+    "match_baseline",
+    "match_by",
+)
 
 
 def group_styles(groups) -> dict[str, dict]:
     """Group name -> matplotlib kwargs (color, marker), stable for a given set of groups."""
-    return {name: dict(color=f"C{i % 10}", marker=MARKERS[i % len(MARKERS)])
-            for i, name in enumerate(sorted(set(groups)))}
+    return {
+        name: dict(color=f"C{i % 10}", marker=MARKERS[i % len(MARKERS)]) for i, name in enumerate(sorted(set(groups)))
+    }
 
 
 finite = stats.finite  # a table cell as a finite float or None
 point_key = stats.point_of  # the sweep point of a row (point_id, else sae_id)
 
 
-def mean_over_seeds(rows: Iterable[dict], metrics: Iterable[str],
-                    confidence: float = CONFIDENCE) -> list[dict]:
+def mean_over_seeds(rows: Iterable[dict], metrics: Iterable[str], confidence: float = CONFIDENCE) -> list[dict]:
     """One dict per sweep point, in order of first appearance.
 
     Each point carries the first seed's columns (config, group, ...), except that every
@@ -55,8 +65,10 @@ def mean_over_seeds(rows: Iterable[dict], metrics: Iterable[str],
         for col in POINT_IDENTITY:
             values = {repr(r.get(col)) for r in prow}
             if len(values) > 1:
-                raise ValueError(f"point {pid!r}: its seeds differ in {col!r} ({sorted(values)}); "
-                                 "rows of one point_id must be the same SAE config")
+                raise ValueError(
+                    f"point {pid!r}: its seeds differ in {col!r} ({sorted(values)}); "
+                    "rows of one point_id must be the same SAE config"
+                )
         seeds = [r.get("seed") for r in prow]
         known = [s for s in seeds if s is not None]
         if len(set(known)) < len(known):
@@ -99,15 +111,20 @@ def _err(ests: list[Estimate]) -> tuple[list[float], list[float]]:
     return [e.mean - e.low for e in ests], [e.high - e.mean for e in ests]
 
 
-def draw_series(ax, xs: list[Estimate], ys: list[Estimate], *, label: str, style: dict,
-                connect: bool = True) -> list[int]:
+def draw_series(
+    ax, xs: list[Estimate], ys: list[Estimate], *, label: str, style: dict, connect: bool = True
+) -> list[int]:
     """Markers at the means (joined by a line when `connect`), and 95% CI error bars: vertical
     where the point's y estimate has an interval (n >= 2), horizontal where its x estimate
     has one of non-zero width (e.g. L0 of an L1-penalised SAE varies between seeds; a TopK
     SAE's L0 does not). Returns the n of every y estimate drawn (for `seeds_note`)."""
     mx, my = [e.mean for e in xs], [e.mean for e in ys]
-    ax.plot(mx, my, label=label,
-            **{"linewidth": 1.8, "markersize": 6, **style, **({} if connect else {"linestyle": "none"})})
+    ax.plot(
+        mx,
+        my,
+        label=label,
+        **{"linewidth": 1.8, "markersize": 6, **style, **({} if connect else {"linestyle": "none"})},
+    )
     color = style.get("color")
     with_y = [i for i, e in enumerate(ys) if e.has_interval]
     with_x = [i for i, e in enumerate(xs) if e.has_interval and e.high > e.low]
@@ -116,8 +133,16 @@ def draw_series(ax, xs: list[Estimate], ys: list[Estimate], *, label: str, style
             continue
         ests = [(ys if axis == "y" else xs)[i] for i in idx]
         err = {f"{axis}err": _err(ests)}
-        ax.errorbar([mx[i] for i in idx], [my[i] for i in idx], fmt="none", ecolor=color,
-                    elinewidth=1.1, capsize=3, alpha=0.75, **err)
+        ax.errorbar(
+            [mx[i] for i in idx],
+            [my[i] for i in idx],
+            fmt="none",
+            ecolor=color,
+            elinewidth=1.1,
+            capsize=3,
+            alpha=0.75,
+            **err,
+        )
     return [e.n for e in ys]
 
 

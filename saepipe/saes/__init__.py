@@ -1,4 +1,5 @@
-"""SAE architectures of saepipe: ReLU, TopK, BatchTopK, JumpReLU, Gated, Switch and Scale SAEs, registry and saved format.
+"""SAE architectures of saepipe: ReLU, TopK, BatchTopK, JumpReLU, Gated, Switch and Scale SAEs,
+registry and saved format.
 
 Pure torch (+ safetensors); imports nothing from the rest of saepipe.
 New architectures: one module + one ``register_architecture`` call (:mod:`.registry`).

@@ -45,8 +45,9 @@ DECODER_FLOPS_PER_WEIGHT = 6
 """FLOPs per decoder weight per step for the unit-norm constraint (parallel-gradient removal:
 dot, scale, subtract; renormalisation: square-sum, divide); see ``train_flops_per_token``."""
 
-METADATA_KEYS = frozenset({"n_experts", "active_experts", "d_sae", "format", "format_version",
-                           "dtype", "weights_space", "run"})
+METADATA_KEYS = frozenset(
+    {"n_experts", "active_experts", "d_sae", "format", "format_version", "dtype", "weights_space", "run"}
+)
 """Informational keys written to config.json that are not config fields of every arch."""
 
 
@@ -120,10 +121,8 @@ class SAEConfig:
         by ``6 M d / batch_size``).
         """
         if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size <= 0:
-            raise ValueError(f"batch_size must be a positive int (tokens per step), got "
-                             f"{batch_size!r}")
-        per_step = (ADAM_FLOPS_PER_PARAM * self.n_params()
-                    + DECODER_FLOPS_PER_WEIGHT * self.width * self.d_in)
+            raise ValueError(f"batch_size must be a positive int (tokens per step), got {batch_size!r}")
+        per_step = ADAM_FLOPS_PER_PARAM * self.n_params() + DECODER_FLOPS_PER_WEIGHT * self.width * self.d_in
         return 3.0 * self.flops_per_token() + per_step / batch_size
 
     @property
@@ -159,14 +158,12 @@ class SAEConfig:
         return [f.name for f in dataclasses.fields(cls)]
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "SAEConfig":
+    def from_dict(cls, d: dict[str, Any]) -> SAEConfig:
         """Build from a dict; unknown keys raise ``ValueError`` naming them and the valid keys."""
         valid = cls.field_names()
         unknown = sorted(set(d) - set(valid))
         if unknown:
-            raise ValueError(
-                f"unknown {cls.__name__} key(s) {unknown}; valid keys: {sorted(valid)}"
-            )
+            raise ValueError(f"unknown {cls.__name__} key(s) {unknown}; valid keys: {sorted(valid)}")
         return cls(**d)
 
 
@@ -188,8 +185,7 @@ class AuxKConfigMixin:
         if not isinstance(self.auxk, bool):
             raise ValueError(f"auxk must be a bool, got {self.auxk!r}")
         if self.k_aux is not None and (not isinstance(self.k_aux, int) or self.k_aux <= 0):
-            raise ValueError(f"k_aux must be a positive int or None (= d_in // 2), got "
-                             f"{self.k_aux!r}")
+            raise ValueError(f"k_aux must be a positive int or None (= d_in // 2), got {self.k_aux!r}")
         if not self.aux_coeff >= 0:
             raise ValueError(f"aux_coeff must be >= 0, got {self.aux_coeff!r}")
         if self.dead_tokens < 0:
@@ -343,7 +339,8 @@ class SAE(nn.Module):
         if W_enc_DM is None:
             raise NotImplementedError(
                 f"{type(self).__name__} saves no 'W_enc'; override encoder_features_MD() to "
-                "return its encoder directions [M, d]")
+                "return its encoder directions [M, d]"
+            )
         return W_enc_DM.detach().T
 
     def _auxk_selection(self) -> tuple[Tensor | None, int]:
@@ -397,7 +394,12 @@ class SAE(nn.Module):
 
     def saved_metadata(self) -> dict[str, Any]:
         """Extra informational keys for config.json (must be in ``METADATA_KEYS`` or fields)."""
-        return {"n_experts": self.cfg.expert_count, "active_experts": self.cfg.experts_per_token,
-                "d_sae": self.cfg.width,
-                "format": "saepipe-sae", "format_version": 1, "dtype": "float32",
-                "weights_space": "normalised: use on x * act_norm_factor"}
+        return {
+            "n_experts": self.cfg.expert_count,
+            "active_experts": self.cfg.experts_per_token,
+            "d_sae": self.cfg.width,
+            "format": "saepipe-sae",
+            "format_version": 1,
+            "dtype": "float32",
+            "weights_space": "normalised: use on x * act_norm_factor",
+        }

@@ -57,8 +57,7 @@ class BatchTopKConfig(TopKConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         if not 0 < self.threshold_momentum <= 1:
-            raise ValueError(
-                f"threshold_momentum must be in (0, 1], got {self.threshold_momentum!r}")
+            raise ValueError(f"threshold_momentum must be in (0, 1], got {self.threshold_momentum!r}")
 
 
 class BatchTopKSAE(TopKSAE):

@@ -121,9 +121,14 @@ class GatedSAE(SAE):
         return {"l1_gate": l1, "aux_gate": aux}
 
     def _saved_tensors(self) -> dict[str, Tensor]:
-        return {**super()._saved_tensors(), "W_enc": self.W_enc,
-                "b_enc": torch.zeros_like(self.b_gate), "b_gate": self.b_gate,
-                "r_mag": self.r_mag, "b_mag": self.b_mag}
+        return {
+            **super()._saved_tensors(),
+            "W_enc": self.W_enc,
+            "b_enc": torch.zeros_like(self.b_gate),
+            "b_gate": self.b_gate,
+            "r_mag": self.r_mag,
+            "b_mag": self.b_mag,
+        }
 
     @torch.no_grad()
     def _load_saved_tensors(self, tensors: dict[str, Tensor]) -> None:

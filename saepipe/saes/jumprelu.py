@@ -63,7 +63,7 @@ class _JumpReLU(torch.autograd.Function):
     """``(f, H) = (r * H(r - theta), H(r - theta))`` with the paper's STE pseudo-derivatives."""
 
     @staticmethod
-    def forward(ctx, r_BM, theta_M, eps):  # noqa: D102
+    def forward(ctx, r_BM, theta_M, eps):
         active_BM = r_BM > theta_M
         ctx.save_for_backward(r_BM, theta_M)
         ctx.eps = eps
@@ -71,7 +71,7 @@ class _JumpReLU(torch.autograd.Function):
         return r_BM * active_BM, active_BM
 
     @staticmethod
-    def backward(ctx, g_f_BM, _g_active):  # noqa: D102
+    def backward(ctx, g_f_BM, _g_active):
         r_BM, theta_M = ctx.saved_tensors
         eps = ctx.eps
         grad_r = g_f_BM * (r_BM > theta_M) if ctx.needs_input_grad[0] else None
@@ -86,13 +86,13 @@ class _StepSum(torch.autograd.Function):
     """``sum_b,j H(r - theta)`` (the L0 count) with ``d/d theta = -(1/eps) K((r - theta)/eps)``."""
 
     @staticmethod
-    def forward(ctx, r_BM, theta_M, eps):  # noqa: D102
+    def forward(ctx, r_BM, theta_M, eps):
         ctx.save_for_backward(r_BM, theta_M)
         ctx.eps = eps
         return (r_BM > theta_M).sum().to(torch.float32)  # exact count (not bf16)
 
     @staticmethod
-    def backward(ctx, g):  # noqa: D102
+    def backward(ctx, g):
         r_BM, theta_M = ctx.saved_tensors
         grad_theta = None
         if ctx.needs_input_grad[1]:
@@ -167,8 +167,7 @@ class JumpReLUSAE(SAE):
         if torch.is_grad_enabled() and self.threshold.requires_grad:
             # The STE needs dL/df on the whole window |r - theta| < eps/2, including the
             # inactive side (f = 0): keep those entries in the code with value 0.
-            code_BM = active_BM | ((r_BM.detach() - self.threshold.detach()).abs()
-                                   < self.cfg.bandwidth / 2)
+            code_BM = active_BM | ((r_BM.detach() - self.threshold.detach()).abs() < self.cfg.bandwidth / 2)
         acts_BL, idx_BL, dense_BM = kernels.variable_code(f_BM, code_BM)
         return Encoding(acts_BL, idx_BL, dense_BM=dense_BM), {"r_BM": r_BM}
 
@@ -185,8 +184,7 @@ class JumpReLUSAE(SAE):
         self.threshold.data.clamp_(min=0)
 
     def _saved_tensors(self) -> dict[str, Tensor]:
-        return {**super()._saved_tensors(), "W_enc": self.W_enc, "b_enc": self.b_enc,
-                "threshold": self.threshold}
+        return {**super()._saved_tensors(), "W_enc": self.W_enc, "b_enc": self.b_enc, "threshold": self.threshold}
 
     @torch.no_grad()
     def _load_saved_tensors(self, tensors: dict[str, Tensor]) -> None:

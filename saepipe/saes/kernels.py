@@ -53,9 +53,7 @@ def sparse_decode(idx_BK: Tensor, acts_BK: Tensor, W_dec_MD: Tensor) -> Tensor:
 
     One ``F.embedding_bag(mode="sum", per_sample_weights=...)`` call; cost ``2 * D * K`` per token.
     """
-    return F.embedding_bag(
-        idx_BK, W_dec_MD, per_sample_weights=acts_BK.to(W_dec_MD.dtype), mode="sum"
-    )
+    return F.embedding_bag(idx_BK, W_dec_MD, per_sample_weights=acts_BK.to(W_dec_MD.dtype), mode="sum")
 
 
 def _bag_weight_grad(idx_BK: Tensor, w_BK: Tensor, grad_BD: Tensor, n_rows: int) -> Tensor:
@@ -64,8 +62,7 @@ def _bag_weight_grad(idx_BK: Tensor, w_BK: Tensor, grad_BD: Tensor, n_rows: int)
     The weight gradient of ``embedding_bag``; computed with its optimised backward kernel.
     """
     with torch.enable_grad():
-        table_MD = torch.zeros(n_rows, grad_BD.shape[1], dtype=grad_BD.dtype,
-                               device=grad_BD.device, requires_grad=True)
+        table_MD = torch.zeros(n_rows, grad_BD.shape[1], dtype=grad_BD.dtype, device=grad_BD.device, requires_grad=True)
         y_BD = F.embedding_bag(idx_BK, table_MD, per_sample_weights=w_BK, mode="sum")
         (g_MD,) = torch.autograd.grad(y_BD, table_MD, grad_BD)
     return g_MD
@@ -76,7 +73,7 @@ class _TopKLinear(torch.autograd.Function):
     ``aux_mask``]; the backward scatters only the selected entries' gradients."""
 
     @staticmethod
-    def forward(ctx, x_BD, W_DM, b_M, k, aux_mask_M, k_aux):  # noqa: D102
+    def forward(ctx, x_BD, W_DM, b_M, k, aux_mask_M, k_aux):
         pre_BM = torch.addmm(b_M, x_BD, W_DM)
         vals_BK, idx_BK = pre_BM.topk(k, dim=1, sorted=False)
         if aux_mask_M is not None and k_aux > 0:
@@ -89,7 +86,7 @@ class _TopKLinear(torch.autograd.Function):
         return vals_BK, idx_BK, vals_aux_BA.clone(), idx_aux_BA.clone()
 
     @staticmethod
-    def backward(ctx, g_vals_BK, _g_idx, g_aux_BA, _g_idx_aux):  # noqa: D102
+    def backward(ctx, g_vals_BK, _g_idx, g_aux_BA, _g_idx_aux):
         x_BD, W_DM, idx_BK, idx_aux_BA = ctx.saved_tensors
         idx_BJ = torch.cat([idx_BK, idx_aux_BA], dim=1)
         g_BJ = torch.cat([g_vals_BK, g_aux_BA], dim=1).to(W_DM.dtype)
@@ -106,8 +103,12 @@ class _TopKLinear(torch.autograd.Function):
 
 
 def topk_linear(
-    x_BD: Tensor, W_DM: Tensor, b_M: Tensor, k: int,
-    aux_mask_M: Tensor | None = None, k_aux: int = 0,
+    x_BD: Tensor,
+    W_DM: Tensor,
+    b_M: Tensor,
+    k: int,
+    aux_mask_M: Tensor | None = None,
+    k_aux: int = 0,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """TopK of the pre-activations ``x_BD @ W_DM + b_M`` with a sparse backward.
 
@@ -121,7 +122,11 @@ def topk_linear(
 
 
 def auxk_loss(
-    e_BD: Tensor, pre_BA: Tensor, idx_BA: Tensor, W_dec_MD: Tensor, coeff: float,
+    e_BD: Tensor,
+    pre_BA: Tensor,
+    idx_BA: Tensor,
+    W_dec_MD: Tensor,
+    coeff: float,
     scale_BA: Tensor | None = None,
 ) -> Tensor:
     """Gao et al. (2024) AuxK: ``coeff * sum_b ||e_b - e_hat_b||^2 / sum_b ||e_b - mean_b(e)||^2``.
@@ -165,9 +170,7 @@ def _contiguous_grad(grad: Tensor) -> Tensor:
     return grad.contiguous()
 
 
-def grouped_mm(
-    x_TD: Tensor, W_NDn: Tensor, counts_N: Tensor, *, force_fallback: bool = False
-) -> Tensor:
+def grouped_mm(x_TD: Tensor, W_NDn: Tensor, counts_N: Tensor, *, force_fallback: bool = False) -> Tensor:
     """Grouped matmul: rows of ``x_TD`` (sorted by group) times their group's ``W_NDn[g]``.
 
     ``counts_N[g]`` rows belong to group ``g`` (groups are contiguous, zero counts allowed,
@@ -201,8 +204,9 @@ _WARNED: set[str] = set()
 def _warn_fallback(key: str, err: BaseException) -> None:
     if key not in _WARNED:
         _WARNED.add(key)
-        warnings.warn(f"grouped_mm unavailable for {key} ({err}); using the per-expert loop",
-                      RuntimeWarning, stacklevel=3)
+        warnings.warn(
+            f"grouped_mm unavailable for {key} ({err}); using the per-expert loop", RuntimeWarning, stacklevel=3
+        )
 
 
 def _grouped_mm_loop(x_TD: Tensor, W_NDn: Tensor, counts_N: Tensor) -> Tensor:
@@ -213,9 +217,7 @@ def _grouped_mm_loop(x_TD: Tensor, W_NDn: Tensor, counts_N: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def geometric_median(
-    x_BD: Tensor, max_iter: int = 100, tol: float = 1e-6, eps: float = 1e-8
-) -> Tensor:
+def geometric_median(x_BD: Tensor, max_iter: int = 100, tol: float = 1e-6, eps: float = 1e-8) -> Tensor:
     """Geometric median of the rows of ``x_BD`` by Weiszfeld iterations (at most ``max_iter``).
 
     Starts at the mean; stops when the update moves less than ``tol`` (relative).

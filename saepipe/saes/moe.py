@@ -96,7 +96,8 @@ class MoEConfig(AuxKConfigMixin, SAEConfig):
             raise ValueError(
                 f"alpha_units must be one of {list(ALPHA_UNITS)} ('paper': alpha is the papers' "
                 f"coefficient on raw activations; 'normalised': on the normalised loss), got "
-                f"{self.alpha_units!r}")
+                f"{self.alpha_units!r}"
+            )
         self._validate_auxk()
         if not isinstance(self.auxk_expert_weight, bool):
             raise ValueError(f"auxk_expert_weight must be a bool, got {self.auxk_expert_weight!r}")
@@ -115,7 +116,7 @@ class MoEConfig(AuxKConfigMixin, SAEConfig):
     def balance_coeff(self) -> float:
         """Coefficient ``c`` of ``N sum f_i P_i`` in the normalised loss (see module docstring)."""
         if self.alpha_units == "paper":
-            return self.alpha * self.act_norm_factor ** 2
+            return self.alpha * self.act_norm_factor**2
         return self.alpha
 
 
@@ -130,9 +131,7 @@ class MoESAE(SAE):
     cfg: MoEConfig
     b_router: nn.Parameter
 
-    def _dead_encoder(
-        self, dead_A: Tensor, extras: dict[str, Tensor]
-    ) -> tuple[Tensor, Tensor | None]:
+    def _dead_encoder(self, dead_A: Tensor, extras: dict[str, Tensor]) -> tuple[Tensor, Tensor | None]:
         """``(W_AD, b_A)``: encoder rows (as ``[A, d]``) and bias (None = no bias) of the dead
         latents ``dead_A`` (global indices), as used in this forward (``extras``)."""
         raise NotImplementedError
@@ -158,8 +157,7 @@ class MoESAE(SAE):
         f_N = top1_counts_N.float() / probs_BN.shape[0]
         return self.cfg.balance_coeff * self.cfg.n_experts * (f_N * probs_BN.float().mean(0)).sum()
 
-    def _auxk_loss(self, x_n_BD: Tensor, x_hat_n_BD: Tensor, enc: Encoding,
-                   extras: dict[str, Tensor]) -> Tensor:
+    def _auxk_loss(self, x_n_BD: Tensor, x_hat_n_BD: Tensor, enc: Encoding, extras: dict[str, Tensor]) -> Tensor:
         """Gao's AuxK over the dead latents of the whole dictionary (0 when none is dead)."""
         dead_M, k_aux = self._auxk_selection()
         if dead_M is None:
@@ -176,8 +174,7 @@ class MoESAE(SAE):
             w_BN = self.expert_weights_BN(enc)
             if w_BN is not None:
                 scale_BA = w_BN.detach().gather(1, idx_BA // self.cfg.expert_width)
-        return kernels.auxk_loss(x_n_BD - x_hat_n_BD, pre_BA, idx_BA, self.W_dec,
-                                 self.cfg.aux_coeff, scale_BA)
+        return kernels.auxk_loss(x_n_BD - x_hat_n_BD, pre_BA, idx_BA, self.W_dec, self.cfg.aux_coeff, scale_BA)
 
     @torch.no_grad()
     def init_from_batch(self, x_BD: Tensor) -> None:

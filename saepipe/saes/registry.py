@@ -28,8 +28,9 @@ import importlib
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -69,18 +70,25 @@ def register_architecture(name: str, sae_cls: type[SAE], cfg_cls: type[SAEConfig
     if not isinstance(name, str) or not name.isidentifier():
         raise ValueError(f"architecture name must be an identifier-like string, got {name!r}")
     if not (isinstance(sae_cls, type) and issubclass(sae_cls, SAE)):
-        raise TypeError(f"register_architecture({name!r}): sae_cls must be a subclass of "
-                        f"saepipe.saes.SAE, got {sae_cls!r}")
+        raise TypeError(
+            f"register_architecture({name!r}): sae_cls must be a subclass of saepipe.saes.SAE, got {sae_cls!r}"
+        )
     if not (isinstance(cfg_cls, type) and issubclass(cfg_cls, SAEConfig)):
-        raise TypeError(f"register_architecture({name!r}): cfg_cls must be a dataclass subclass "
-                        f"of saepipe.saes.SAEConfig, got {cfg_cls!r}")
+        raise TypeError(
+            f"register_architecture({name!r}): cfg_cls must be a dataclass subclass "
+            f"of saepipe.saes.SAEConfig, got {cfg_cls!r}"
+        )
     if cfg_cls.ARCH != name:
-        raise ValueError(f"register_architecture({name!r}): {cfg_cls.__name__}.ARCH is "
-                         f"{cfg_cls.ARCH!r}; set ARCH: ClassVar[str] = {name!r} in the config class")
+        raise ValueError(
+            f"register_architecture({name!r}): {cfg_cls.__name__}.ARCH is "
+            f"{cfg_cls.ARCH!r}; set ARCH: ClassVar[str] = {name!r} in the config class"
+        )
     known = ARCHITECTURES.get(name)
     if known is not None and known != (sae_cls, cfg_cls):
-        raise ValueError(f"architecture {name!r} is already registered to {known[0].__name__}/"
-                         f"{known[1].__name__}; pick another name for {sae_cls.__name__}")
+        raise ValueError(
+            f"architecture {name!r} is already registered to {known[0].__name__}/"
+            f"{known[1].__name__}; pick another name for {sae_cls.__name__}"
+        )
     ARCHITECTURES[name] = (sae_cls, cfg_cls)
 
 
@@ -89,9 +97,14 @@ def arch_traits(arch: str) -> dict[str, Any]:
     display label, sort order, whether k fixes L0 (else it is measured), whether a router
     picks experts, and whether it learns an omega gain / an activation threshold."""
     cfg_cls = _lookup(arch)[1]
-    return {"arch_label": cfg_cls.LABEL or arch, "arch_order": cfg_cls.ORDER,
-            "l0_fixed": cfg_cls.L0_FIXED, "routed": cfg_cls.ROUTED,
-            "has_omega": cfg_cls.HAS_OMEGA, "has_threshold": cfg_cls.HAS_THRESHOLD}
+    return {
+        "arch_label": cfg_cls.LABEL or arch,
+        "arch_order": cfg_cls.ORDER,
+        "l0_fixed": cfg_cls.L0_FIXED,
+        "routed": cfg_cls.ROUTED,
+        "has_omega": cfg_cls.HAS_OMEGA,
+        "has_threshold": cfg_cls.HAS_THRESHOLD,
+    }
 
 
 def load_plugins(modules: list[str] | tuple[str, ...]) -> None:
@@ -104,7 +117,8 @@ def load_plugins(modules: list[str] | tuple[str, ...]) -> None:
             raise ImportError(
                 f"cannot import the SAE plugin module {module!r} (config 'plugins' / "
                 f"${PLUGINS_ENV}): {e}. Put its directory on PYTHONPATH (or install it), or "
-                "remove it from 'plugins'.") from e
+                "remove it from 'plugins'."
+            ) from e
 
 
 def load_env_plugins() -> None:
@@ -157,8 +171,7 @@ def save_sae(sae: SAE, directory: str | os.PathLike, run: dict[str, Any] | None 
     """
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
-    tensors = {name: t.detach().to("cpu", torch.float32).contiguous()
-               for name, t in sae._saved_tensors().items()}
+    tensors = {name: t.detach().to("cpu", torch.float32).contiguous() for name, t in sae._saved_tensors().items()}
     config = {**sae.saved_metadata(), **sae.cfg.to_dict()}
     if run is not None:
         config["run"] = run

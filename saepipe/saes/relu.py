@@ -70,17 +70,15 @@ class ReLUConfig(SAEConfig):
         if not self.l1_coeff >= 0:
             raise ValueError(f"l1_coeff must be >= 0, got {self.l1_coeff!r}")
         if not 0 <= self.l1_warmup_fraction <= 1:
-            raise ValueError(
-                f"l1_warmup_fraction must be in [0, 1], got {self.l1_warmup_fraction!r}")
+            raise ValueError(f"l1_warmup_fraction must be in [0, 1], got {self.l1_warmup_fraction!r}")
         if self.l1_warmup_tokens is not None and (
-                not isinstance(self.l1_warmup_tokens, int) or self.l1_warmup_tokens < 0):
-            raise ValueError(f"l1_warmup_tokens must be an int >= 0 or None, got "
-                             f"{self.l1_warmup_tokens!r}")
+            not isinstance(self.l1_warmup_tokens, int) or self.l1_warmup_tokens < 0
+        ):
+            raise ValueError(f"l1_warmup_tokens must be an int >= 0 or None, got {self.l1_warmup_tokens!r}")
         if not self.dec_init_norm > 0:
             raise ValueError(f"dec_init_norm must be > 0, got {self.dec_init_norm!r}")
         if self.dead_tokens < 0:
             raise ValueError(f"dead_tokens must be >= 0, got {self.dead_tokens!r}")
-
 
     @property
     def warmup_tokens(self) -> int:

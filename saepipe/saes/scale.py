@@ -136,12 +136,14 @@ class ScaleConfig(MoEConfig):
                 f"k={self.k} must be <= active_experts * latents per expert = "
                 f"{e} * {self.expert_width} = {e * self.expert_width}"
             )
-        for name, allowed in (("expert_weighting", EXPERT_WEIGHTINGS),
-                              ("weight_order", WEIGHT_ORDERS),
-                              ("lowpass", LOWPASS_FILTERS), ("decoder_norm", DECODER_NORMS)):
+        for name, allowed in (
+            ("expert_weighting", EXPERT_WEIGHTINGS),
+            ("weight_order", WEIGHT_ORDERS),
+            ("lowpass", LOWPASS_FILTERS),
+            ("decoder_norm", DECODER_NORMS),
+        ):
             if getattr(self, name) not in allowed:
-                raise ValueError(
-                    f"{name} must be one of {list(allowed)}, got {getattr(self, name)!r}")
+                raise ValueError(f"{name} must be one of {list(allowed)}, got {getattr(self, name)!r}")
         if not isinstance(self.feature_scaling, bool):
             raise ValueError(f"feature_scaling must be a bool, got {self.feature_scaling!r}")
 
@@ -266,13 +268,10 @@ class ScaleSAE(MoESAE):
         pos_BK = key_BC.detach().topk(cfg.k, dim=1, sorted=False).indices
         acts_BK = F.relu(weighted_BC.gather(1, pos_BK))
         top1_counts_N = torch.bincount(experts_BE[:, 0], minlength=N)
-        enc = Encoding(acts_BK, gidx_BC.gather(1, pos_BK), None, experts_BE[:, 0], probs_BN,
-                       experts_BE=experts_BE)
+        enc = Encoding(acts_BK, gidx_BC.gather(1, pos_BK), None, experts_BE[:, 0], probs_BN, experts_BE=experts_BE)
         return enc, {"weights_BE": w_BE, "W_hat_NDn": W_hat_NDn, "top1_counts_N": top1_counts_N}
 
-    def _dead_encoder(
-        self, dead_A: Tensor, extras: dict[str, Tensor]
-    ) -> tuple[Tensor, Tensor | None]:
+    def _dead_encoder(self, dead_A: Tensor, extras: dict[str, Tensor]) -> tuple[Tensor, Tensor | None]:
         """Feature-scaled ``W_hat`` columns (as ``[A, d]``) and ``b_enc`` of the dead latents."""
         n = self.cfg.expert_width
         return extras["W_hat_NDn"][dead_A // n, :, dead_A % n], self.b_enc[dead_A]
@@ -304,9 +303,15 @@ class ScaleSAE(MoESAE):
     # columns).
 
     def _saved_tensors(self) -> dict[str, Tensor]:
-        tensors = {**super()._saved_tensors(), "W_enc": self.W_enc_DM(), "b_enc": self.b_enc,
-                   "W_router": self.W_router, "b_router": self.b_router,
-                   "router_bias": self.router_bias, "omega": self.omega}
+        tensors = {
+            **super()._saved_tensors(),
+            "W_enc": self.W_enc_DM(),
+            "b_enc": self.b_enc,
+            "W_router": self.W_router,
+            "b_router": self.b_router,
+            "router_bias": self.router_bias,
+            "omega": self.omega,
+        }
         if self.cfg.lowpass == "learned":
             tensors["lowpass_A"] = self.lowpass_A
         return tensors
@@ -320,12 +325,16 @@ class ScaleSAE(MoESAE):
             getattr(self, name).copy_(tensors[name])
         if self.cfg.lowpass == "learned":
             if "lowpass_A" not in tensors:
-                old = " (it has 'lowpass_logits', the pre-App. C softmax average over latents)" \
-                    if "lowpass_logits" in tensors else ""
+                old = (
+                    " (it has 'lowpass_logits', the pre-App. C softmax average over latents)"
+                    if "lowpass_logits" in tensors
+                    else ""
+                )
                 raise ValueError(
                     f"scale SAE with lowpass='learned' needs the tensor 'lowpass_A' [d, d] "
                     f"(App. C.3 A_LP); the saved file lacks it{old}. Retrain it with this "
-                    f"version, or load it with lowpass='mean' to drop the learned low-pass.")
+                    f"version, or load it with lowpass='mean' to drop the learned low-pass."
+                )
             self.lowpass_A.copy_(tensors["lowpass_A"])
 
     def extra_stats(self) -> dict[str, list[float]]:

@@ -73,10 +73,7 @@ class SwitchConfig(MoEConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.k > self.expert_width:
-            raise ValueError(
-                f"k={self.k} must be <= latents per expert width // n_experts = "
-                f"{self.expert_width}"
-            )
+            raise ValueError(f"k={self.k} must be <= latents per expert width // n_experts = {self.expert_width}")
         if not isinstance(self.heaviside, bool):
             raise ValueError(f"heaviside must be a bool, got {self.heaviside!r}")
 
@@ -142,9 +139,7 @@ class SwitchSAE(MoESAE):
         enc = Encoding(acts_BK, idx_BK, gate_B, expert_B, probs_BN, experts_BE=expert_B[:, None])
         return enc, {"top1_counts_N": counts_N}
 
-    def _dead_encoder(
-        self, dead_A: Tensor, extras: dict[str, Tensor]
-    ) -> tuple[Tensor, Tensor | None]:
+    def _dead_encoder(self, dead_A: Tensor, extras: dict[str, Tensor]) -> tuple[Tensor, Tensor | None]:
         """``W_enc`` columns of the dead latents as ``[A, d]``; Switch has no encoder bias."""
         n = self.cfg.expert_width
         return self.W_enc[dead_A // n, :, dead_A % n], None

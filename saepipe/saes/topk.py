@@ -77,7 +77,8 @@ class TopKSAE(SAE):
         x_c_BD = x_n_BD - b_dec_D
         aux_mask_M, k_aux = self._auxk_selection()
         vals_BK, idx_BK, vals_aux_BA, idx_aux_BA = kernels.topk_linear(
-            x_c_BD, self.W_enc, b_eff_M, self.cfg.k, aux_mask_M, k_aux)
+            x_c_BD, self.W_enc, b_eff_M, self.cfg.k, aux_mask_M, k_aux
+        )
         extras = {"aux_vals_BA": vals_aux_BA, "aux_idx_BA": idx_aux_BA} if k_aux else {}
         return Encoding(F.relu(vals_BK), idx_BK), extras
 
@@ -89,8 +90,11 @@ class TopKSAE(SAE):
             return {}
         if "aux_idx_BA" not in extras:
             return {"auxk": x_n_BD.new_zeros(())}
-        return {"auxk": kernels.auxk_loss(x_n_BD - x_hat_n_BD, extras["aux_vals_BA"],
-                                          extras["aux_idx_BA"], self.W_dec, self.cfg.aux_coeff)}
+        return {
+            "auxk": kernels.auxk_loss(
+                x_n_BD - x_hat_n_BD, extras["aux_vals_BA"], extras["aux_idx_BA"], self.W_dec, self.cfg.aux_coeff
+            )
+        }
 
     def _saved_tensors(self) -> dict[str, Tensor]:
         return {**super()._saved_tensors(), "W_enc": self.W_enc, "b_enc": self.b_enc}
