@@ -136,6 +136,13 @@ def _check_input(name: str, kind: str) -> None:
     raise ValueError(f"figure {name!r}: unknown input {kind!r}; inputs: {list(INPUT_KINDS)}")
 
 
+def _key(fig: Figure) -> tuple:
+    """What makes two registrations the same figure (``applies`` by where it is defined: a
+    module imported again defines a new function object)."""
+    applies = (getattr(fig.applies, "__module__", None), getattr(fig.applies, "__qualname__", repr(fig.applies)))
+    return fig.name, fig.function, fig.inputs, fig.caption, fig.category, applies
+
+
 def register_figure(
     name: str,
     function: str,
@@ -160,7 +167,7 @@ def register_figure(
         raise ValueError(f"figure {name!r}: each input at most once, one logs:<trait> at most; got {inputs}")
     fig = Figure(name, function, inputs, caption, category, applies)
     old = FIGURES.get(name)
-    if old is not None and old != fig:
+    if old is not None and _key(old) != _key(fig):
         raise ValueError(f"figure {name!r} is already registered (drawn by {old.function}); pick another name")
     FIGURES[name] = fig
     return fig
