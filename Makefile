@@ -33,8 +33,12 @@ report: venv
 test: venv
 	$(BIN)/python -m pytest -q
 
-# Static gates (CI runs them before the tests): the workflow must lint clean.
+# Static gates (CI runs them before the tests; configuration in pyproject.toml).
 lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+	$(BIN)/snakefmt --check Snakefile rules/
 	@out="$$($(BIN)/snakemake --lint 2>&1)"; echo "$$out"; \
 	  echo "$$out" | grep -q "your workflow is in a good condition" || { echo "snakemake --lint found lints (above)"; exit 1; }
 

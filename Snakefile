@@ -9,7 +9,10 @@ from snakemake.utils import min_version, validate
 
 min_version("9.0")
 
+
 configfile: "config.yaml"
+
+
 validate(config, "schemas/config.schema.yaml")
 
 # Use the saepipe of this checkout, here and in every job's script.
@@ -40,7 +43,9 @@ INSPECTED = list({p["point"]: sid for sid, p in reversed(list(SAES.items()))}.va
 MAXACT = config.get("maxact", {})
 AUTOINTERP = endpoint_params(config.get("autointerp", {}))  # env overrides applied; errors early
 SHARDS = {
-    split: [f"{i:03d}" for i in range(math.ceil(config["extract"][f"{split}_tokens"] / config["extract"]["shard_tokens"]))]
+    split: [
+        f"{i:03d}" for i in range(math.ceil(config["extract"][f"{split}_tokens"] / config["extract"]["shard_tokens"]))
+    ]
     for split in ("train", "eval")
 }
 
@@ -52,7 +57,9 @@ FIGURES += ["results/plots/metrics.html", "results/plots/features.html"]
 if AUTOINTERP["enabled"]:
     FIGURES.append("results/plots/autointerp.png")
 
+
 report: "report/workflow.rst"
+
 
 wildcard_constraints:
     split="train|eval",

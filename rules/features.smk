@@ -9,19 +9,19 @@ rule maxact:
         shards=expand("results/activations/eval/{shard}.zarr", shard=SHARDS["eval"]),
     output:
         "results/saes/{sae}/maxact.parquet",
-    params:
-        cfg=canonical(MAXACT),
-        code=fingerprint("saepipe.features.maxact"),
+    log:
+        "results/logs/maxact/{sae}.log",
+    benchmark:
+        "results/benchmarks/maxact/{sae}.tsv"
+    conda:
+        "../envs/saepipe.yaml"
     threads: 1
     resources:
         gpu=1,
         mem_mb=2000,
-    log:
-        "results/logs/maxact/{sae}.log",
-    benchmark:
-        "results/benchmarks/maxact/{sae}.tsv",
-    conda:
-        "../envs/saepipe.yaml"
+    params:
+        cfg=canonical(MAXACT),
+        code=fingerprint("saepipe.features.maxact"),
     script:
         "../workflow_scripts/maxact.py"
 
@@ -32,16 +32,16 @@ rule autointerp:
     output:
         table="results/saes/{sae}/autointerp.parquet",
         summary="results/saes/{sae}/autointerp.json",
-    params:
-        cfg=canonical(AUTOINTERP),  # resolved endpoint and model, never the API key
-        code=fingerprint("saepipe.features.autointerp"),
-    threads: 1
     log:
         "results/logs/autointerp/{sae}.log",
     benchmark:
-        "results/benchmarks/autointerp/{sae}.tsv",
+        "results/benchmarks/autointerp/{sae}.tsv"
     conda:
         "../envs/saepipe.yaml"
+    threads: 1
+    params:
+        cfg=canonical(AUTOINTERP),  # resolved endpoint and model, never the API key
+        code=fingerprint("saepipe.features.autointerp"),
     script:
         "../workflow_scripts/autointerp.py"
 
@@ -51,14 +51,13 @@ rule feature_report:
         maxact=expand("results/saes/{sae}/maxact.parquet", sae=INSPECTED),  # first seed of each point
         autointerp=expand("results/saes/{sae}/autointerp.parquet", sae=INSPECTED) if AUTOINTERP["enabled"] else [],
     output:
-        report("results/plots/features.html", caption="../report/features.rst",
-               category="5. Feature inspection"),
-    params:
-        code=fingerprint("saepipe.features.report"),
+        report("results/plots/features.html", caption="../report/features.rst", category="5. Feature inspection"),
     log:
         "results/logs/feature_report.log",
     conda:
         "../envs/saepipe.yaml"
+    params:
+        code=fingerprint("saepipe.features.report"),
     script:
         "../workflow_scripts/feature_report.py"
 
@@ -68,13 +67,12 @@ rule plot_autointerp:
         table=rules.aggregate.output,
         verdicts=expand("results/saes/{sae}/autointerp.parquet", sae=INSPECTED),
     output:
-        report("results/plots/autointerp.png", caption="../report/autointerp.rst",
-               category="5. Feature inspection"),
-    params:
-        code=fingerprint("saepipe.plots.autointerp"),
+        report("results/plots/autointerp.png", caption="../report/autointerp.rst", category="5. Feature inspection"),
     log:
         "results/logs/plot_autointerp.log",
     conda:
         "../envs/saepipe.yaml"
+    params:
+        code=fingerprint("saepipe.plots.autointerp"),
     script:
         "../workflow_scripts/plot_autointerp.py"

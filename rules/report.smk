@@ -8,15 +8,15 @@ rule aggregate:
         extra=expand("results/saes/{sae}/autointerp.json", sae=INSPECTED) if AUTOINTERP["enabled"] else [],
     output:
         "results/table.parquet",
-    params:
-        groups=canonical({sid: {"group": p["group"], "point": p["point"], **p["match"]} for sid, p in SAES.items()}),
-        code=fingerprint("saepipe.aggregate"),
     log:
         "results/logs/aggregate.log",
     benchmark:
-        "results/benchmarks/aggregate.tsv",
+        "results/benchmarks/aggregate.tsv"
     conda:
         "../envs/saepipe.yaml"
+    params:
+        groups=canonical({sid: {"group": p["group"], "point": p["point"], **p["match"]} for sid, p in SAES.items()}),
+        code=fingerprint("saepipe.aggregate"),
     script:
         "../workflow_scripts/aggregate.py"
 
@@ -26,12 +26,12 @@ rule metrics_table:
         rules.aggregate.output,
     output:
         report("results/plots/metrics.html", caption="../report/metrics.rst", category="0. Metrics"),
-    params:
-        code=fingerprint("saepipe.plots.metrics_table"),
     log:
         "results/logs/metrics_table.log",
     conda:
         "../envs/saepipe.yaml"
+    params:
+        code=fingerprint("saepipe.plots.metrics_table"),
     script:
         "../workflow_scripts/metrics_table.py"
 
@@ -47,14 +47,14 @@ for fig in FIGURES_TO_BUILD:
             **figure_inputs(fig, rules.aggregate.output),
         output:
             report(fig.output, caption=fig.caption_path(workflow.basedir), category=fig.category),
-        params:
-            figure=fig.name,
-            code=fig.code(),
         log:
             f"results/logs/plot_{fig.name}.log",
         benchmark:
             f"results/benchmarks/plot_{fig.name}.tsv"
         conda:
             "../envs/saepipe.yaml"
+        params:
+            figure=fig.name,
+            code=fig.code(),
         script:
             "../workflow_scripts/plot.py"

@@ -8,20 +8,20 @@ rule train:
         weights="results/saes/{sae}/sae.safetensors",
         config="results/saes/{sae}/config.json",
         log="results/saes/{sae}/train_log.jsonl",
-    params:
-        sae=lambda wc: canonical(SAES[wc.sae]["sae"]),
-        train=lambda wc: canonical(split_runtime(SAES[wc.sae]["train"])[0]),  # runtime fields: from config
-        code=fingerprint("saepipe.train"),
+    log:
+        "results/logs/train/{sae}.log",
+    benchmark:
+        "results/benchmarks/train/{sae}.tsv"
+    conda:
+        "../envs/saepipe.yaml"
     threads: 1
     resources:
         gpu=1,
         mem_mb=3000,
-    log:
-        "results/logs/train/{sae}.log",
-    benchmark:
-        "results/benchmarks/train/{sae}.tsv",
-    conda:
-        "../envs/saepipe.yaml"
+    params:
+        sae=lambda wc: canonical(SAES[wc.sae]["sae"]),
+        train=lambda wc: canonical(split_runtime(SAES[wc.sae]["train"])[0]),  # runtime fields: from config
+        code=fingerprint("saepipe.train"),
     script:
         "../workflow_scripts/train.py"
 
@@ -32,19 +32,19 @@ rule lm_baseline:
         shards=expand("results/activations/eval/{shard}.zarr", shard=SHARDS["eval"]),
     output:
         "results/eval/lm_baseline.json",
-    params:
-        cfg=canonical(config["evaluate"]),
-        code=fingerprint("saepipe.evaluate.metrics"),
+    log:
+        "results/logs/lm_baseline.log",
+    benchmark:
+        "results/benchmarks/lm_baseline.tsv"
+    conda:
+        "../envs/saepipe.yaml"
     threads: 1
     resources:
         gpu=1,
         mem_mb=2000,
-    log:
-        "results/logs/lm_baseline.log",
-    benchmark:
-        "results/benchmarks/lm_baseline.tsv",
-    conda:
-        "../envs/saepipe.yaml"
+    params:
+        cfg=canonical(config["evaluate"]),
+        code=fingerprint("saepipe.evaluate.metrics"),
     script:
         "../workflow_scripts/lm_baseline.py"
 
@@ -58,18 +58,18 @@ rule evaluate:
         baseline=rules.lm_baseline.output[0],
     output:
         "results/saes/{sae}/metrics.json",
-    params:
-        cfg=canonical(config["evaluate"]),
-        code=fingerprint("saepipe.evaluate.metrics"),
+    log:
+        "results/logs/evaluate/{sae}.log",
+    benchmark:
+        "results/benchmarks/evaluate/{sae}.tsv"
+    conda:
+        "../envs/saepipe.yaml"
     threads: 1
     resources:
         gpu=1,
         mem_mb=2000,
-    log:
-        "results/logs/evaluate/{sae}.log",
-    benchmark:
-        "results/benchmarks/evaluate/{sae}.tsv",
-    conda:
-        "../envs/saepipe.yaml"
+    params:
+        cfg=canonical(config["evaluate"]),
+        code=fingerprint("saepipe.evaluate.metrics"),
     script:
         "../workflow_scripts/evaluate.py"

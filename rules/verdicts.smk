@@ -8,15 +8,15 @@ rule verdicts:
         table="results/table.parquet",
     output:
         json="results/verdicts.json",
-        html=report("results/plots/verdicts.html", caption="../report/verdicts.rst",
-                    category="0. Claim verdicts"),  # sorts first: the report's first category
+        html=report("results/plots/verdicts.html", caption="../report/verdicts.rst", category="0. Claim verdicts"),
+        # sorts first: the report's first category
         summary="results/plots/verdicts_summary.html",
-    params:
-        thresholds=canonical(VerdictConfig.from_config(config).to_dict()),  # config errors stop the parse
-        code=fingerprint("saepipe.verdicts"),
     log:
         "results/logs/verdicts.log",
     conda:
         "../envs/saepipe.yaml"
+    params:
+        thresholds=canonical(VerdictConfig.from_config(config).to_dict()),  # config errors stop the parse
+        code=fingerprint("saepipe.verdicts"),
     script:
         "../workflow_scripts/verdicts.py"

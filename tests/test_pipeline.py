@@ -3,6 +3,7 @@
 One real run (the session fixture `micro_run`); the rerun rules are then checked with
 `snakemake -n` on private copies of that finished run.
 """
+
 from __future__ import annotations
 
 import json
@@ -11,17 +12,30 @@ import re
 import pyarrow.parquet as pq
 import pytest
 import yaml
-
 from conftest import MICRO_SAES, copy_workflow, micro_config, snakemake, write_config
 
 N_SAES = len(MICRO_SAES)
 # what reruns after any metrics change: the table and every figure drawn from it
-DOWNSTREAM = {"aggregate": 1, "all": 1, "metrics_table": 1, "verdicts": 1, **{f"plot_{f}": 1 for f in (
-    "frontier", "scaling", "redundancy", "activation_similarity", "expert_usage", "omega")}}
+DOWNSTREAM = {
+    "aggregate": 1,
+    "all": 1,
+    "metrics_table": 1,
+    "verdicts": 1,
+    **{f"plot_{f}": 1 for f in ("frontier", "scaling", "redundancy", "activation_similarity", "expert_usage", "omega")},
+}
 # what reruns with one retrained SAE, besides the table and figures
 PER_SAE = {"train": 1, "evaluate": 1, "maxact": 1, "feature_report": 1}
-FIGURES = ["frontier", "scaling", "redundancy", "activation_similarity", "expert_usage",
-           "expert_load", "omega", "feature_geometry", "tsne"]
+FIGURES = [
+    "frontier",
+    "scaling",
+    "redundancy",
+    "activation_similarity",
+    "expert_usage",
+    "expert_load",
+    "omega",
+    "feature_geometry",
+    "tsne",
+]
 
 pytestmark = pytest.mark.slow
 
@@ -52,21 +66,42 @@ def edit_config(workdir, change) -> None:
 
 # ---------------------------------------------------------------- outputs of a full run
 
+
 def test_outputs_complete_and_consistent(micro_run):
     table = pq.read_table(micro_run / "results/table.parquet").to_pylist()
     ids = {r["sae_id"] for r in table}
     assert ids == MICRO_SAES  # every architecture trains and evaluates in the pipeline
     for row in table:
-        for key in ("mse", "l2_per_token", "fvu", "l0", "dead_fraction", "ce_loss_original",
-                    "ce_loss_reconstructed", "ce_loss_zero", "loss_recovered", "delta_ce",
-                    "flops_per_token"):
+        for key in (
+            "mse",
+            "l2_per_token",
+            "fvu",
+            "l0",
+            "dead_fraction",
+            "ce_loss_original",
+            "ce_loss_reconstructed",
+            "ce_loss_zero",
+            "loss_recovered",
+            "delta_ce",
+            "flops_per_token",
+        ):
             assert row[key] is not None, (row["sae_id"], key)
         if row["arch"] in ("topk", "switch", "scale"):
             assert row["l0"] <= row["k"] + 1e-6
         assert row["ce_loss_original"] < row["ce_loss_zero"]
-        for key in ("redundancy_09", "redundancy_08", "mean_max_cos", "activation_similarity",
-                    "expert_entropy_normalised", "train_tokens_per_s", "wall_time_s",
-                    "train_flops_per_token", "train_wall_s_per_token", "point_id", "seed"):
+        for key in (
+            "redundancy_09",
+            "redundancy_08",
+            "mean_max_cos",
+            "activation_similarity",
+            "expert_entropy_normalised",
+            "train_tokens_per_s",
+            "wall_time_s",
+            "train_flops_per_token",
+            "train_wall_s_per_token",
+            "point_id",
+            "seed",
+        ):
             assert row[key] is not None, (row["sae_id"], key)
         # training cost: forward + backward (3x forward) + the optimizer's per-parameter work
         assert row["train_flops_per_token"] > 3 * row["flops_per_token"]
@@ -145,8 +180,17 @@ def test_metrics_page_lists_every_sae(micro_run):
     page = (micro_run / "results/plots/metrics.html").read_text()
     for sid in MICRO_SAES:
         assert f"<td>{sid}</td>" in page
-    for header in ("L0", "FVU", "loss recovered", "redund. &gt;0.9", "act. similarity", "routing entropy",
-                   "mean ω", "FLOPs/token", "train tok/s"):
+    for header in (
+        "L0",
+        "FVU",
+        "loss recovered",
+        "redund. &gt;0.9",
+        "act. similarity",
+        "routing entropy",
+        "mean ω",
+        "FLOPs/token",
+        "train tok/s",
+    ):
         assert f"<th>{header}</th>" in page, header
 
 
@@ -163,8 +207,20 @@ def test_verdicts_of_the_micro_run(micro_run):
     assert result["schema_version"] == SCHEMA_VERSION
     assert result["config"] == VerdictConfig().to_dict()  # config.yaml states the defaults
     for v in result["verdicts"]:
-        for key in ("claim", "k", "effect", "n", "status", "reason", "a_saes", "b_saes", "paper",
-                    "delta_loss_recovered", "max_dead_fraction", "flop_ratio"):
+        for key in (
+            "claim",
+            "k",
+            "effect",
+            "n",
+            "status",
+            "reason",
+            "a_saes",
+            "b_saes",
+            "paper",
+            "delta_loss_recovered",
+            "max_dead_fraction",
+            "flop_ratio",
+        ):
             assert key in v, key
     # the micro sweep has one seed per point: what it can test is single_seed, the rest not_in_sweep
     by_claim = {v["claim"]: v for v in result["verdicts"]}
@@ -204,10 +260,16 @@ def test_autointerp_stage_with_a_stub_judge(micro_copy):
 
     server = judge_stub.start()
     try:
-        edit_config(micro_copy, lambda c: c["autointerp"].update(
-            enabled=True, base_url=server.url, model="perfect", features=2))
-        assert planned_jobs(micro_copy) == {"autointerp": N_SAES, "aggregate": 1, "feature_report": 1,
-                                            "plot_autointerp": 1, **DOWNSTREAM}
+        edit_config(
+            micro_copy, lambda c: c["autointerp"].update(enabled=True, base_url=server.url, model="perfect", features=2)
+        )
+        assert planned_jobs(micro_copy) == {
+            "autointerp": N_SAES,
+            "aggregate": 1,
+            "feature_report": 1,
+            "plot_autointerp": 1,
+            **DOWNSTREAM,
+        }
         snakemake(micro_copy, "--cores", "2")
     finally:
         server.shutdown()
@@ -224,12 +286,19 @@ def test_figures_adapt_to_the_sweep(micro_copy):
     edit_config(micro_copy, lambda c: c.update(sweep={"topk": c["sweep"]["topk"]}))
     jobs = planned_jobs(micro_copy)
     assert "plot_frontier" in jobs and "plot_redundancy" in jobs
-    for moe_only in ("plot_scaling", "plot_expert_usage", "plot_expert_load", "plot_omega",
-                     "plot_feature_geometry", "plot_tsne"):
+    for moe_only in (
+        "plot_scaling",
+        "plot_expert_usage",
+        "plot_expert_load",
+        "plot_omega",
+        "plot_feature_geometry",
+        "plot_tsne",
+    ):
         assert moe_only not in jobs
 
 
 # ---------------------------------------------------------------- what reruns after an edit
+
 
 def test_no_edit_reruns_nothing(micro_copy):
     assert planned_jobs(micro_copy) == {}
@@ -249,8 +318,7 @@ def test_runtime_only_train_fields_rerun_nothing(micro_copy):
 
 def test_editing_one_group_reruns_only_its_points(micro_copy):
     edit_config(micro_copy, lambda c: c["sweep"]["switch_width"].update(lr=0.002))
-    assert planned_jobs(micro_copy) == {**PER_SAE, "plot_expert_load": 1, "plot_feature_geometry": 1,
-                                        **DOWNSTREAM}
+    assert planned_jobs(micro_copy) == {**PER_SAE, "plot_expert_load": 1, "plot_feature_geometry": 1, **DOWNSTREAM}
     assert "results/saes/switch_width-k4/sae.safetensors" in planned_outputs(micro_copy)
 
 
@@ -274,10 +342,18 @@ def test_seeds_in_train_make_every_point_a_seed_axis(micro_copy):
 
 def test_editing_extraction_reruns_it_and_everything_after(micro_copy):
     edit_config(micro_copy, lambda c: c["extract"].update(batch_size=32))
-    assert planned_jobs(micro_copy) == {"extract": 3, "train": N_SAES, "lm_baseline": 1,
-                                        "evaluate": N_SAES, "maxact": N_SAES, "feature_report": 1,
-                                        "plot_expert_load": 1,
-                                        "plot_feature_geometry": 1, "plot_tsne": 1, **DOWNSTREAM}
+    assert planned_jobs(micro_copy) == {
+        "extract": 3,
+        "train": N_SAES,
+        "lm_baseline": 1,
+        "evaluate": N_SAES,
+        "maxact": N_SAES,
+        "feature_report": 1,
+        "plot_expert_load": 1,
+        "plot_feature_geometry": 1,
+        "plot_tsne": 1,
+        **DOWNSTREAM,
+    }
 
 
 def test_editing_eval_tokens_spares_training_shards(micro_copy):
@@ -305,15 +381,19 @@ def test_library_code_change_reruns_dependent_stages(micro_copy):
 
 # ---------------------------------------------------------------- config errors and bad input
 
-@pytest.mark.parametrize("change, needle", [
-    (lambda c: c["train"].update(learning_rate=0.1), "learning_rate"),
-    (lambda c: c["sweep"]["topk"].update(k="eight"), "eight"),
-    (lambda c: c["extract"].pop("hook"), "hook"),
-    (lambda c: c["sweep"]["topk"].update(n_experts=4), "n_experts"),
-    (lambda c: c["verdicts"].update(min_seeds=1), "min_seeds"),
-    (lambda c: c["lm"].update(n_heads=3), "must be divisible by lm.n_heads"),  # d_model 32
-    (lambda c: c["extract"].update(hook="blocks.5.hook_resid_pre"), "does not exist in the native model"),
-])
+
+@pytest.mark.parametrize(
+    "change, needle",
+    [
+        (lambda c: c["train"].update(learning_rate=0.1), "learning_rate"),
+        (lambda c: c["sweep"]["topk"].update(k="eight"), "eight"),
+        (lambda c: c["extract"].pop("hook"), "hook"),
+        (lambda c: c["sweep"]["topk"].update(n_experts=4), "n_experts"),
+        (lambda c: c["verdicts"].update(min_seeds=1), "min_seeds"),
+        (lambda c: c["lm"].update(n_heads=3), "must be divisible by lm.n_heads"),  # d_model 32
+        (lambda c: c["extract"].update(hook="blocks.5.hook_resid_pre"), "does not exist in the native model"),
+    ],
+)
 def test_invalid_config_stops_before_any_job(tmp_path, change, needle):
     cfg = micro_config()
     change(cfg)

@@ -8,12 +8,18 @@ comes from the row's trait columns (``saepipe.saes.arch_traits``: ``l0_fixed``, 
 saepipe.saes is imported by the functions, not here: importing it imports the plugin modules
 ($SAEPIPE_PLUGINS), and a plugin figure (saepipe.plots.registry) may import this module.
 """
+
 from __future__ import annotations
 
 import dataclasses
 
-UNKNOWN_ARCH_TRAITS = {"arch_order": 10_000, "l0_fixed": True, "routed": False, "has_omega": False,
-                       "has_threshold": False}
+UNKNOWN_ARCH_TRAITS = {
+    "arch_order": 10_000,
+    "l0_fixed": True,
+    "routed": False,
+    "has_omega": False,
+    "has_threshold": False,
+}
 """Traits of a row whose arch is neither in the row's trait columns nor registered."""
 
 
@@ -29,7 +35,7 @@ def row_trait(r: dict, key: str):
     if v is not None and not (isinstance(v, float) and v != v):  # NaN: missing
         return v
     try:
-        return arch_traits(r.get("arch"))[key]
+        return arch_traits(str(r.get("arch")))[key]
     except ValueError:
         return str(r.get("arch")) if key == "arch_label" else UNKNOWN_ARCH_TRAITS[key]
 
@@ -40,8 +46,9 @@ def _defaults(arch: str) -> dict:
 
     if arch not in ARCHITECTURES:
         return {}
-    return {f.name: f.default for f in dataclasses.fields(ARCHITECTURES[arch][1])
-            if f.default is not dataclasses.MISSING}
+    return {
+        f.name: f.default for f in dataclasses.fields(ARCHITECTURES[arch][1]) if f.default is not dataclasses.MISSING
+    }
 
 
 def sweep_rows(points: dict[str, dict]) -> list[dict]:
@@ -49,8 +56,10 @@ def sweep_rows(points: dict[str, dict]) -> list[dict]:
     the point's fields and the architecture's trait columns."""
     from saepipe.saes.registry import arch_traits
 
-    return [{**_defaults(p["sae"]["arch"]), "sae_id": sid, "group": p["group"], **p["sae"],
-             **arch_traits(p["sae"]["arch"])} for sid, p in points.items()]
+    return [
+        {**_defaults(p["sae"]["arch"]), "sae_id": sid, "group": p["group"], **p["sae"], **arch_traits(p["sae"]["arch"])}
+        for sid, p in points.items()
+    ]
 
 
 def omega_on(r: dict) -> bool:

@@ -105,7 +105,7 @@ class Figure:
 
     def draw(self, inputs: Mapping[str, list[str]], out_png: str) -> None:
         """Call the drawing function with the rule's named input files (``rule_inputs``)."""
-        args = []
+        args: list[str | list[str] | dict[str, str]] = []
         for kind in self.inputs:
             if kind == "table":
                 args.append(str(inputs["table"][0]))
