@@ -164,7 +164,7 @@ NATIVE_BLOCK_HOOKS = tuple(
                 "v_input",
             )
         ),
-        *(f"{ln}.hook_{h}" for ln in ("ln1", "ln2") for h in ("in", "normalized", "out", "scale")),
+        *(f"{ln}.{h}" for ln in ("ln1", "ln2") for h in ("hook_in", "hook_normalized", "hook_out", "hook_scale")),
         *(f"mlp.hook_{h}" for h in ("in", "out", "post", "pre")),
         *(f"mlp.{p}.hook_{io}" for p in ("in", "out") for io in ("in", "out")),
     )
