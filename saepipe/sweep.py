@@ -137,7 +137,12 @@ def _apply_match(group: str, values: dict, match: dict, groups: dict, d_in: int,
     base = groups[base_name]
     if isinstance(base.get("width"), list) or "width" not in base:
         raise SweepError(f"sweep.{group}.match: baseline {base_name!r} needs one fixed width")
-    base_values = {k: v for k, v in base.items() if k in arch_fields(base["arch"])}
+    # the baseline at this point's axis values (k, seed, ...; its own first value otherwise)
+    base_values = {
+        k: (values.get(k, v[0]) if isinstance(v, list) else v)
+        for k, v in base.items()
+        if k in arch_fields(base["arch"])
+    }
     base_values["k"] = values["k"]
     baseline = _sae_config(base_values, d_in)
     if match["by"] == "width":

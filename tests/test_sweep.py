@@ -1,5 +1,7 @@
 """Sweep expansion: grid axes, ids, matched configurations and config errors."""
 
+import re
+
 import pytest
 import yaml
 from conftest import REPO
@@ -134,7 +136,24 @@ def test_train_flops_matching_derives_the_widest_width_within_the_baseline_cost(
 def test_errors_name_the_group_and_key():
     with pytest.raises(SweepError, match=r"sweep\.t\.n_experts: unknown key"):
         _expand({"t": {"arch": "topk", "width": 64, "k": 4, "n_experts": 4}})
-    with pytest.raises(SweepError, match=r"sweep\.t \(point t\): k must be a positive int, got 'eight'"):
+    with pytest.raises(SweepError, match=r"sweep\.t \(point t\): topk field 'k' must be an int, got 'eight'"):
         _expand({"t": {"arch": "topk", "width": 64, "k": "eight"}})
+    # every field is checked against its annotation in the config dataclass (no per-arch list)
+    for spec, message in (
+        ({"arch": "topk", "width": 64, "k": 4, "auxk": 1}, "topk field 'auxk' must be a bool, got 1"),
+        ({"arch": "topk", "width": 64, "k": 4, "k_aux": 2.5}, "topk field 'k_aux' must be an int or null, got 2.5"),
+        ({"arch": "switch", "width": 64, "k": 4, "n_experts": "4"}, "switch field 'n_experts' must be an int, got '4'"),
+        ({"arch": "relu", "width": 64, "k": 4, "l1_coeff": "big"}, "relu field 'l1_coeff' must be a number, got 'big'"),
+    ):
+        with pytest.raises(SweepError, match=rf"sweep\.t \(point t\): {re.escape(message)}"):
+            _expand({"t": spec})
+    # a matched group reads its baseline at its own axis values (the seed axis is no error)
+    points = _expand(
+        {
+            "t": {"arch": "topk", "width": 64, "k": 4, "seed": [0, 1]},
+            "s": {"arch": "switch", "n_experts": 4, "k": 4, "seed": [0, 1], "match": {"baseline": "t", "by": "width"}},
+        }
+    )
+    assert sorted(points) == ["s-s0", "s-s1", "t-s0", "t-s1"] and points["s-s1"]["sae"]["width"] == 64
     with pytest.raises(SweepError, match=r"sweep\.s \(point s\): width=100 must be divisible by n_experts=8"):
         _expand({"s": {"arch": "switch", "width": 100, "n_experts": 8, "k": 4}})

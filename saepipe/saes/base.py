@@ -26,6 +26,8 @@ per step ``out = sae(x)``; ``sum(out.losses.values()).backward()``;
 from __future__ import annotations
 
 import dataclasses
+import types
+import typing
 from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple
 
@@ -164,7 +166,59 @@ class SAEConfig:
         unknown = sorted(set(d) - set(valid))
         if unknown:
             raise ValueError(f"unknown {cls.__name__} key(s) {unknown}; valid keys: {sorted(valid)}")
+        hints = typing.get_type_hints(cls)
+        for key, value in d.items():
+            if not value_matches(value, hints[key]):
+                raise ValueError(
+                    f"{cls.ARCH or cls.__name__} field {key!r} must be {type_name(hints[key])}, got {value!r}"
+                )
         return cls(**d)
+
+
+def value_matches(value: Any, annotation: Any) -> bool:
+    """Whether a config value (as read from YAML/JSON) fits a field's annotation.
+
+    Understands what config fields use: int (not bool), float (an int is accepted), bool,
+    str, None, unions (``int | None``), ``Literal[...]`` and ``list[...]``/``tuple[...]``
+    (their items checked); anything else is accepted (the dataclass's ``__post_init__``
+    validates values further).
+    """
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if annotation is Any:
+        return True
+    if annotation is type(None) or annotation is None:
+        return value is None
+    if annotation is bool:
+        return isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is str:
+        return isinstance(value, str)
+    if origin in (typing.Union, types.UnionType):
+        return any(value_matches(value, a) for a in args)
+    if origin is typing.Literal:
+        return value in args
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            return False
+        item = args[0] if args and (origin is list or (len(args) == 2 and args[1] is Ellipsis)) else None
+        return item is None or all(value_matches(v, item) for v in value)
+    return True
+
+
+def type_name(annotation: Any) -> str:
+    """'an int', 'a float or null', "one of ['paper', 'normalised']" for error messages."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(type_name(a) for a in args)
+    if origin is typing.Literal:
+        return f"one of {list(args)}"
+    if origin in (list, tuple):
+        return f"a list of {type_name(args[0])}" if args else "a list"
+    names = {bool: "a bool", int: "an int", float: "a number", str: "a string", type(None): "null"}
+    return names.get(annotation, getattr(annotation, "__name__", str(annotation)))
 
 
 class AuxKConfigMixin:
