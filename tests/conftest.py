@@ -107,6 +107,34 @@ def micro_run(tmp_path_factory) -> Path:
     return workdir
 
 
+TESTS = Path(__file__).resolve().parent
+
+
+def toy_plugins_config() -> dict:
+    """The micro config with one training shard, TopK and the toy architecture (k = 4 each),
+    and both toy plugins: tests/toy_arch.py (an architecture) and tests/toy_figure.py (a figure)."""
+    cfg = micro_config()
+    cfg["plugins"] = ["toy_arch", "toy_figure"]
+    cfg["corpus"].update(min_tokens=30_000)
+    cfg["extract"].update(train_tokens=8_192)
+    cfg["train"].update(tokens=8_192)
+    cfg["sweep"] = {
+        "topk": {"arch": "topk", "width": 128, "k": 4, "dead_tokens": 4096},
+        "toy": {"arch": "toymoe", "width": 128, "n_experts": 4, "k": 4, "dead_tokens": 4096},
+    }
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def toy_plugins_run(tmp_path_factory) -> Path:
+    """The toy-plugin workflow after one complete run and its report (report.html), shared by
+    tests/test_toy_arch.py and tests/test_toy_figure.py: do not modify."""
+    workdir = copy_workflow(tmp_path_factory.mktemp("toy"), toy_plugins_config())
+    snakemake(workdir, "--cores", "2", pythonpath=(TESTS,))
+    snakemake(workdir, "--report", "report.html", pythonpath=(TESTS,))
+    return workdir
+
+
 @pytest.fixture
 def micro_copy(micro_run, tmp_path) -> Path:
     """A private copy of the completed micro run (results and Snakemake metadata included)."""

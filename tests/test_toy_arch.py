@@ -17,11 +17,10 @@ import matplotlib.figure
 import matplotlib.text
 import pyarrow.parquet as pq
 import pytest
-from conftest import REPO, copy_workflow, micro_config, snakemake
+from conftest import REPO, TESTS, snakemake
 
 matplotlib.use("Agg")
 
-TESTS = Path(__file__).resolve().parent
 TOY_SAE = "toy"  # single-k groups: the id is the group
 TOY_FIGURES = (
     "frontier",
@@ -115,20 +114,6 @@ def test_a_missing_plugin_names_the_module_and_the_fix():
     assert "no_such_saepipe_plugin" in proc.stderr and "PYTHONPATH" in proc.stderr
 
 
-def _toy_config() -> dict:
-    """The micro config with one training shard and the toy next to TopK (k = 4 each)."""
-    cfg = micro_config()
-    cfg["plugins"] = ["toy_arch"]
-    cfg["corpus"].update(min_tokens=30_000)
-    cfg["extract"].update(train_tokens=8_192)
-    cfg["train"].update(tokens=8_192)
-    cfg["sweep"] = {
-        "topk": {"arch": "topk", "width": 128, "k": 4, "dead_tokens": 4096},
-        "toy": {"arch": "toymoe", "width": 128, "n_experts": 4, "k": 4, "dead_tokens": 4096},
-    }
-    return cfg
-
-
 def _figure_texts(monkeypatch) -> list[str]:
     """Every text artist (titles, tick labels, legends) of the figures saved from now on."""
     texts: list[str] = []
@@ -154,9 +139,8 @@ def _planned_inputs(workdir: Path, rules: tuple[str, ...]) -> dict[str, str]:
     return jobs
 
 
-def test_toy_architecture_runs_through_the_pipeline(tmp_path, monkeypatch, toy_registered):
-    workdir = copy_workflow(tmp_path / "wf", _toy_config())
-    snakemake(workdir, "--cores", "2", pythonpath=(TESTS,))
+def test_toy_architecture_runs_through_the_pipeline(toy_plugins_run, tmp_path, monkeypatch, toy_registered):
+    workdir = toy_plugins_run  # conftest.toy_plugins_config: TopK and the toy, k = 4
 
     # trained and evaluated, with its traits in the table
     table = {r["sae_id"]: r for r in pq.read_table(workdir / "results/table.parquet").to_pylist()}
@@ -229,7 +213,6 @@ def test_toy_architecture_runs_through_the_pipeline(tmp_path, monkeypatch, toy_r
     assert f"<td>{TOY_SAE}</td>" in (plots / "metrics.html").read_text()
     assert f"{TOY_SAE} (" in (plots / "features.html").read_text()
     assert (workdir / "results/verdicts.json").exists()
-    snakemake(workdir, "--report", "report.html", pythonpath=(TESTS,))
     report = (workdir / "report.html").read_text(errors="replace")
     for figure in TOY_FIGURES:
         assert f"{figure}.png" in report, figure

@@ -1,6 +1,7 @@
 """A new figure is one module + one registry call: tests/toy_figure.py, registered as a plugin.
 
-The micro sweep (one TopK SAE, one training shard) with ``plugins: [toy_figure]`` runs through
+The micro sweep of conftest.toy_plugins_config (TopK and the toy architecture, one training shard,
+``plugins: [toy_arch, toy_figure]``) runs through
 ``snakemake``: rule plot_toy_l0 is generated from the registry, draws results/plots/toy_l0.png
 and the report lists it under its category with its caption. A sweep the toy figure does not
 apply to (no fixed-L0 SAE) does not plan it. Nothing in the workflow names it.
@@ -17,9 +18,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import REPO, copy_workflow, micro_config, snakemake
+from conftest import REPO, TESTS, copy_workflow, micro_config, snakemake
 
-TESTS = Path(__file__).resolve().parent
 BUILT_IN = (
     "frontier",
     "scaling",
@@ -149,17 +149,14 @@ def _toy_config(sweep: dict) -> dict:
     return cfg
 
 
-def test_toy_figure_runs_through_the_pipeline(tmp_path):
-    topk = {"topk": {"arch": "topk", "width": 128, "k": 4, "dead_tokens": 4096}}
-    workdir = copy_workflow(tmp_path / "wf", _toy_config(topk))
-    snakemake(workdir, "--cores", "2", pythonpath=(TESTS,))
+def test_toy_figure_runs_through_the_pipeline(toy_plugins_run, tmp_path):
+    workdir = toy_plugins_run  # conftest.toy_plugins_config: TopK and the toy architecture
 
     png = workdir / "results/plots/toy_l0.png"
     assert png.read_bytes().startswith(b"\x89PNG")
     assert (workdir / "results/logs/plot_toy_l0.log").exists()
     assert "Nothing to be done" in snakemake(workdir, "-n", pythonpath=(TESTS,)).stdout  # its code param is stable
 
-    snakemake(workdir, "--report", "report.html", pythonpath=(TESTS,))
     report = (workdir / "report.html").read_text(errors="replace")
     embedded = dict(re.findall(r'filename=([^;"]+);base64,([^"]+)"', report))
     assert base64.b64decode(embedded["toy_l0.png"]) == png.read_bytes()
