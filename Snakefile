@@ -50,12 +50,11 @@ SHARDS = {
 }
 
 # Figures adapt to the sweep: a registered figure (saepipe/plots/registry.py, plugins) is built,
-# with its rule plot_<name> (rules/report.smk), only where it `applies` to the sweep's SAEs.
-FIGURES_TO_BUILD = figures_for(sweep_rows(SAES))
+# with its rule plot_<name> (rules/report.smk), only where it `applies` to the sweep's SAEs
+# and the optional stage it reads (autointerp) is on.
+FIGURES_TO_BUILD = figures_for(sweep_rows(SAES), autointerp=AUTOINTERP["enabled"])
 FIGURES = [fig.output for fig in FIGURES_TO_BUILD]
 FIGURES += ["results/plots/metrics.html", "results/plots/features.html"]
-if AUTOINTERP["enabled"]:
-    FIGURES.append("results/plots/autointerp.png")
 
 
 report: "report/workflow.rst"

@@ -33,6 +33,8 @@ def figure_inputs(fig, table):
             files["logs"] = trait_logs(fig.logs_trait)
         elif kind == "saes":
             files["saes"] = geometry_weights()
+        elif kind == "autointerp":  # the inspected SAEs' verdicts (rules/features.smk)
+            files["autointerp"] = expand("results/saes/{sae}/autointerp.parquet", sae=INSPECTED)
         else:  # "sae": the first geometry SAE
             files["sae"] = geometry_weights()[:1]
     return files

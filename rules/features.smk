@@ -1,4 +1,5 @@
-# Feature inspection: MaxAct contexts per SAE, optional LLM autointerp, one HTML page.
+# Feature inspection: MaxAct contexts per SAE, optional LLM autointerp, one HTML page. (The
+# autointerp figure is a registered figure, saepipe/plots/registry.py, drawn by rules/report.smk.)
 
 
 rule maxact:
@@ -60,19 +61,3 @@ rule feature_report:
         code=fingerprint("saepipe.features.report"),
     script:
         "../workflow_scripts/feature_report.py"
-
-
-rule plot_autointerp:
-    input:
-        table=rules.aggregate.output,
-        verdicts=expand("results/saes/{sae}/autointerp.parquet", sae=INSPECTED),
-    output:
-        report("results/plots/autointerp.png", caption="../report/autointerp.rst", category="5. Feature inspection"),
-    log:
-        "results/logs/plot_autointerp.log",
-    conda:
-        "../envs/saepipe.yaml"
-    params:
-        code=fingerprint("saepipe.plots.autointerp"),
-    script:
-        "../workflow_scripts/plot_autointerp.py"

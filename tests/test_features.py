@@ -165,6 +165,31 @@ def test_autointerp_perfect_judge_scores_one(toy, tmp_path, judge, monkeypatch):
     assert "<<" not in detect and "«" not in detect  # held-out excerpts are shown unmarked
 
 
+def test_autointerp_figure_is_registered_and_built_only_with_the_stage(toy, tmp_path, judge):
+    """The autointerp figure is a registry figure (input kind "autointerp": the verdict
+    parquets), listed under feature inspection, and planned only when the stage is on."""
+    import pyarrow as pa
+
+    from saepipe.plots.registry import FIGURES, figures_for
+
+    fig = FIGURES["autointerp"]
+    assert fig.inputs == ("table", "autointerp") and fig.category == "5. Feature inspection"
+    assert fig.caption == "report/autointerp.rst" and fig.output == "results/plots/autointerp.png"
+    rows = [{"sae_id": "a", "group": "a", "arch": "topk", "k": 4}]
+    assert "autointerp" not in [f.name for f in figures_for(rows)]
+    assert [f.name for f in figures_for(rows, autointerp=True)][-1] == "autointerp"
+
+    _run_autointerp(toy, tmp_path, judge.url, "perfect")
+    sae_id = pq.read_table(tmp_path / "ai.parquet").column("sae_id")[0].as_py()
+    table = tmp_path / "table.parquet"
+    pq.write_table(
+        pa.Table.from_pylist([{"sae_id": sae_id, "group": "g", "k": 1, "autointerp_model": "perfect"}]), table
+    )
+    out = tmp_path / "autointerp.png"
+    fig.draw({"table": [str(table)], "autointerp": [str(tmp_path / "ai.parquet")]}, str(out))
+    assert out.read_bytes().startswith(b"\x89PNG")
+
+
 def test_autointerp_chance_and_unparsable(toy, tmp_path, judge):
     summary, _ = _run_autointerp(toy, tmp_path, judge.url, "never")
     assert summary["autointerp_accuracy"] == pytest.approx(2 / 6)  # only the 2 negatives right

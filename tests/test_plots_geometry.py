@@ -9,7 +9,7 @@ import torch
 
 pytest.importorskip("sklearn")
 
-from saepipe.plots.geometry import _encoder_features, plot_feature_geometry, plot_tsne
+from saepipe.plots.geometry import encoder_features, plot_feature_geometry, plot_tsne
 from saepipe.saes import build_sae, save_sae
 
 D = 16
@@ -64,7 +64,7 @@ def test_scale_uses_effective_encoder(saes):
     from saepipe.saes import load_sae
 
     sae = load_sae(saes["scale"])
-    W_MD, label = _encoder_features(sae)
+    W_MD, label = encoder_features(sae)
     N, d, n = sae.W_enc.shape
     assert "effective" in label
     assert torch.allclose(W_MD, sae.W_hat().detach().permute(0, 2, 1).reshape(N * n, d))

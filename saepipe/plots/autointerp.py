@@ -1,4 +1,8 @@
-"""Autointerp detection accuracy per SAE: one dot per judged feature, a bar for the mean."""
+"""Autointerp detection accuracy per SAE: one dot per judged feature, a bar for the mean.
+
+Registered as figure ``autointerp`` (saepipe.plots.registry, input kind ``"autointerp"``):
+built only when the autointerp stage is on (config ``autointerp.enabled``).
+"""
 
 from __future__ import annotations
 
@@ -13,6 +17,13 @@ from saepipe.plots.style import finish, group_styles
 
 
 def plot_autointerp(table_parquet: str, verdict_parquets: list[str], out_png: str) -> None:
+    """Detection accuracy of every judged feature (dots) and its SAE's mean (bar), SAEs in
+    order of group then k, coloured by group (`group_styles`).
+
+    ``verdict_parquets``: the inspected SAEs' results/saes/<sae>/autointerp.parquet (one row
+    per judged feature: ``sae_id``, ``accuracy``, None when the judge's reply was unparsable).
+    Raises ValueError when no feature has an accuracy.
+    """
     table = {r["sae_id"]: r for r in pq.read_table(table_parquet).to_pylist()}
     scores: dict[str, list[float]] = {}
     for path in verdict_parquets:

@@ -16,27 +16,23 @@ import matplotlib.pyplot as plt
 from matplotlib.ticker import EngFormatter, PercentFormatter
 
 from saepipe.plots.rows import (
-    TOKENS_AXIS,
-    _arches,
-    _bar_values,
-    _detail,
-    _floats,
-    _is_moe,
-    _num,
-    _palette,
-    _read_log,
-    _rows,
-    _save,
-    _shared_legend,
-    _sort_key,
+    arch_names,
+    finite_list,
+    is_moe,
+    read_table_rows,
+    read_train_log,
+    sae_label,
+    sae_sort_key,
 )
+from saepipe.plots.style import TOKENS_AXIS, label_bars, palette, save, shared_legend
+from saepipe.stats import finite
 
 
 def _cdf(r: dict) -> list[float] | None:
-    cdf = _floats(r.get("expert_cdf"))
+    cdf = finite_list(r.get("expert_cdf"))
     if cdf is not None and len(cdf) > 1:
         return cdf
-    counts = _floats(r.get("expert_counts"))
+    counts = finite_list(r.get("expert_counts"))
     if counts is None or len(counts) < 2 or sum(counts) <= 0:
         return None
     total, acc, out = sum(counts), 0.0, []
@@ -47,10 +43,10 @@ def _cdf(r: dict) -> list[float] | None:
 
 
 def _entropy(r: dict) -> float | None:
-    h = _num(r.get("expert_entropy_normalised"))
+    h = finite(r.get("expert_entropy_normalised"))
     if h is not None:
         return h
-    counts = _floats(r.get("expert_counts"))
+    counts = finite_list(r.get("expert_counts"))
     if counts is None or len(counts) < 2 or sum(counts) <= 0:
         return None
     total = sum(counts)
@@ -59,12 +55,12 @@ def _entropy(r: dict) -> float | None:
 
 def plot_expert_usage(table_parquet: str, out_png: str) -> None:
     """Sorted expert-activation CDF per MoE SAE (Scale Fig. 6b) and normalised routing entropy."""
-    rows = _rows(table_parquet)
-    moe = sorted((r for r in rows if _is_moe(r)), key=_sort_key)
+    rows = read_table_rows(table_parquet)
+    moe = sorted((r for r in rows if is_moe(r)), key=sae_sort_key)
     if not moe:
         raise ValueError(
             f"plot_expert_usage: {table_parquet} has no MoE SAE (routed architecture trait, "
-            f"n_experts > 1); archs present: {_arches(rows)}"
+            f"n_experts > 1); archs present: {arch_names(rows)}"
         )
     cdfs = [(r, c) for r in moe if (c := _cdf(r)) is not None]
     ents = [(r, h) for r in moe if (h := _entropy(r)) is not None]
@@ -75,7 +71,7 @@ def plot_expert_usage(table_parquet: str, out_png: str) -> None:
             "(expert_cdf, expert_counts and expert_entropy_normalised are all missing); "
             "re-run the evaluate stage with the current code"
         )
-    color = dict(zip((r["sae_id"] for r in moe), _palette(len(moe))))
+    color = dict(zip((r["sae_id"] for r in moe), palette(len(moe))))
     n_bars = len(ents)
     widths = ([1.0] if cdfs else []) + ([1.0] if ents else [])
     fig, axes = plt.subplots(
@@ -98,7 +94,7 @@ def plot_expert_usage(table_parquet: str, out_png: str) -> None:
                 marker="o" if n <= 32 else None,
                 markersize=3.5,
                 lw=1.7,
-                label=_detail(r),
+                label=sae_label(r),
             )
         ax.set_xlim(0, 1)
         ax.set_ylim(0, 1.02)
@@ -117,28 +113,28 @@ def plot_expert_usage(table_parquet: str, out_png: str) -> None:
         y = list(range(n_bars))
         vals = [h for _, h in ents]
         bars = ax.barh(y, vals, color=[color[r["sae_id"]] for r, _ in ents], height=0.7)
-        _bar_values(ax, bars, vals, "{:.3f}", fontsize=8)
+        label_bars(ax, bars, vals, "{:.3f}", fontsize=8)
         ax.axvline(1.0, ls="--", color="0.45", lw=1.2, zorder=0)
-        ax.set_yticks(y, [_detail(r) for r, _ in ents], fontsize=8)
+        ax.set_yticks(y, [sae_label(r) for r, _ in ents], fontsize=8)
         ax.invert_yaxis()
         ax.set_xlim(0, 1.12)
         ax.set_xlabel("normalised routing entropy  H / log N  (1 = uniform)")
         ax.set_title("Routing entropy (held-out tokens)")
         ax.grid(True, axis="x", alpha=0.3)
     fig.suptitle("Expert usage of the MoE SAEs (every routed expert: 1 per token for Switch, e for Scale)", fontsize=12)
-    _save(fig, out_png)
+    save(fig, out_png)
 
 
 # ----------------------------------------------------------------------------- 2. load
 def _load_series(log: list[dict]) -> dict:
     s: dict[str, Any] = {"tok": [], "max": [], "min": [], "cv": [], "btok": [], "balance": [], "N": None}
     for i, row in enumerate(log):
-        tok = _num(row.get("tokens"))
+        tok = finite(row.get("tokens"))
         if tok is None:
-            tok = _num(row.get("step"))
+            tok = finite(row.get("step"))
         if tok is None:
             tok = float(i)
-        counts = _floats(row.get("expert_counts"))
+        counts = finite_list(row.get("expert_counts"))
         if counts is not None and len(counts) > 1 and sum(counts) > 0:
             n, total = len(counts), sum(counts)
             load = [c / total * n for c in counts]  # share relative to the uniform 1/N
@@ -148,7 +144,7 @@ def _load_series(log: list[dict]) -> dict:
             s["min"].append(min(load))
             s["cv"].append(math.sqrt(sum((x - mean) ** 2 for x in load) / n) / mean)
             s["N"] = n
-        bal = _num(row.get("balance"))
+        bal = finite(row.get("balance"))
         if bal is not None:
             s["btok"].append(tok)
             s["balance"].append(bal)
@@ -159,7 +155,7 @@ def plot_expert_load(train_logs: dict[str, str], out_png: str) -> None:
     """Expert load over training per MoE SAE (busiest/idlest expert, CV) and the balance loss."""
     series = {}
     for sae_id, path in sorted(train_logs.items()):
-        s = _load_series(_read_log(path))
+        s = _load_series(read_train_log(path))
         if s["tok"] or s["btok"]:
             series[sae_id] = s
     if not series:
@@ -168,7 +164,7 @@ def plot_expert_load(train_logs: dict[str, str], out_png: str) -> None:
             f"({', '.join(sorted(train_logs)) or 'none given'}) has MoE routing rows "
             "('expert_counts' or 'balance'); pass the train_log.jsonl of Switch/Scale SAEs"
         )
-    color = dict(zip(series, _palette(len(series))))
+    color = dict(zip(series, palette(len(series))))
     has_counts = any(s["tok"] for s in series.values())
     has_bal = any(s["btok"] for s in series.values())
     panels = []
@@ -204,6 +200,6 @@ def plot_expert_load(train_logs: dict[str, str], out_png: str) -> None:
         ax.set_ylabel(ylabel)
         ax.set_title(title, fontsize=10)
         ax.grid(True, alpha=0.3)
-    _shared_legend(fig, flat[: len(panels)], ncol=4)
+    shared_legend(fig, flat[: len(panels)], ncol=4)
     fig.suptitle("Expert load during training  (one point per logged batch; top-1 routed expert)", fontsize=12)
-    _save(fig, out_png)
+    save(fig, out_png)

@@ -35,7 +35,8 @@ import matplotlib.pyplot as plt
 import pyarrow.parquet as pq
 from matplotlib.ticker import FuncFormatter, LogFormatterSciNotation, ScalarFormatter
 
-from saepipe.plots.style import decorate, draw_series, finite, group_styles, mean_over_seeds, n_suffix, save, seeds_note
+from saepipe.plots.style import decorate, draw_series, group_styles, mean_over_seeds, n_suffix, save, seeds_note
+from saepipe.stats import finite
 
 TITLE = "Sparsity–reconstruction frontier (held-out tokens; lower is better)"
 L0_LABEL = "L0 (mean active latents per token, log scale)"

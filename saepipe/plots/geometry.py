@@ -26,10 +26,10 @@ from saepipe.evaluate.geometry import (
     expert_similarity_matrix,
     within_between_cosines,
 )
-from saepipe.io import atomic_path
+from saepipe.plots.style import save
 from saepipe.saes import load_config, load_sae
 
-__all__ = ["plot_feature_geometry", "plot_tsne"]
+__all__ = ["encoder_features", "plot_feature_geometry", "plot_tsne"]
 
 MAX_PAIRS = 100_000  # cosine pairs sampled per population (within / between) for histograms
 MAX_ROWS = 4
@@ -158,12 +158,10 @@ def plot_feature_geometry(sae_dirs: list[str], out_png: str) -> None:
         cbar.set_label("mean cosine, decoder rows of expert i vs j")
         subfig.suptitle(_describe(sae_dir, cfg), fontsize=12, fontweight="bold")
 
-    with atomic_path(out_png) as tmp:
-        fig.savefig(tmp, dpi=130, format="png")
-    plt.close(fig)
+    save(fig, out_png)
 
 
-def _encoder_features(sae) -> tuple[torch.Tensor, str]:
+def encoder_features(sae) -> tuple[torch.Tensor, str]:
     """Encoder feature directions as rows ``[M, d]`` and a panel label.
 
     ``SAE.encoder_features_MD``: the encoder as the forward pass uses it (Scale with feature
@@ -204,7 +202,7 @@ def plot_tsne(sae_dir: str, out_png: str, max_points: int = 3000, seed: int = 0)
     sae = load_sae(sae_dir)
     N, M = cfg.expert_count, cfg.width
     n = M // N
-    W_enc_MD, enc_label = _encoder_features(sae)
+    W_enc_MD, enc_label = encoder_features(sae)
     W_dec_MD = sae.W_dec.detach()
 
     rng = np.random.default_rng(seed)
@@ -260,6 +258,4 @@ def plot_tsne(sae_dir: str, out_png: str, max_points: int = 3000, seed: int = 0)
         f"{shown}; perplexity {perplexity:.3g}, seed {seed}",
         fontsize=11,
     )
-    with atomic_path(out_png) as tmp:
-        fig.savefig(tmp, dpi=130, format="png")
-    plt.close(fig)
+    save(fig, out_png)

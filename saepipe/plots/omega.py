@@ -11,48 +11,48 @@ import math
 import matplotlib.pyplot as plt
 from matplotlib.ticker import EngFormatter
 
+from saepipe.plots.availability import row_trait
 from saepipe.plots.rows import (
-    MARKERS,
-    TOKENS_AXIS,
-    _detail,
-    _e,
-    _floats,
-    _fs,
-    _n_experts,
-    _num,
-    _palette,
-    _read_log,
-    _rows,
-    _save,
-    _sort_key,
-    _trait,
+    active_experts,
+    expert_count,
+    feature_scaling_flag,
+    finite_list,
+    read_table_rows,
+    read_train_log,
+    sae_label,
+    sae_sort_key,
 )
+from saepipe.plots.style import TOKENS_AXIS, marker, palette, save
+from saepipe.stats import finite
 
 
 def plot_omega(table_parquet: str, train_logs: dict[str, str], out_png: str) -> None:
     """Learned omega of every expert over training (one small panel per Scale SAE) and the
     final omega (mean, min–max over experts) vs active experts e."""
-    rows = {r.get("sae_id"): r for r in _rows(table_parquet)}
+    rows = {r.get("sae_id"): r for r in read_table_rows(table_parquet)}
     # SAEs with feature scaling off keep omega at 0 (unused), so they are left out.
-    on = sorted((r for r in rows.values() if _trait(r, "has_omega") and _fs(r) is not False), key=_sort_key)
+    on = sorted(
+        (r for r in rows.values() if row_trait(r, "has_omega") and feature_scaling_flag(r) is not False),
+        key=sae_sort_key,
+    )
     traj: dict[str, tuple[list[float], list[list[float]]]] = {}
-    for sae_id, path in sorted(train_logs.items(), key=lambda kv: _sort_key(rows.get(kv[0], {"sae_id": kv[0]}))):
+    for sae_id, path in sorted(train_logs.items(), key=lambda kv: sae_sort_key(rows.get(kv[0], {"sae_id": kv[0]}))):
         r = rows.get(sae_id)
-        if r is not None and (not _trait(r, "has_omega") or _fs(r) is False):
+        if r is not None and (not row_trait(r, "has_omega") or feature_scaling_flag(r) is False):
             continue
         tok, oms = [], []
-        for i, row in enumerate(_read_log(path)):
-            om = _floats(row.get("omega"))
+        for i, row in enumerate(read_train_log(path)):
+            om = finite_list(row.get("omega"))
             if om is None:
                 continue
-            t = _num(row.get("tokens"))
-            tok.append(t if t is not None else (_num(row.get("step")) or float(i)))
+            t = finite(row.get("tokens"))
+            tok.append(t if t is not None else (finite(row.get("step")) or float(i)))
             oms.append(om)
         if tok and any(v != 0.0 for om in oms for v in om):  # all-zero: feature scaling off
             traj[sae_id] = (tok, oms)
     final = []
     for r in on:
-        om = _floats(r.get("omega"))
+        om = finite_list(r.get("omega"))
         if om is None and r.get("sae_id") in traj:  # older table: last logged omega
             om = traj[r["sae_id"]][1][-1]
         if om is not None:
@@ -60,7 +60,7 @@ def plot_omega(table_parquet: str, train_logs: dict[str, str], out_png: str) -> 
     if not traj and not final:
         raise ValueError(
             f"plot_omega: no Scale SAE with feature scaling on has a learned omega: {table_parquet} "
-            f"has {sum(bool(_trait(r, 'has_omega')) for r in rows.values())} rows of SAEs with an omega "
+            f"has {sum(bool(row_trait(r, 'has_omega')) for r in rows.values())} rows of SAEs with an omega "
             f"({len(on)} with feature scaling on, omega column "
             f"{'present' if any('omega' in r for r in rows.values()) else 'missing'}) and none of the "
             f"{len(train_logs)} train logs has non-zero 'omega' rows"
@@ -84,7 +84,7 @@ def plot_omega(table_parquet: str, train_logs: dict[str, str], out_png: str) -> 
             ax.plot(tok, [sum(om) / len(om) for om in oms], color="black", lw=1.8)
             ax.axhline(0.0, color="0.45", lw=0.9, ls="--")
             r = rows.get(sae_id)
-            ax.set_title(_detail(r) if r is not None else sae_id, fontsize=8)
+            ax.set_title(sae_label(r) if r is not None else sae_id, fontsize=8)
             ax.xaxis.set_major_formatter(EngFormatter(sep=""))
             ax.tick_params(labelsize=7)
             ax.grid(True, alpha=0.3)
@@ -102,12 +102,12 @@ def plot_omega(table_parquet: str, train_logs: dict[str, str], out_png: str) -> 
         lines: dict[tuple, list] = {}
         for item in final:
             r = item[0]
-            lines.setdefault((str(r.get("group")), _num(r.get("k")), _n_experts(r)), []).append(item)
-        cols = _palette(len(lines))
+            lines.setdefault((str(r.get("group")), finite(r.get("k")), expert_count(r)), []).append(item)
+        cols = palette(len(lines))
         for i, ((g, k, n), items) in enumerate(sorted(lines.items(), key=lambda kv: str(kv[0]))):
-            items = sorted(items, key=lambda it: _e(it[0]))
+            items = sorted(items, key=lambda it: active_experts(it[0]))
             dodge = 2 ** (0.035 * (i - (len(lines) - 1) / 2))  # keep error bars apart
-            es = [_e(it[0]) * dodge for it in items]
+            es = [active_experts(it[0]) * dodge for it in items]
             m = [it[1] for it in items]
             err = [[it[1] - it[2] for it in items], [it[3] - it[1] for it in items]]
             kk = f"k={int(k)}" if k is not None else "k=?"
@@ -116,13 +116,13 @@ def plot_omega(table_parquet: str, train_logs: dict[str, str], out_png: str) -> 
                 m,
                 yerr=err,
                 color=cols[i],
-                marker=MARKERS[i % len(MARKERS)],
+                marker=marker(i),
                 lw=1.6,
                 capsize=4,
                 markersize=6,
                 label=f"{g}  ({kk}, N={n})",
             )
-        all_e = sorted({_e(it[0]) for it in final})
+        all_e = sorted({active_experts(it[0]) for it in final})
         ax.axhline(0.0, color="0.45", lw=1.0, ls="--")
         if len(all_e) > 1:
             ax.set_xscale("log", base=2)
@@ -140,4 +140,4 @@ def plot_omega(table_parquet: str, train_logs: dict[str, str], out_png: str) -> 
         "SAEs with feature scaling off keep ω = 0 and are not shown)",
         fontsize=11,
     )
-    _save(fig, out_png)
+    save(fig, out_png)

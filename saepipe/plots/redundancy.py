@@ -13,24 +13,21 @@ import matplotlib.patches
 import matplotlib.pyplot as plt
 from matplotlib.ticker import PercentFormatter, ScalarFormatter
 
+from saepipe.plots.availability import row_trait
 from saepipe.plots.rows import (
-    MARKERS,
-    _bar_values,
-    _detail,
-    _e,
-    _fs,
-    _is_moe,
-    _label,
-    _measured_l0,
-    _n_experts,
-    _num,
-    _palette,
-    _rows,
-    _save,
-    _sort_key,
-    _trait,
-    _val,
+    active_experts,
+    arch_label,
+    expert_count,
+    feature_scaling_flag,
+    is_moe,
+    l0_measured,
+    read_table_rows,
+    required_value,
+    sae_label,
+    sae_sort_key,
 )
+from saepipe.plots.style import label_bars, marker, palette, save
+from saepipe.stats import finite
 
 
 def _line_key(r: dict, varying: set[str]) -> tuple:
@@ -39,21 +36,21 @@ def _line_key(r: dict, varying: set[str]) -> tuple:
 
 def plot_redundancy(table_parquet: str, out_png: str) -> None:
     """redundancy_0.9 vs k per group, vs active experts e (Scale), intra vs inter expert."""
-    rows = sorted(_rows(table_parquet), key=_sort_key)
-    red = [r for r in rows if _num(r.get("redundancy_09")) is not None]
-    vs_k = [r for r in red if ((_num(r.get("l0")) if _measured_l0(r) else _num(r.get("k"))) or 0) > 0]  # log x axis
+    rows = sorted(read_table_rows(table_parquet), key=sae_sort_key)
+    red = [r for r in rows if finite(r.get("redundancy_09")) is not None]
+    vs_k = [r for r in red if ((finite(r.get("l0")) if l0_measured(r) else finite(r.get("k"))) or 0) > 0]  # log x axis
     # routed architectures with at least two values of e (Scale; Switch always routes 1)
     e_values: dict[str, set[int]] = {}
     for r in red:
-        if _trait(r, "routed"):
-            e_values.setdefault(str(r.get("arch")), set()).add(_e(r))
+        if row_trait(r, "routed"):
+            e_values.setdefault(str(r.get("arch")), set()).add(active_experts(r))
     vs_e = [r for r in red if len(e_values.get(str(r.get("arch")), ())) >= 2]
     spec = [
         r
         for r in rows
-        if _is_moe(r)
-        and _num(r.get("intra_expert_redundancy")) is not None
-        and _num(r.get("inter_expert_redundancy")) is not None
+        if is_moe(r)
+        and finite(r.get("intra_expert_redundancy")) is not None
+        and finite(r.get("inter_expert_redundancy")) is not None
     ]
     if not vs_k and not vs_e and not spec:
         raise ValueError(
@@ -88,31 +85,31 @@ def plot_redundancy(table_parquet: str, out_png: str) -> None:
                 split.setdefault(_line_key(r, varying), []).append(r)
             for key, lrows in split.items():
                 lines.append((g, key, lrows))
-        cols = _palette(len(lines))
+        cols = palette(len(lines))
         for i, (g, key, lrows) in enumerate(lines):
-            measured = _measured_l0(lrows[0])
-            xs = [_num(r.get("l0")) if measured else _num(r.get("k")) for r in lrows]
-            pts = sorted(zip(xs, (_num(r["redundancy_09"]) for r in lrows)))
+            measured = l0_measured(lrows[0])
+            xs = [finite(r.get("l0")) if measured else finite(r.get("k")) for r in lrows]
+            pts = sorted(zip(xs, (finite(r["redundancy_09"]) for r in lrows)))
             extra = ", ".join(
                 f"N={v}" if f == "n_experts" else f"e={v}" if f == "active_experts" else "ω on" if v else "ω off"
                 for f, v in key
             )
-            if _fs(lrows[0]) is False and "ω" not in extra:
+            if feature_scaling_flag(lrows[0]) is False and "ω" not in extra:
                 extra = ", ".join(x for x in (extra, "ω off") if x)
             label = (
-                f"{g}  ({_label(lrows[0])}"
+                f"{g}  ({arch_label(lrows[0])}"
                 + (f", {extra}" if extra else "")
                 + (", at measured L0)" if measured else ")")
             )
             ax.plot(
                 [p[0] for p in pts],
                 [p[1] for p in pts],
-                marker=MARKERS[i % len(MARKERS)],
+                marker=marker(i),
                 color=cols[i],
                 lw=1.6,
                 markersize=6,
                 label=label,
-                ls=":" if measured else ("--" if _fs(lrows[0]) is False else "-"),
+                ls=":" if measured else ("--" if feature_scaling_flag(lrows[0]) is False else "-"),
                 mfc="none" if measured else cols[i],
             )
         ax.set_xscale("log", base=2)
@@ -128,23 +125,25 @@ def plot_redundancy(table_parquet: str, out_png: str) -> None:
         ax = axd["e"]
         lines_e: dict[tuple, list[dict]] = {}
         for r in vs_e:
-            lines_e.setdefault((str(r.get("group")), _num(r.get("k")), _fs(r), _n_experts(r)), []).append(r)
-        cols = _palette(len(lines_e))
+            lines_e.setdefault(
+                (str(r.get("group")), finite(r.get("k")), feature_scaling_flag(r), expert_count(r)), []
+            ).append(r)
+        cols = palette(len(lines_e))
         for i, ((g, k, fs, n), lrows) in enumerate(sorted(lines_e.items(), key=lambda kv: str(kv[0]))):
-            pts = sorted((_e(r), _num(r["redundancy_09"])) for r in lrows)
+            pts = sorted((active_experts(r), finite(r["redundancy_09"])) for r in lrows)
             kk = f"k={int(k)}" if k is not None else "k=?"
             label = f"{g}  ({kk}, N={n}" + ("" if fs is None else (", ω on" if fs else ", ω off")) + ")"
             ax.plot(
                 [p[0] for p in pts],
                 [p[1] for p in pts],
-                marker=MARKERS[i % len(MARKERS)],
+                marker=marker(i),
                 color=cols[i],
                 lw=1.6,
                 markersize=6,
                 ls="--" if fs is False else "-",
                 label=label,
             )
-        es = sorted({_e(r) for r in vs_e})
+        es = sorted({active_experts(r) for r in vs_e})
         ax.set_xscale("log", base=2)
         ax.set_xticks(es, [str(e) for e in es])
         ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
@@ -152,15 +151,15 @@ def plot_redundancy(table_parquet: str, out_png: str) -> None:
         ax.set_ylim(bottom=0)
         ax.set_xlabel("e  (active experts per token, log scale)")
         ax.set_ylabel("redundancy: features with max cos > 0.9")
-        ax.set_title(f"{' / '.join(sorted({_label(r) for r in vs_e}))} SAEs: redundancy vs active experts")
+        ax.set_title(f"{' / '.join(sorted({arch_label(r) for r in vs_e}))} SAEs: redundancy vs active experts")
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2)
     if spec:
         ax = axd["spec"]
         n = len(spec)
         y = list(range(n))
-        intra = [_val(r, "intra_expert_redundancy") for r in spec]
-        inter = [_val(r, "inter_expert_redundancy") for r in spec]
+        intra = [required_value(r, "intra_expert_redundancy") for r in spec]
+        inter = [required_value(r, "inter_expert_redundancy") for r in spec]
         h = 0.38
         b1 = ax.barh(
             [v - h / 2 for v in y],
@@ -177,9 +176,9 @@ def plot_redundancy(table_parquet: str, out_png: str) -> None:
             label="inter-expert (random n features of the whole dictionary)",
         )
         vmax = max(intra + inter) or 1e-3
-        _bar_values(ax, b1, intra, "{:.1%}")
-        _bar_values(ax, b2, inter, "{:.1%}")
-        ax.set_yticks(y, [_detail(r) for r in spec], fontsize=8)
+        label_bars(ax, b1, intra, "{:.1%}")
+        label_bars(ax, b2, inter, "{:.1%}")
+        ax.set_yticks(y, [sae_label(r) for r in spec], fontsize=8)
         ax.invert_yaxis()
         ax.set_xlim(0, vmax * 1.18)
         ax.xaxis.set_major_formatter(pct())
@@ -188,19 +187,19 @@ def plot_redundancy(table_parquet: str, out_png: str) -> None:
         ax.grid(True, axis="x", alpha=0.3)
         ax.legend(fontsize=8, loc="lower right")
     fig.suptitle("Dictionary redundancy (signed cosine between decoder rows)", fontsize=12)
-    _save(fig, out_png)
+    save(fig, out_png)
 
 
 def _arch_bucket(r: dict) -> str:
-    if _fs(r) is not None:
-        return f"{_label(r)}, ω on" if _fs(r) else f"{_label(r)}, ω off"
-    return _label(r)
+    if feature_scaling_flag(r) is not None:
+        return f"{arch_label(r)}, ω on" if feature_scaling_flag(r) else f"{arch_label(r)}, ω off"
+    return arch_label(r)
 
 
 def plot_activation_similarity(table_parquet: str, out_png: str) -> None:
     """Activation similarity per SAE by architecture, and Scale feature scaling off vs on."""
-    rows = _rows(table_parquet)
-    sim = sorted((r for r in rows if _num(r.get("activation_similarity")) is not None), key=_sort_key)
+    rows = read_table_rows(table_parquet)
+    sim = sorted((r for r in rows if finite(r.get("activation_similarity")) is not None), key=sae_sort_key)
     if not sim:
         column = "present but empty" if any("activation_similarity" in r for r in rows) else "missing"
         raise ValueError(
@@ -211,16 +210,16 @@ def plot_activation_similarity(table_parquet: str, out_png: str) -> None:
     # feature scaling off vs on: Scale SAEs equal in everything but the flag
     pairs: dict[tuple, dict[bool, dict]] = {}
     for r in sim:
-        fs = _fs(r)
+        fs = feature_scaling_flag(r)
         if fs is not None:
-            key = (_num(r.get("k")), _n_experts(r), _e(r), _num(r.get("width")))
+            key = (finite(r.get("k")), expert_count(r), active_experts(r), finite(r.get("width")))
             pairs.setdefault(key, {})[fs] = r
     pairs = {k: v for k, v in sorted(pairs.items(), key=lambda kv: tuple(x or 0 for x in kv[0])) if len(v) == 2}
     buckets: list[str] = []
     for r in sim:
         if _arch_bucket(r) not in buckets:
             buckets.append(_arch_bucket(r))
-    bcol = {b: _palette(len(buckets))[i] for i, b in enumerate(buckets)}
+    bcol = {b: palette(len(buckets))[i] for i, b in enumerate(buckets)}
     n = len(sim)
     mosaic = [["all", "pairs"]] if pairs else [["all"]]
     fig, axd = plt.subplot_mosaic(
@@ -237,13 +236,13 @@ def plot_activation_similarity(table_parquet: str, out_png: str) -> None:
         ys.append(y)
         prev = _arch_bucket(r)
         y += 1
-    vals = [_val(r, "activation_similarity") for r in sim]
+    vals = [required_value(r, "activation_similarity") for r in sim]
     bars = ax.barh(ys, vals, height=0.75, color=[bcol[_arch_bucket(r)] for r in sim])
     for b, r in zip(bars, sim):
-        if _fs(r) is False:
+        if feature_scaling_flag(r) is False:
             b.set_hatch("//")
-    _bar_values(ax, bars, vals, "{:.3g}")
-    ax.set_yticks(ys, [_detail(r) for r in sim], fontsize=8)
+    label_bars(ax, bars, vals, "{:.3g}")
+    ax.set_yticks(ys, [sae_label(r) for r in sim], fontsize=8)
     ax.invert_yaxis()
     ax.set_xlim(0, max(vals) * 1.18 or 1)
     ax.set_xlabel("activation similarity  (mean over token pairs of |S_i ∩ S_j| / measured L0)")
@@ -259,8 +258,8 @@ def plot_activation_similarity(table_parquet: str, out_png: str) -> None:
         labels, off, on = [], [], []
         for (k, N, e, _w), p in pairs.items():
             labels.append(f"k={int(k) if k is not None else '?'}, N={N}, e={e}")
-            off.append(_val(p[False], "activation_similarity"))
-            on.append(_val(p[True], "activation_similarity"))
+            off.append(required_value(p[False], "activation_similarity"))
+            on.append(required_value(p[True], "activation_similarity"))
         x = list(range(len(labels)))
         w = 0.38
         first = next(iter(pairs.values()))
@@ -279,15 +278,15 @@ def plot_activation_similarity(table_parquet: str, out_png: str) -> None:
             color=bcol.get(_arch_bucket(first[True]), "tab:red"),
             label="feature scaling on",
         )
-        _bar_values(ax, b_off, off, "{:.3g}")
-        _bar_values(ax, b_on, on, "{:.3g}")
+        label_bars(ax, b_off, off, "{:.3g}")
+        label_bars(ax, b_on, on, "{:.3g}")
         ax.set_xticks(
             x, labels, fontsize=8, rotation=30 if len(labels) > 4 else 0, ha="right" if len(labels) > 4 else "center"
         )
         ax.set_ylim(0, max(off + on) * 1.15 or 1)
         ax.set_ylabel("activation similarity  (lower = more distinct codes)")
-        ax.set_title(f"{_label(first[True])} SAEs: feature scaling off vs on (Scale Fig. 7)")
+        ax.set_title(f"{arch_label(first[True])} SAEs: feature scaling off vs on (Scale Fig. 7)")
         ax.grid(True, axis="y", alpha=0.3)
         ax.legend(fontsize=8, loc="upper left")
     fig.suptitle("Activation similarity: overlap of the active-latent sets of two tokens", fontsize=12)
-    _save(fig, out_png)
+    save(fig, out_png)

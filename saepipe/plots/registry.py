@@ -19,6 +19,14 @@ tests/toy_figure.py is an example. A drawing function is called as
     list of str; the rule depends on their sae.safetensors.
 ``"sae"``
     the first of those directories (str).
+``"autointerp"``
+    paths of the autointerp verdicts, results/saes/<sae>/autointerp.parquet, of the SAEs
+    whose features are inspected (the first seed of every sweep point; ``INSPECTED`` in the
+    Snakefile), list of str. Written by the optional autointerp stage.
+
+An input of an optional stage (``OPTIONAL_INPUTS``) exists only when that stage is on, so a
+figure that asks for one is built only then: :func:`figures_for` leaves it out otherwise,
+whatever its ``applies`` says.
 """
 
 from __future__ import annotations
@@ -34,8 +42,11 @@ from pathlib import Path
 from saepipe.plots.availability import geometry_ids, moe_ids, omega_ids, scaling_ks
 
 PLOTS = "results/plots"
-INPUT_KINDS = ("table", "logs:<trait>", "saes", "sae")
+INPUT_KINDS = ("table", "logs:<trait>", "saes", "sae", "autointerp")
 """The inputs a figure can ask for (module docstring)."""
+OPTIONAL_INPUTS = ("autointerp",)
+"""Input kinds written by an optional stage (its config section's ``enabled``): a figure
+with one is built only when the stage is on (:func:`figures_for`)."""
 
 
 def always(rows: list[dict]) -> bool:
@@ -113,6 +124,8 @@ class Figure:
                 args.append({Path(p).parent.name: str(p) for p in inputs["logs"]})
             elif kind == "saes":
                 args.append([str(Path(p).parent) for p in inputs["saes"]])
+            elif kind == "autointerp":
+                args.append([str(p) for p in inputs["autointerp"]])
             else:  # "sae"
                 args.append(str(Path(inputs["sae"][0]).parent))
         module, _, func = self.function.rpartition(".")
@@ -126,7 +139,7 @@ FIGURES: dict[str, Figure] = {}
 def _check_input(name: str, kind: str) -> None:
     from saepipe.saes.registry import TRAIT_COLUMNS
 
-    if kind in ("table", "saes", "sae"):
+    if kind in ("table", "saes", "sae", *OPTIONAL_INPUTS):
         return
     if kind.startswith("logs:"):
         trait = kind.partition(":")[2]
@@ -173,9 +186,15 @@ def register_figure(
     return fig
 
 
-def figures_for(rows: list[dict]) -> list[Figure]:
-    """The registered figures a sweep has (``applies``), in registration order."""
-    return [fig for fig in FIGURES.values() if fig.applies(rows)]
+def figures_for(rows: list[dict], *, autointerp: bool = False) -> list[Figure]:
+    """The registered figures a sweep has (``applies``), in registration order.
+
+    A figure with an input of an optional stage (``OPTIONAL_INPUTS``) only when that stage is
+    on: `autointerp` is the config's ``autointerp.enabled``.
+    """
+    stages_on = {"autointerp": autointerp}
+    off = {kind for kind in OPTIONAL_INPUTS if not stages_on[kind]}
+    return [fig for fig in FIGURES.values() if not off.intersection(fig.inputs) and fig.applies(rows)]
 
 
 def figure(name: str) -> Figure:
@@ -212,6 +231,7 @@ _FRONTIER = "1. Sparsity-reconstruction frontier"
 _SCALING = "2. Compute scaling"
 _GEOMETRY = "3. Feature geometry"
 _EXPERTS = "4. Experts"
+_FEATURES = "5. Feature inspection"
 
 for _name, _function, _inputs, _category, _applies in (
     ("frontier", "saepipe.plots.frontier.plot_frontier", ("table",), _FRONTIER, always),
@@ -223,5 +243,6 @@ for _name, _function, _inputs, _category, _applies in (
     ("omega", "saepipe.plots.omega.plot_omega", ("table", "logs:has_omega"), _EXPERTS, _has_omega),
     ("feature_geometry", "saepipe.plots.geometry.plot_feature_geometry", ("saes",), _GEOMETRY, _has_geometry),
     ("tsne", "saepipe.plots.geometry.plot_tsne", ("sae",), _GEOMETRY, _has_geometry),
+    ("autointerp", "saepipe.plots.autointerp.plot_autointerp", ("table", "autointerp"), _FEATURES, always),
 ):
     register_figure(_name, _function, _inputs, f"report/{_name}.rst", _category, _applies)

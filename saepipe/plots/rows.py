@@ -1,12 +1,18 @@
-"""Row helpers and conventions shared by the MoE / redundancy figures.
+"""Reading the figures' data: table rows, training logs, and what a row says about its SAE.
 
-Table rows come from ``results/table.parquet``; values that are ``None``/NaN, or columns an
-older table lacks, count as missing (``_num``/``_floats`` return None). What an architecture
-is (label, order, measured L0, routed, omega) comes from the row's trait columns
-(``saepipe.saes.arch_traits``; :func:`_trait` falls back to the registry for tables without
-them, see ``saepipe.plots.availability.row_trait``), never from its ``arch`` name. Figures omit panels
-without data (never an empty axes) and raise ``ValueError`` naming what is missing when
-nothing applicable is left.
+Table rows come from ``results/table.parquet`` (:func:`read_table_rows`), training logs from
+``results/saes/<sae>/train_log.jsonl`` (:func:`read_train_log`). Values that are
+``None``/NaN, or columns an older table lacks, count as missing (``saepipe.stats.finite``
+and :func:`finite_list` return None). What an architecture is (label, order, measured L0,
+routed, omega) comes from the row's trait columns (``saepipe.saes.arch_traits``), read with
+``saepipe.plots.availability.row_trait`` (which falls back to the registry for tables
+without them), never from its ``arch`` name; the display labels built from traits
+(:func:`arch_label`, :func:`sae_label`) are here for that reason.
+
+How rows are drawn (colours, markers, legends, seed points, saving) is in
+:mod:`saepipe.plots.style`, which reads no trait: a figure that needs no trait (the
+frontier) imports only that module, so its code fingerprint does not follow the
+architectures' code. This module imports no matplotlib.
 """
 
 from __future__ import annotations
@@ -14,113 +20,21 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import pyarrow.parquet as pq
 
-from saepipe.io import atomic_path
-from saepipe.plots.availability import row_trait as _trait
+from saepipe.plots.availability import row_trait
 from saepipe.stats import finite
 
-MARKERS = "osD^v<>ph*P"
-TOKENS_AXIS = "training tokens"
+# --------------------------------------------------------------------------- reading files
 
 
-def _rows(table_parquet: str) -> list[dict]:
+def read_table_rows(table_parquet: str) -> list[dict]:
+    """Every row of results/table.parquet (one per SAE) as a dict of column -> value."""
     return pq.read_table(table_parquet).to_pylist()
 
 
-_num = finite  # a finite float, or None for None / NaN / inf / non-numbers
-
-
-def _floats(v) -> list[float] | None:
-    """A list of finite floats, or None when missing/empty/containing a missing value."""
-    if v is None or isinstance(v, (str, bytes)):
-        return None
-    try:
-        vals = [_num(x) for x in v]
-    except TypeError:
-        return None
-    out = [x for x in vals if x is not None]
-    return out if out and len(out) == len(vals) else None
-
-
-def _val(r: dict, key: str) -> float:
-    """``r[key]`` as a finite float, for rows already filtered to have it (ValueError otherwise)."""
-    v = _num(r.get(key))
-    if v is None:
-        raise ValueError(f"{r.get('sae_id')}: {key} is missing in the table; re-run the evaluate stage")
-    return v
-
-
-def _label(r: dict) -> str:
-    """Display label of the row's architecture ('TopK', 'ReLU (L1)', ...)."""
-    return str(_trait(r, "arch_label"))
-
-
-def _measured_l0(r: dict) -> bool:
-    """True when L0 is measured (ReLU-type SAEs: their `k` is only the expected L0)."""
-    return not _trait(r, "l0_fixed")
-
-
-def _n_experts(r: dict) -> int:
-    return int(_num(r.get("n_experts")) or 1)
-
-
-def _is_moe(r: dict) -> bool:
-    return _n_experts(r) > 1 or bool(_trait(r, "routed"))
-
-
-def _e(r: dict) -> int:
-    """Active experts per token: the row's active_experts for routed SAEs, 1 for dense ones."""
-    return int(_num(r.get("active_experts")) or 1) if _trait(r, "routed") else 1
-
-
-def _fs(r: dict) -> bool | None:
-    """feature_scaling flag of SAEs with a learned omega (None for others or when unknown)."""
-    v = r.get("feature_scaling")
-    return bool(v) if _trait(r, "has_omega") and v is not None else None
-
-
-def _sort_key(r: dict):
-    fs = _fs(r)
-    return (
-        _trait(r, "arch_order"),
-        str(r.get("arch")),
-        str(r.get("group")),
-        _n_experts(r),
-        _e(r),
-        fs is not False,
-        _num(r.get("k")) or 0,
-        str(r.get("sae_id")),
-    )
-
-
-def _detail(r: dict) -> str:
-    """sae_id with the MoE settings a reader needs: 'scale-k16  (N=8, e=2, ω on)'."""
-    parts = []
-    if _is_moe(r):
-        parts.append(f"N={_n_experts(r)}")
-    if _trait(r, "has_omega"):
-        parts.append(f"e={_e(r)}")
-        if _fs(r) is not None:
-            parts.append("ω on" if _fs(r) else "ω off")
-    elif r.get("arch") is not None and not _trait(r, "routed") and r["arch"] not in str(r.get("sae_id")):
-        parts.append(_label(r))
-    return f"{r.get('sae_id')}  ({', '.join(parts)})" if parts else str(r.get("sae_id"))
-
-
-def _palette(n: int) -> list:
-    """n distinct colours: tab10, then tab20's ten lighter shades (tab20 order would put
-    two shades of one hue next to each other)."""
-    t20 = plt.get_cmap("tab20")
-    order = [t20(2 * i) for i in range(10)] + [t20(2 * i + 1) for i in range(10)]
-    return [order[i % 20] for i in range(n)]
-
-
-def _read_log(path: str) -> list[dict]:
+def read_train_log(path: str) -> list[dict]:
+    """The rows of one SAE's train_log.jsonl (one JSON object per non-blank line), in order."""
     rows = []
     for line in Path(path).read_text().splitlines():
         line = line.strip()
@@ -129,34 +43,99 @@ def _read_log(path: str) -> list[dict]:
     return rows
 
 
-def _arches(rows: list[dict]) -> str:
+# --------------------------------------------------------------------------- numbers
+
+
+def finite_list(v) -> list[float] | None:
+    """A list cell (expert counts, omega, ...) as finite floats, or None when it is missing,
+    empty or holds a missing value."""
+    if v is None or isinstance(v, (str, bytes)):
+        return None
+    try:
+        vals = [finite(x) for x in v]
+    except TypeError:
+        return None
+    out = [x for x in vals if x is not None]
+    return out if out and len(out) == len(vals) else None
+
+
+def required_value(r: dict, key: str) -> float:
+    """``r[key]`` as a finite float, for rows already filtered to have it (ValueError otherwise)."""
+    v = finite(r.get(key))
+    if v is None:
+        raise ValueError(f"{r.get('sae_id')}: {key} is missing in the table; re-run the evaluate stage")
+    return v
+
+
+# --------------------------------------------------------------------------- what a row's SAE is
+
+
+def l0_measured(r: dict) -> bool:
+    """True when the SAE's L0 is measured rather than fixed (ReLU-type SAEs: their ``k`` is
+    only the expected L0)."""
+    return not row_trait(r, "l0_fixed")
+
+
+def expert_count(r: dict) -> int:
+    """Number of experts N of the row's SAE (1 for a dense SAE or a missing value)."""
+    return int(finite(r.get("n_experts")) or 1)
+
+
+def is_moe(r: dict) -> bool:
+    """The row's SAE is a mixture of experts (more than one expert, or a routed architecture)."""
+    return expert_count(r) > 1 or bool(row_trait(r, "routed"))
+
+
+def active_experts(r: dict) -> int:
+    """Active experts per token e: the row's active_experts for routed SAEs, 1 for dense ones."""
+    return int(finite(r.get("active_experts")) or 1) if row_trait(r, "routed") else 1
+
+
+def feature_scaling_flag(r: dict) -> bool | None:
+    """feature_scaling flag of SAEs with a learned omega (None for others or when unknown)."""
+    v = r.get("feature_scaling")
+    return bool(v) if row_trait(r, "has_omega") and v is not None else None
+
+
+def sae_sort_key(r: dict) -> tuple:
+    """Order of SAEs in the figures: architecture (its ``arch_order`` trait), group, number of
+    experts, active experts, feature scaling off before on, k, then sae_id."""
+    fs = feature_scaling_flag(r)
+    return (
+        row_trait(r, "arch_order"),
+        str(r.get("arch")),
+        str(r.get("group")),
+        expert_count(r),
+        active_experts(r),
+        fs is not False,
+        finite(r.get("k")) or 0,
+        str(r.get("sae_id")),
+    )
+
+
+def arch_names(rows: list[dict]) -> str:
+    """The distinct architectures of `rows`, comma-separated, for error messages."""
     return ", ".join(sorted({str(r.get("arch")) for r in rows})) or "none (empty table)"
 
 
-def _shared_legend(fig, axes, ncol: int = 4, fontsize: int = 8) -> None:
-    """One legend under the panels with every distinct label of `axes`."""
-    seen: dict[str, object] = {}
-    for ax in axes:
-        for h, lab in zip(*ax.get_legend_handles_labels()):
-            if not lab.startswith("_"):
-                seen.setdefault(lab, h)
-    if seen:
-        fig.legend(
-            list(seen.values()),
-            list(seen.keys()),
-            loc="outside lower center",
-            ncol=min(ncol, len(seen)),
-            fontsize=fontsize,
-        )
+# --------------------------------------------------------------------------- labels from traits
 
 
-def _save(fig, out_png: str) -> None:
-    with atomic_path(out_png) as tmp:
-        fig.savefig(tmp, dpi=130, format="png")
-    plt.close(fig)
+def arch_label(r: dict) -> str:
+    """Display label of the row's architecture ('TopK', 'ReLU (L1)', ...)."""
+    return str(row_trait(r, "arch_label"))
 
 
-def _bar_values(ax, bars, values, fmt: str = "{:.3g}", fontsize: int = 7) -> None:
-    """Value labels at the bar ends, on a white box so reference lines do not cross them."""
-    for t in ax.bar_label(bars, labels=[fmt.format(v) for v in values], padding=2, fontsize=fontsize):
-        t.set_bbox(dict(facecolor="white", edgecolor="none", alpha=0.85, pad=0.6))
+def sae_label(r: dict) -> str:
+    """sae_id with the MoE settings a reader needs: 'scale-k16  (N=8, e=2, ω on)'."""
+    parts = []
+    if is_moe(r):
+        parts.append(f"N={expert_count(r)}")
+    if row_trait(r, "has_omega"):
+        parts.append(f"e={active_experts(r)}")
+        fs = feature_scaling_flag(r)
+        if fs is not None:
+            parts.append("ω on" if fs else "ω off")
+    elif r.get("arch") is not None and not row_trait(r, "routed") and r["arch"] not in str(r.get("sae_id")):
+        parts.append(arch_label(r))
+    return f"{r.get('sae_id')}  ({', '.join(parts)})" if parts else str(r.get("sae_id"))

@@ -17,10 +17,10 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
-import pyarrow.parquet as pq
 from matplotlib.ticker import NullFormatter
 
 from saepipe.plots.availability import row_trait, scaling_ks
+from saepipe.plots.rows import read_table_rows
 from saepipe.plots.style import decorate, draw_series, group_styles, mean_over_seeds, n_suffix, save, seeds_note
 
 TITLE = "Reconstruction vs training compute at fixed k (lower-left is better)"
@@ -90,4 +90,4 @@ def scaling_figure(rows: list[dict]):
 
 def plot_scaling(table_parquet: str, out_png: str) -> None:
     """results/table.parquet -> the scaling PNG (written atomically)."""
-    save(scaling_figure(pq.read_table(table_parquet).to_pylist()), out_png)
+    save(scaling_figure(read_table_rows(table_parquet)), out_png)

@@ -1,5 +1,10 @@
-"""Shared figure conventions: one colour and marker per sweep group in every figure, and one
-way to show a sweep point trained with several seeds.
+"""How every figure looks: colours, markers, labels, legends, seed points, and saving.
+
+Colours and markers. `group_styles` gives each sweep group one colour and marker, the same
+in every figure that draws groups (frontier, scaling, autointerp); `palette` gives n
+distinct colours for figures that colour SAEs or lines one by one (MoE, redundancy, omega);
+`marker` picks the i-th of `MARKERS`. `TOKENS_AXIS` labels a training-progress axis,
+`label_bars` writes values at bar ends.
 
 Seeds. A sweep point (table column ``point_id``: the ``sae_id`` without its seed suffix) has
 one table row per seed. `mean_over_seeds` folds those rows into one point whose metrics are
@@ -7,18 +12,41 @@ one table row per seed. `mean_over_seeds` folds those rows into one point whose 
 draws the means with the intervals as error bars (none for a single-seed point);
 `seeds_note` says in words what the markers and bars are, for the figure's subtitle. A table
 without ``point_id`` (older pipelines) is read as one seed per point (point = ``sae_id``).
+
+Legends and saving. `shared_legend` puts one de-duplicated legend under the panels,
+`decorate` adds the title, `save` writes the PNG atomically at `DPI` and closes the figure;
+every figure is saved by `save`.
+
+This module reads no architecture trait (those, and the SAE labels built from them, are in
+:mod:`saepipe.plots.rows`): a figure's code fingerprint (``saepipe.codeversion``) covers the
+modules it imports, so the frontier, which imports only this module, is not redrawn when an
+architecture's code changes.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 
-from saepipe import stats
-from saepipe.stats import Estimate, mean_ci
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+from saepipe.io import atomic_path
+from saepipe.stats import Estimate, finite, mean_ci, point_of
+
+DPI = 130
+"""Resolution of every saved figure (dots per inch)."""
 
 MARKERS = "osD^v<>ph*P"
+"""Marker cycle of the figures' lines and points (`marker`)."""
+
+TOKENS_AXIS = "training tokens"
+"""x-axis label of figures drawn over training."""
+
 CONFIDENCE = 0.95
-# Columns the seeds of one point must agree on: two rows that differ here are two points.
+"""Confidence level of the seed intervals (two-sided Student t)."""
+
 POINT_IDENTITY = (
     "group",
     "arch",
@@ -30,17 +58,40 @@ POINT_IDENTITY = (
     "match_baseline",
     "match_by",
 )
+"""Columns the seeds of one point must agree on: two rows that differ here are two points."""
+
+
+# --------------------------------------------------------------------------- colours, markers
+
+
+def marker(i: int) -> str:
+    """The i-th marker of `MARKERS` (cycling)."""
+    return MARKERS[i % len(MARKERS)]
 
 
 def group_styles(groups) -> dict[str, dict]:
     """Group name -> matplotlib kwargs (color, marker), stable for a given set of groups."""
-    return {
-        name: dict(color=f"C{i % 10}", marker=MARKERS[i % len(MARKERS)]) for i, name in enumerate(sorted(set(groups)))
-    }
+    return {name: dict(color=f"C{i % 10}", marker=marker(i)) for i, name in enumerate(sorted(set(groups)))}
 
 
-finite = stats.finite  # a table cell as a finite float or None
-point_key = stats.point_of  # the sweep point of a row (point_id, else sae_id)
+def palette(n: int) -> list:
+    """n distinct colours: tab10, then tab20's ten lighter shades (tab20 order would put
+    two shades of one hue next to each other)."""
+    t20 = plt.get_cmap("tab20")
+    order = [t20(2 * i) for i in range(10)] + [t20(2 * i + 1) for i in range(10)]
+    return [order[i % 20] for i in range(n)]
+
+
+# --------------------------------------------------------------------------- bar labels
+
+
+def label_bars(ax, bars, values, fmt: str = "{:.3g}", fontsize: int = 7) -> None:
+    """Value labels at the bar ends, on a white box so reference lines do not cross them."""
+    for t in ax.bar_label(bars, labels=[fmt.format(v) for v in values], padding=2, fontsize=fontsize):
+        t.set_bbox(dict(facecolor="white", edgecolor="none", alpha=0.85, pad=0.6))
+
+
+# --------------------------------------------------------------------------- seeds
 
 
 def mean_over_seeds(rows: Iterable[dict], metrics: Iterable[str], confidence: float = CONFIDENCE) -> list[dict]:
@@ -59,7 +110,7 @@ def mean_over_seeds(rows: Iterable[dict], metrics: Iterable[str], confidence: fl
     metrics = list(metrics)
     by_point: dict[str, list[dict]] = {}
     for r in rows:
-        by_point.setdefault(point_key(r), []).append(r)
+        by_point.setdefault(point_of(r), []).append(r)
     points = []
     for pid, prow in by_point.items():
         for col in POINT_IDENTITY:
@@ -146,28 +197,39 @@ def draw_series(
     return [e.n for e in ys]
 
 
-def decorate(fig, axes, title: str, subtitle: str | None = None) -> None:
-    """One de-duplicated legend below the panels and a title (with an optional second line
-    saying e.g. what the error bars are)."""
-    handles, labels = [], []
+# --------------------------------------------------------------------------- legend, title, save
+
+
+def shared_legend(fig, axes, ncol: int = 3, fontsize: int = 8) -> None:
+    """One legend under the panels with every distinct label of `axes` (the first handle of
+    each label, in panel order; labels starting with '_' are matplotlib's "no legend")."""
+    seen: dict[str, object] = {}
     for ax in axes:
         for h, lab in zip(*ax.get_legend_handles_labels()):
-            if lab not in labels and not lab.startswith("_"):
-                handles.append(h)
-                labels.append(lab)
-    if labels:
-        fig.legend(handles, labels, loc="outside lower center", ncol=min(3, len(labels)), fontsize=8)
+            if not lab.startswith("_"):
+                seen.setdefault(lab, h)
+    if seen:
+        fig.legend(
+            list(seen.values()),
+            list(seen.keys()),
+            loc="outside lower center",
+            ncol=min(ncol, len(seen)),
+            fontsize=fontsize,
+        )
+
+
+def decorate(fig, axes, title: str, subtitle: str | None = None) -> None:
+    """`shared_legend` below the panels and a title (with an optional second line saying e.g.
+    what the error bars are)."""
+    shared_legend(fig, axes)
     fig.suptitle(f"{title}\n{subtitle}" if subtitle else title, fontsize=12)
 
 
 def save(fig, out_png: str) -> None:
-    """Atomic PNG write, then close the figure."""
-    import matplotlib.pyplot as plt
-
-    from saepipe.io import atomic_path
-
+    """Write the figure as a PNG at `DPI` (atomically: a crash leaves no partial file), then
+    close it."""
     with atomic_path(out_png) as tmp:
-        fig.savefig(tmp, dpi=120, format="png")
+        fig.savefig(tmp, dpi=DPI, format="png")
     plt.close(fig)
 
 
