@@ -126,8 +126,10 @@ CASES = [
 @pytest.mark.parametrize("decode", ["sparse", "dense"])
 @pytest.mark.parametrize("arch,kw", CASES)
 def test_efficient_matches_naive(arch, kw, decode, monkeypatch):
-    # wide codes decode with a matmul, narrow ones with embedding_bag: both must be exact
-    monkeypatch.setattr(kernels, "DENSE_DECODE_MIN_FILL", 0.0 if decode == "dense" else float("inf"))
+    # wide codes train fused and decode with a matmul, narrow ones train and decode sparsely
+    # (embedding_bag, sparse encoder backward): both must be exact
+    for name in ("DENSE_DECODE_MIN_FILL", "DENSE_TRAIN_MIN_FILL"):
+        monkeypatch.setattr(kernels, name, 0.0 if decode == "dense" else float("inf"))
     torch.manual_seed(0)
     kw = dict(kw)
     eval_mode = kw.pop("eval", False)

@@ -252,10 +252,16 @@ class AuxKConfigMixin:
 
 
 class Encoding(NamedTuple):
-    """Sparse code of a batch (normalised space)."""
+    """Sparse code of a batch (normalised space).
 
-    acts_BK: Tensor  # activation values (>= 0) of the selected latents
-    idx_BK: Tensor  # long, GLOBAL latent index in [0, M) (Switch: expert * n + local)
+    ``acts_BK`` / ``idx_BK`` are None only in the encoding that a dense-code training forward
+    (:meth:`SAE._encode_decode_n` of ReLU, JumpReLU, Gated on a wide code) hands to the SAE's
+    own loss and statistics hooks, with the code in ``dense_BM``; :meth:`SAE.encode` always
+    returns the sparse code.
+    """
+
+    acts_BK: Tensor | None  # activation values (>= 0) of the selected latents
+    idx_BK: Tensor | None  # long, GLOBAL latent index in [0, M) (Switch: expert * n + local)
     gate_B: Tensor | None = None  # Switch: p_{i*} (1 when heaviside); None for dense
     expert_B: Tensor | None = None  # Switch: routed expert per token
     probs_BN: Tensor | None = None  # Switch: router probabilities
@@ -263,15 +269,48 @@ class Encoding(NamedTuple):
     experts_BE: Tensor | None = None  # MoE: every routed (selected) expert per token, column 0 = top-1
 
 
-class SAEOutput(NamedTuple):
-    """Result of ``SAE.forward``."""
+class SAEOutput:
+    """Result of ``SAE.forward`` (read by attribute).
 
-    x_hat_BD: Tensor  # reconstruction in RAW units
-    acts_BK: Tensor  # normalised-space activation values of the selected latents
-    idx_BK: Tensor  # global latent indices
-    losses: dict[str, Tensor]  # named, already weighted scalar terms; total = their sum
-    expert_B: Tensor | None = None  # routed (top-1) expert (None for dense archs)
-    experts_BE: Tensor | None = None  # every routed expert [B, e] (Switch: e = 1; None for dense)
+    ``acts_BK`` / ``idx_BK``: the sparse code (padded for the variable-L0 archs, see
+    :func:`kernels.padded_code`). A forward that computed the code densely (``dense_BM``,
+    entries ``>= 0``, 0 = inactive) builds the padded code on first access only: the trainer
+    reads it at its log steps, so the other steps never pay for it. Gradients flow through it
+    either way.
+    """
+
+    __slots__ = ("x_hat_BD", "losses", "expert_B", "experts_BE", "dense_BM", "_acts_BK", "_idx_BK")
+
+    def __init__(
+        self,
+        x_hat_BD: Tensor,  # reconstruction in RAW units
+        acts_BK: Tensor | None,  # normalised-space activation values of the selected latents
+        idx_BK: Tensor | None,  # global latent indices
+        losses: dict[str, Tensor],  # named, already weighted scalar terms; total = their sum
+        expert_B: Tensor | None = None,  # routed (top-1) expert (None for dense archs)
+        experts_BE: Tensor | None = None,  # every routed expert [B, e] (Switch: e = 1; None for dense)
+        dense_BM: Tensor | None = None,  # the code as a dense [B, M] tensor, when acts/idx are None
+    ):
+        if (acts_BK is None or idx_BK is None) and dense_BM is None:
+            raise ValueError("SAEOutput needs the sparse code (acts_BK, idx_BK) or dense_BM")
+        self.x_hat_BD, self.losses, self.expert_B, self.experts_BE = x_hat_BD, losses, expert_B, experts_BE
+        self.dense_BM, self._acts_BK, self._idx_BK = dense_BM, acts_BK, idx_BK
+
+    def _sparse_code(self) -> tuple[Tensor, Tensor]:
+        if self._acts_BK is None or self._idx_BK is None:
+            assert self.dense_BM is not None
+            self._acts_BK, self._idx_BK = kernels.padded_code(self.dense_BM, self.dense_BM.detach() > 0)
+        return self._acts_BK, self._idx_BK
+
+    @property
+    def acts_BK(self) -> Tensor:
+        """Normalised-space activation values of the selected latents (padding: 0)."""
+        return self._sparse_code()[0]
+
+    @property
+    def idx_BK(self) -> Tensor:
+        """Global latent indices of ``acts_BK`` (padding: 0)."""
+        return self._sparse_code()[1]
 
 
 class SAE(nn.Module):
@@ -280,7 +319,8 @@ class SAE(nn.Module):
     Subclasses create their parameters, then call :meth:`reset_parameters`; they implement
     ``_encode_n`` (normalised input -> (Encoding, extras)),
     ``_init_encoder``, ``flops_per_token`` and may extend ``_aux_losses``,
-    ``init_from_batch``, ``_saved_tensors`` and ``_load_saved_tensors``.
+    ``init_from_batch``, ``saved_tensors`` and ``load_saved_tensors``; an SAE that computes
+    encoder and decoder together (dense-code training) overrides ``_encode_decode_n``.
 
     Callers outside ``saepipe.saes`` read an SAE through the config's traits and properties
     (``ROUTED``, ``expert_count``, ...) and these methods, never by probing attributes:
@@ -334,14 +374,20 @@ class SAE(nn.Module):
     def forward(self, x_BD: Tensor) -> SAEOutput:
         """Encode + decode RAW ``x_BD``; losses in normalised space; updates dead stats in training."""
         x_n_BD = x_BD * self.cfg.act_norm_factor
-        enc, extras = self._encode_n(x_n_BD)
-        x_hat_n_BD = self._decode_n(enc)
+        enc, extras, x_hat_n_BD = self._encode_decode_n(x_n_BD)
         losses = {"mse": (x_n_BD - x_hat_n_BD).pow(2).mean()}
         losses.update(self._aux_losses(x_n_BD, x_hat_n_BD, enc, extras))
         if self.training:
             self._update_dead_stats(enc)
         x_hat_BD = x_hat_n_BD / self.cfg.act_norm_factor
-        return SAEOutput(x_hat_BD, enc.acts_BK, enc.idx_BK, losses, enc.expert_B, enc.experts_BE)
+        return SAEOutput(x_hat_BD, enc.acts_BK, enc.idx_BK, losses, enc.expert_B, enc.experts_BE, dense_BM=enc.dense_BM)
+
+    def _encode_decode_n(self, x_n_BD: Tensor) -> tuple[Encoding, dict[str, Tensor], Tensor]:
+        """``(code, extras, x_hat_n)`` of normalised ``x_n_BD``: :meth:`_encode_n` then
+        :meth:`_decode_n`. The dense-code archs override it to run encoder, activation and
+        decoder as one autograd node in training (see :mod:`saepipe.saes.dense_code`)."""
+        enc, extras = self._encode_n(x_n_BD)
+        return enc, extras, self._decode_n(enc)
 
     @torch.no_grad()
     def init_from_batch(self, x_BD: Tensor) -> None:
@@ -389,7 +435,7 @@ class SAE(nn.Module):
         """Encoder feature directions as the forward pass uses them, one row per latent
         ``[M, d]`` (default: the saved ``W_enc [d, M]`` transposed; Scale: its feature-scaled
         ``W_hat``)."""
-        W_enc_DM = self._saved_tensors().get("W_enc")
+        W_enc_DM = self.saved_tensors().get("W_enc")
         if W_enc_DM is None:
             raise NotImplementedError(
                 f"{type(self).__name__} saves no 'W_enc'; override encoder_features_MD() to "
@@ -413,7 +459,11 @@ class SAE(nn.Module):
 
     # ---- shared internals ---------------------------------------------------------------
     def _decode_n(self, enc: Encoding) -> Tensor:
-        """``b_dec + gate * sum_j acts_j W_dec[idx_j]`` in normalised space (sparse)."""
+        """``b_dec + gate * sum_j acts_j W_dec[idx_j]`` in normalised space (sparse, or one matmul
+        when the encoding carries the code densely)."""
+        if enc.acts_BK is None or enc.idx_BK is None:
+            assert enc.dense_BM is not None, "an Encoding without acts_BK/idx_BK needs dense_BM"
+            return enc.dense_BM @ self.W_dec + self.b_dec
         acts_BK = enc.acts_BK if enc.gate_B is None else enc.acts_BK * enc.gate_B[:, None]
         return kernels.decode(enc.idx_BK, acts_BK, self.W_dec, enc.dense_BM) + self.b_dec
 
@@ -426,9 +476,15 @@ class SAE(nn.Module):
     @torch.no_grad()
     def _update_dead_stats(self, enc: Encoding) -> None:
         """Add the batch's tokens to every latent's counter; reset latents that fired (act > 0)."""
-        fired_M = torch.zeros(self.cfg.width, device=enc.idx_BK.device)
-        fired_M.index_add_(0, enc.idx_BK.reshape(-1), (enc.acts_BK > 0).reshape(-1).float())
-        self.tokens_since_fired.add_(enc.idx_BK.shape[0])
+        if enc.acts_BK is None or enc.idx_BK is None:  # dense code: one max over the batch
+            assert enc.dense_BM is not None
+            fired_M = enc.dense_BM.amax(0) > 0
+            n_tokens = enc.dense_BM.shape[0]
+        else:
+            fired_M = torch.zeros(self.cfg.width, device=enc.idx_BK.device)
+            fired_M.index_add_(0, enc.idx_BK.reshape(-1), (enc.acts_BK > 0).reshape(-1).float())
+            n_tokens = enc.idx_BK.shape[0]
+        self.tokens_since_fired.add_(n_tokens)
         self.tokens_since_fired.masked_fill_(fired_M > 0, 0)
 
     def _init_decoder_from_encoder(self, W_enc_DM: Tensor) -> None:
@@ -436,13 +492,18 @@ class SAE(nn.Module):
         self.W_dec.copy_(W_enc_DM.t())
         kernels.normalise_rows_(self.W_dec.data)
 
-    def _saved_tensors(self) -> dict[str, Tensor]:
-        """Tensors in the docs/reference.md §2 names/shapes (subclasses add theirs)."""
+    def saved_tensors(self) -> dict[str, Tensor]:
+        """The tensors of the saved format (``sae.safetensors``), by their docs/reference.md §2
+        names and shapes: ``W_dec [M, d]`` and ``b_dec [d]`` here; every architecture adds its
+        own (``W_enc [d, M]``, ``b_enc [M]``, thresholds, router, ...) by extending this dict.
+        :func:`saepipe.saes.save_sae` writes them (as float32, on CPU);
+        :meth:`load_saved_tensors` is the inverse."""
         return {"W_dec": self.W_dec, "b_dec": self.b_dec}
 
     @torch.no_grad()
-    def _load_saved_tensors(self, tensors: dict[str, Tensor]) -> None:
-        """Inverse of :meth:`_saved_tensors`."""
+    def load_saved_tensors(self, tensors: dict[str, Tensor]) -> None:
+        """Copy a dict written from :meth:`saved_tensors` (same names and shapes) into this SAE's
+        parameters and buffers; architectures extend it for the tensors they add."""
         self.W_dec.copy_(tensors["W_dec"])
         self.b_dec.copy_(tensors["b_dec"])
 

@@ -16,13 +16,19 @@ it is 0, i.e. eval-mode inference is a plain ReLU SAE. Call ``sae.eval()`` for i
 
 ``k`` = average active latents per token: exactly ``k * B`` entries are selected per training
 batch (fewer are > 0 only if the batch has fewer positive pre-activations); the FLOP estimate
-is ``2 d M + 2 d k``. The code is the padded ``(acts_BL, idx_BL)`` of :func:`kernels.padded_code`
-(``L`` = max per-token L0 in the batch, padding has ``acts = 0``; if a batch has fewer than
-``k * B`` positive activations, the selected zeros stay in the code with ``acts = 0``).
+is ``2 d M + 2 d k``. The code is padded ``(acts_BL, idx_BL)`` (``L`` = max per-token L0 in
+the batch, padding has ``acts = 0``, ``idx = 0``; if a batch has fewer than ``k * B``
+positive activations, the selected zeros stay in the code with ``acts = 0``).
+
+Efficiency: the batch-wide selection is :func:`kernels.batch_topk` (a sampled threshold, then
+a top-k over the few entries above it; exact), the encoder backward is sparse
+(:func:`kernels.gather_linear`: only the selected entries reach ``W_enc`` / ``b_enc``), the
+decode one embedding_bag. The dense ``[B, M]`` pre-activations are a reused scratch buffer.
 
 Everything else is the TopK SAE's (subclass): unit-norm decoder rows (renormalised after each
 step, parallel gradient removed), init, and Gao's AuxK on dead latents (``auxk``, ``k_aux``,
-``dead_tokens``, ``aux_coeff``), here with a dense top-``k_aux`` over the dead latents.
+``dead_tokens``, ``aux_coeff``): the top-``k_aux`` dead latents per token
+(:func:`kernels.dead_topk`) with the same sparse backward.
 """
 
 from __future__ import annotations
@@ -79,23 +85,25 @@ class BatchTopKSAE(TopKSAE):
             self.threshold_updates.zero_()
 
     def _encode_n(self, x_n_BD: Tensor) -> tuple[Encoding, dict[str, Tensor]]:
-        pre_BM = torch.addmm(self.b_enc, x_n_BD - self.b_dec, self.W_enc)
-        f_BM = F.relu(pre_BM)
+        x_c_BD, b_eff_M = kernels.centred_input(x_n_BD, self.b_dec, self.W_enc, self.b_enc)
+        # f = ReLU(pre), a scratch buffer: its gathered entries have pre's ReLU gradient
+        f_BM = kernels.matmul_bias(x_c_BD, self.W_enc, b_eff_M, kernels.SCRATCH).relu_()
         B, M = f_BM.shape
         extras: dict[str, Tensor] = {}
         if self.training:
-            n_sel = min(self.cfg.k * B, B * M)
-            flat_S = f_BM.detach().reshape(-1).topk(n_sel, sorted=False).indices.sort().values
-            rows_S, cols_S = flat_S // M, flat_S % M
-            vals_S = f_BM.reshape(-1)[flat_S]
-            self._update_threshold(vals_S.detach())
-            acts_BL, idx_BL = kernels.pad_rows(rows_S, cols_S, vals_S, B)
-            aux_mask_M, k_aux = self._auxk_selection()
-            if k_aux and aux_mask_M is not None:
-                vals_BA, idx_BA = pre_BM.masked_fill(~aux_mask_M, float("-inf")).topk(k_aux, dim=1)
-                extras = {"aux_vals_BA": vals_BA, "aux_idx_BA": idx_BA}
+            rows_S, cols_S, vals_S = kernels.batch_topk(f_BM, min(self.cfg.k * B, B * M))
+            self._update_threshold(vals_S)
+            idx_BL, valid_BL = kernels.padded_entries(rows_S, cols_S, B)
         else:
-            acts_BL, idx_BL = kernels.padded_code(f_BM, f_BM > self.threshold.clamp_min(0))
+            idx_BL, valid_BL = kernels.padded_indices(f_BM > self.threshold.clamp_min(0))
+        acts_BL = F.relu(kernels.gather_linear(x_c_BD, self.W_enc, b_eff_M, f_BM, idx_BL, valid_BL)) * valid_BL
+        aux_mask_M, k_aux = self._auxk_selection()
+        if k_aux and aux_mask_M is not None:  # (overwrites f_BM's live columns when many are dead)
+            _, idx_BA = kernels.dead_topk(f_BM, aux_mask_M, int(aux_mask_M.sum()), k_aux)
+            all_BA = torch.ones(idx_BA.shape, dtype=torch.bool, device=idx_BA.device)
+            vals_BA = kernels.gather_linear(x_c_BD, self.W_enc, b_eff_M, f_BM, idx_BA, all_BA)
+            extras = {"aux_vals_BA": vals_BA, "aux_idx_BA": idx_BA}
+        kernels.SCRATCH.give(f_BM)  # only gathered from: no reference left
         return Encoding(acts_BL, idx_BL), extras
 
     @torch.no_grad()
@@ -111,12 +119,12 @@ class BatchTopKSAE(TopKSAE):
             self.threshold.lerp_(m, self.cfg.threshold_momentum)
         self.threshold_updates.add_(1)
 
-    def _saved_tensors(self) -> dict[str, Tensor]:
-        return {**super()._saved_tensors(), "threshold": self.threshold}
+    def saved_tensors(self) -> dict[str, Tensor]:
+        return {**super().saved_tensors(), "threshold": self.threshold}
 
     @torch.no_grad()
-    def _load_saved_tensors(self, tensors: dict[str, Tensor]) -> None:
-        super()._load_saved_tensors(tensors)
+    def load_saved_tensors(self, tensors: dict[str, Tensor]) -> None:
+        super().load_saved_tensors(tensors)
         self.threshold.copy_(tensors["threshold"].reshape(()))
         self.threshold_updates.fill_(1)  # resumed training continues the EMA
 

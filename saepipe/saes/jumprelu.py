@@ -36,8 +36,11 @@ spent collapsing that overshoot; the small default avoids it (synthetic recovery
 l0_coeff 0.3: recovery 0.82-0.84 at 0.05 vs 0.58 at 1.0). Keep ``threshold_init`` well below
 the initial pre-activation scale (~ enc_init_norm * ||x|| / sqrt(d)) or no latent ever fires.
 
-Variable L0 -> the padded ``(acts_BL, idx_BL)`` code of :func:`kernels.padded_code`. When
-autograd records (training), the code also holds the inactive entries inside the STE window
+Variable L0, computed as the ReLU SAE's (:mod:`saepipe.saes.relu`): a wide code trains fused
+and dense (:func:`dense_code.jumprelu_dense`, the same STE written out; the output's sparse
+code, built when read, holds the active entries), a narrow one as the padded
+``(acts_BL, idx_BL)`` code with a sparse encoder backward. When autograd records, that padded
+code also holds the inactive entries inside the STE window
 (``theta - eps/2 < r <= theta``) with ``acts = 0``: the threshold's pseudo-derivative needs
 ``dL/df`` there too, and the sparse decode only yields it for entries in the code. They count
 nowhere (``acts > 0`` is the activity test everywhere), so only ``acts == 0`` entries may carry
@@ -55,12 +58,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import kernels
+from . import dense_code, kernels
 from .base import SAE, Encoding, SAEConfig
 
 
 class _JumpReLU(torch.autograd.Function):
-    """``(f, H) = (r * H(r - theta), H(r - theta))`` with the paper's STE pseudo-derivatives."""
+    """``(f, H) = (r * H(r - theta), H(r - theta))`` with the paper's STE pseudo-derivatives.
+
+    ``theta`` broadcasts against ``r`` (``[M]`` for a dense ``[B, M]`` code, or ``[B, L]``
+    gathered per entry of a padded code); its gradient is summed back to its shape."""
 
     @staticmethod
     def forward(ctx, r_BM, theta_M, eps):
@@ -78,27 +84,28 @@ class _JumpReLU(torch.autograd.Function):
         grad_theta = None
         if ctx.needs_input_grad[1]:
             window_BM = ((r_BM - theta_M).abs() < eps / 2).to(g_f_BM.dtype)
-            grad_theta = -(theta_M / eps) * (g_f_BM * window_BM).sum(0)
+            grad_theta = (-(theta_M / eps) * (g_f_BM * window_BM)).sum_to_size(theta_M.shape)
         return grad_r, grad_theta, None
 
 
 class _StepSum(torch.autograd.Function):
-    """``sum_b,j H(r - theta)`` (the L0 count) with ``d/d theta = -(1/eps) K((r - theta)/eps)``."""
+    """``sum H(r - theta)`` over the entries with ``valid`` (the L0 count) with
+    ``d/d theta = -(1/eps) K((r - theta)/eps)``; ``theta`` broadcasts as in :class:`_JumpReLU`."""
 
     @staticmethod
-    def forward(ctx, r_BM, theta_M, eps):
-        ctx.save_for_backward(r_BM, theta_M)
+    def forward(ctx, r_BM, theta_M, eps, valid_BM):
+        ctx.save_for_backward(r_BM, theta_M, valid_BM)
         ctx.eps = eps
-        return (r_BM > theta_M).sum().to(torch.float32)  # exact count (not bf16)
+        return ((r_BM > theta_M) & valid_BM).sum().to(torch.float32)  # exact count (not bf16)
 
     @staticmethod
     def backward(ctx, g):
-        r_BM, theta_M = ctx.saved_tensors
+        r_BM, theta_M, valid_BM = ctx.saved_tensors
         grad_theta = None
         if ctx.needs_input_grad[1]:
-            in_window_M = ((r_BM - theta_M).abs() < ctx.eps / 2).sum(0).to(theta_M.dtype)
-            grad_theta = -(g / ctx.eps) * in_window_M
-        return None, grad_theta, None
+            in_window_BM = ((r_BM - theta_M).abs() < ctx.eps / 2) & valid_BM
+            grad_theta = (-(g / ctx.eps) * in_window_BM.to(theta_M.dtype)).sum_to_size(theta_M.shape)
+        return None, grad_theta, None, None
 
 
 @dataclass
@@ -161,21 +168,50 @@ class JumpReLUSAE(SAE):
         self.W_enc.copy_(self.W_dec.t() * self.cfg.enc_init_norm)
 
     def _encode_n(self, x_n_BD: Tensor) -> tuple[Encoding, dict[str, Tensor]]:
-        r_BM = F.relu(torch.addmm(self.b_enc, x_n_BD - self.b_dec, self.W_enc))
-        f_BM, active_BM = _JumpReLU.apply(r_BM, self.threshold, self.cfg.bandwidth)
-        code_BM = active_BM
-        if torch.is_grad_enabled() and self.threshold.requires_grad:
-            # The STE needs dL/df on the whole window |r - theta| < eps/2, including the
-            # inactive side (f = 0): keep those entries in the code with value 0.
-            code_BM = active_BM | ((r_BM.detach() - self.threshold.detach()).abs() < self.cfg.bandwidth / 2)
-        acts_BL, idx_BL, dense_BM = kernels.variable_code(f_BM, code_BM)
-        return Encoding(acts_BL, idx_BL, dense_BM=dense_BM), {"r_BM": r_BM}
+        """Padded code (with the STE window's inactive entries when the threshold trains) and
+        a sparse encoder backward; without autograd a wide code also comes dense."""
+        x_c_BD, b_eff_M = kernels.centred_input(x_n_BD, self.b_dec, self.W_enc, self.b_enc)
+        theta_M, eps = self.threshold, self.cfg.bandwidth
+        grad = torch.is_grad_enabled()
+        with torch.no_grad():
+            r_BM = torch.addmm(b_eff_M, x_c_BD, self.W_enc).relu_()
+            code_BM = r_BM > theta_M
+            if grad and theta_M.requires_grad:
+                # The STE needs dL/df on the whole window |r - theta| < eps/2, including the
+                # inactive side (f = 0): keep those entries in the code with value 0.
+                code_BM |= (r_BM - theta_M).abs() < eps / 2
+        idx_BL, valid_BL = kernels.padded_indices(code_BM)
+        r_BL = F.relu(kernels.gather_linear(x_c_BD, self.W_enc, b_eff_M, r_BM, idx_BL, valid_BL))
+        theta_BL = theta_M.index_select(0, idx_BL.reshape(-1)).view(idx_BL.shape)
+        f_BL, _ = _JumpReLU.apply(r_BL, theta_BL, eps)
+        wide = idx_BL.shape[1] >= r_BM.shape[1] * kernels.DENSE_DECODE_MIN_FILL
+        dense_BM = r_BM.mul_(code_BM) if wide and not grad else None
+        extras = {"r_BL": r_BL, "theta_BL": theta_BL, "valid_BL": valid_BL}
+        return Encoding(f_BL * valid_BL, idx_BL, dense_BM=dense_BM), extras
+
+    def _encode_decode_n(self, x_n_BD: Tensor) -> tuple[Encoding, dict[str, Tensor], Tensor]:
+        """Training on a wide code: encoder, JumpReLU (STE) and decoder fused
+        (:func:`dense_code.jumprelu_dense`)."""
+        if not (torch.is_grad_enabled() and self._wide(x_n_BD)):
+            return super()._encode_decode_n(x_n_BD)
+        x_hat_BD, f_BM, count = dense_code.jumprelu_dense(
+            x_n_BD, self.b_dec, self.W_enc, self.b_enc, self.threshold, self.W_dec, self.cfg.bandwidth
+        )
+        return Encoding(None, None, dense_BM=f_BM), {"l0_count": count}, x_hat_BD + self.b_dec
+
+    @torch.no_grad()
+    def _wide(self, x_n_BD: Tensor, rows: int = 256) -> bool:
+        """Whether the code is wide (:func:`kernels.code_is_wide`), from the first ``rows`` tokens."""
+        r_BM = torch.addmm(self.b_enc, x_n_BD[:rows] - self.b_dec, self.W_enc).relu_()
+        return kernels.code_is_wide(r_BM > self.threshold)
 
     def _aux_losses(
         self, x_n_BD: Tensor, x_hat_n_BD: Tensor, enc: Encoding, extras: dict[str, Tensor]
     ) -> dict[str, Tensor]:
         """``{"l0_penalty": l0_coeff / d * mean_b L0_b}`` (STE gradient to the threshold)."""
-        count = _StepSum.apply(extras["r_BM"], self.threshold, self.cfg.bandwidth)
+        count = extras.get("l0_count")
+        if count is None:  # padded code: every active or in-window entry is in it
+            count = _StepSum.apply(extras["r_BL"], extras["theta_BL"], self.cfg.bandwidth, extras["valid_BL"])
         return {"l0_penalty": count * (self.cfg.l0_coeff / (self.cfg.d_in * x_n_BD.shape[0]))}
 
     def after_optimizer_step(self) -> None:
@@ -183,12 +219,12 @@ class JumpReLUSAE(SAE):
         super().after_optimizer_step()
         self.threshold.data.clamp_(min=0)
 
-    def _saved_tensors(self) -> dict[str, Tensor]:
-        return {**super()._saved_tensors(), "W_enc": self.W_enc, "b_enc": self.b_enc, "threshold": self.threshold}
+    def saved_tensors(self) -> dict[str, Tensor]:
+        return {**super().saved_tensors(), "W_enc": self.W_enc, "b_enc": self.b_enc, "threshold": self.threshold}
 
     @torch.no_grad()
-    def _load_saved_tensors(self, tensors: dict[str, Tensor]) -> None:
-        super()._load_saved_tensors(tensors)
+    def load_saved_tensors(self, tensors: dict[str, Tensor]) -> None:
+        super().load_saved_tensors(tensors)
         self.W_enc.copy_(tensors["W_enc"])
         self.b_enc.copy_(tensors["b_enc"])
         self.threshold.copy_(tensors["threshold"])

@@ -171,7 +171,7 @@ def save_sae(sae: SAE, directory: str | os.PathLike, run: dict[str, Any] | None 
     """
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
-    tensors = {name: t.detach().to("cpu", torch.float32).contiguous() for name, t in sae._saved_tensors().items()}
+    tensors = {name: t.detach().to("cpu", torch.float32).contiguous() for name, t in sae.saved_tensors().items()}
     config = {**sae.saved_metadata(), **sae.cfg.to_dict()}
     if run is not None:
         config["run"] = run
@@ -201,5 +201,5 @@ def load_sae(directory: str | os.PathLike, device: str | torch.device = "cpu") -
     """Load a directory written by :func:`save_sae`; returns the SAE in eval mode on ``device``."""
     cfg = load_config(directory)
     sae = build_sae(cfg)
-    sae._load_saved_tensors(load_file(str(Path(directory) / WEIGHTS_FILE)))
+    sae.load_saved_tensors(load_file(str(Path(directory) / WEIGHTS_FILE)))
     return sae.to(device).eval()

@@ -1,10 +1,18 @@
-"""ReLU (L1) SAE, Anthropic April-2024 recipe (docs/reference.md §1), and the padded sparse code shared by
-the variable-L0 architectures (ReLU, BatchTopK, JumpReLU, Gated) lives in kernels.py.
+"""ReLU (L1) SAE, Anthropic April-2024 recipe (docs/reference.md §1).
 
 Forward (normalised space, ``x_n = x * act_norm_factor``)::
 
     f       = ReLU(W_enc^T (x_n - b_dec) + b_enc)       # [B, M], dense encoder (inherent)
-    x_hat_n = b_dec + sum_{j: f_j > 0} f_j W_dec[j]     # one F.embedding_bag (sparse decode)
+    x_hat_n = b_dec + sum_{j: f_j > 0} f_j W_dec[j]
+
+Two exact ways to compute it, chosen per batch by the code's width (L = most active latents
+of a token, :func:`kernels.code_is_wide`; only speed depends on the choice):
+
+- wide code (early training, unstructured inputs: about half the latents fire): in training,
+  encoder, ReLU and decoder are one fused autograd node over dense ``[B, M]`` tensors
+  (:func:`dense_code.relu_dense`); the sparse code of the output is built only when read;
+- narrow code: the padded code below, an ``embedding_bag`` decode and a sparse encoder
+  backward (:func:`kernels.gather_linear`: only the active entries reach ``W_enc``).
 
 Loss terms (``losses``; every term is the paper's per-token loss divided by ``d``, because
 the base ``mse`` term is the mean over tokens AND dims = ``||x - x_hat||^2 / d``)::
@@ -26,7 +34,7 @@ Counting tokens rather than steps makes the schedule independent of the batch si
 nothing from the trainer. ``warmup_tokens == 0`` -> no warm-up. Eval mode uses the full
 ``l1_coeff`` (a loaded SAE's loss is reported with its final lambda).
 
-Variable L0 -> padded code: :func:`kernels.padded_code` returns ``(acts_BL, idx_BL)`` with
+Variable L0 -> padded code (:func:`kernels.padded_indices`): ``(acts_BL, idx_BL)`` with
 ``L = max_b L0_b`` (>= 1; one host sync per forward): row ``b`` holds its active latents
 (ascending index) and then padding entries with ``acts = 0`` and ``idx = 0``. Downstream
 consumers are exact: ``l0 = (acts_BK > 0).sum(-1)``; padding adds ``0 * W_dec[0]`` in the
@@ -42,7 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import kernels
+from . import dense_code, kernels
 from .base import SAE, Encoding, SAEConfig
 
 
@@ -117,17 +125,42 @@ class ReLUSAE(SAE):
         return (self.tokens_seen.float() / warm).clamp(max=1.0)
 
     def _encode_n(self, x_n_BD: Tensor) -> tuple[Encoding, dict[str, Tensor]]:
-        f_BM = F.relu(torch.addmm(self.b_enc, x_n_BD - self.b_dec, self.W_enc))
-        acts_BL, idx_BL, dense_BM = kernels.variable_code(f_BM, f_BM > 0)
+        """Padded code of the active latents (sparse encoder backward, :func:`kernels.gather_linear`);
+        without autograd, a wide code also comes dense (decoded by one matmul)."""
+        x_c_BD, b_eff_M = kernels.centred_input(x_n_BD, self.b_dec, self.W_enc, self.b_enc)
+        with torch.no_grad():
+            pre_BM = torch.addmm(b_eff_M, x_c_BD, self.W_enc)
+        idx_BL, valid_BL = kernels.padded_indices(pre_BM > 0)
+        pre_BL = kernels.gather_linear(x_c_BD, self.W_enc, b_eff_M, pre_BM, idx_BL, valid_BL)
+        acts_BL = F.relu(pre_BL) * valid_BL
+        wide = idx_BL.shape[1] >= pre_BM.shape[1] * kernels.DENSE_DECODE_MIN_FILL
+        dense_BM = pre_BM.relu_() if wide and not torch.is_grad_enabled() else None
         return Encoding(acts_BL, idx_BL, dense_BM=dense_BM), {}
+
+    def _encode_decode_n(self, x_n_BD: Tensor) -> tuple[Encoding, dict[str, Tensor], Tensor]:
+        """Training on a wide code: encoder, ReLU and decoder fused (:func:`dense_code.relu_dense`)."""
+        if not (torch.is_grad_enabled() and self._wide(x_n_BD)):
+            return super()._encode_decode_n(x_n_BD)
+        x_hat_BD, f_BM, f_sum_M = dense_code.relu_dense(x_n_BD, self.b_dec, self.W_enc, self.b_enc, self.W_dec)
+        return Encoding(None, None, dense_BM=f_BM), {"f_sum_M": f_sum_M}, x_hat_BD + self.b_dec
+
+    @torch.no_grad()
+    def _wide(self, x_n_BD: Tensor, rows: int = 256) -> bool:
+        """Whether the code is wide (:func:`kernels.code_is_wide`), from the first ``rows`` tokens."""
+        x_BD = x_n_BD[:rows]
+        return kernels.code_is_wide(torch.addmm(self.b_enc, x_BD - self.b_dec, self.W_enc) > 0)
 
     def _aux_losses(
         self, x_n_BD: Tensor, x_hat_n_BD: Tensor, enc: Encoding, extras: dict[str, Tensor]
     ) -> dict[str, Tensor]:
         """``{"l1": lambda_t / d * mean_b sum_j f_j ||W_dec[j]||}``; advances the warm-up."""
         lam = self.cfg.l1_coeff * self.l1_scale()
-        norms_BL = self.W_dec.norm(dim=1)[enc.idx_BK]  # padding: acts 0 -> contributes 0
-        l1 = (enc.acts_BK * norms_BL).sum(1).mean() * (lam / self.cfg.d_in)
+        norms_M = self.W_dec.norm(dim=1)
+        if enc.acts_BK is None or enc.idx_BK is None:  # fused dense step: the code's column sums
+            weighted = (extras["f_sum_M"] * norms_M).sum()
+        else:  # padding: acts 0 -> contributes 0
+            weighted = (enc.acts_BK * norms_M[enc.idx_BK]).sum()
+        l1 = weighted * (lam / (self.cfg.d_in * x_n_BD.shape[0]))
         if self.training:
             self.tokens_seen.add_(x_n_BD.shape[0])
         return {"l1": l1}
@@ -138,12 +171,12 @@ class ReLUSAE(SAE):
     def after_optimizer_step(self) -> None:
         """No unit-norm constraint: the decoder is not renormalised."""
 
-    def _saved_tensors(self) -> dict[str, Tensor]:
-        return {**super()._saved_tensors(), "W_enc": self.W_enc, "b_enc": self.b_enc}
+    def saved_tensors(self) -> dict[str, Tensor]:
+        return {**super().saved_tensors(), "W_enc": self.W_enc, "b_enc": self.b_enc}
 
     @torch.no_grad()
-    def _load_saved_tensors(self, tensors: dict[str, Tensor]) -> None:
-        super()._load_saved_tensors(tensors)
+    def load_saved_tensors(self, tensors: dict[str, Tensor]) -> None:
+        super().load_saved_tensors(tensors)
         self.W_enc.copy_(tensors["W_enc"])
         self.b_enc.copy_(tensors["b_enc"])
 

@@ -302,9 +302,9 @@ class ScaleSAE(MoESAE):
     # (the reference code removes the component parallel to rows even when it normalises
     # columns).
 
-    def _saved_tensors(self) -> dict[str, Tensor]:
+    def saved_tensors(self) -> dict[str, Tensor]:
         tensors = {
-            **super()._saved_tensors(),
+            **super().saved_tensors(),
             "W_enc": self.W_enc_DM(),
             "b_enc": self.b_enc,
             "W_router": self.W_router,
@@ -317,8 +317,8 @@ class ScaleSAE(MoESAE):
         return tensors
 
     @torch.no_grad()
-    def _load_saved_tensors(self, tensors: dict[str, Tensor]) -> None:
-        super()._load_saved_tensors(tensors)
+    def load_saved_tensors(self, tensors: dict[str, Tensor]) -> None:
+        super().load_saved_tensors(tensors)
         d, N, n = self.cfg.d_in, self.cfg.n_experts, self.cfg.expert_width
         self.W_enc.copy_(tensors["W_enc"].reshape(d, N, n).permute(1, 0, 2))
         for name in ("b_enc", "W_router", "b_router", "router_bias", "omega"):

@@ -148,10 +148,10 @@ class SwitchSAE(MoESAE):
         """Gate of expert i when routed: ``p_i`` (None = 1 with ``heaviside``)."""
         return None if self.cfg.heaviside else enc.probs_BN
 
-    def _saved_tensors(self) -> dict[str, Tensor]:
+    def saved_tensors(self) -> dict[str, Tensor]:
         M, N = self.cfg.width, self.cfg.n_experts
         return {
-            **super()._saved_tensors(),
+            **super().saved_tensors(),
             "W_enc": self.W_enc_DM(),
             "b_enc": self.W_enc.new_zeros(M),
             "W_router": self.W_router,
@@ -160,8 +160,8 @@ class SwitchSAE(MoESAE):
         }
 
     @torch.no_grad()
-    def _load_saved_tensors(self, tensors: dict[str, Tensor]) -> None:
-        super()._load_saved_tensors(tensors)
+    def load_saved_tensors(self, tensors: dict[str, Tensor]) -> None:
+        super().load_saved_tensors(tensors)
         for name in ("b_enc", "router_bias"):
             if name in tensors and bool(tensors[name].any()):
                 raise ValueError(f"switch SAE has no {name}; saved {name} must be all zeros")

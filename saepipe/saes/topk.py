@@ -16,7 +16,9 @@ AuxK (training only, Gao's form): with ``dead`` = latents that have not fired fo
 ``dead_tokens`` tokens, take the top-``k_aux`` dead latents of ``pre`` (ReLU'd), reconstruct
 the detached residual ``e = x_n - x_hat_n`` WITHOUT ``b_dec``:
 ``e_hat = sum ReLU(pre_j) W_dec[j]``, and add
-``aux_coeff * sum_b ||e_b - e_hat_b||^2 / sum_b ||e_b - mean_b(e)||^2``.
+``aux_coeff * sum_b ||e_b - e_hat_b||^2 / sum_b ||e_b - mean_b(e)||^2``. The selection reuses
+the encoder's pre-activations (:func:`kernels.topk_linear`: none dead, no search; all dead,
+one search for both top-k's; a few, only their columns) and shares its sparse backward.
 """
 
 from __future__ import annotations
@@ -96,11 +98,11 @@ class TopKSAE(SAE):
             )
         }
 
-    def _saved_tensors(self) -> dict[str, Tensor]:
-        return {**super()._saved_tensors(), "W_enc": self.W_enc, "b_enc": self.b_enc}
+    def saved_tensors(self) -> dict[str, Tensor]:
+        return {**super().saved_tensors(), "W_enc": self.W_enc, "b_enc": self.b_enc}
 
     @torch.no_grad()
-    def _load_saved_tensors(self, tensors: dict[str, Tensor]) -> None:
-        super()._load_saved_tensors(tensors)
+    def load_saved_tensors(self, tensors: dict[str, Tensor]) -> None:
+        super().load_saved_tensors(tensors)
         self.W_enc.copy_(tensors["W_enc"])
         self.b_enc.copy_(tensors["b_enc"])
