@@ -30,6 +30,7 @@ BUILT_IN = (
     "omega",
     "feature_geometry",
     "tsne",
+    "autointerp",
 )
 
 
@@ -75,6 +76,12 @@ def test_applies_reads_traits():
         "l0_fixed": True,
         "has_omega": False,
     }
+    assert [f.name for f in figures_for([topk], autointerp=True)] == [
+        "frontier",
+        "redundancy",
+        "activation_similarity",
+        "autointerp",
+    ]
     names = [f.name for f in figures_for([topk, {**topk, "sae_id": "c", "group": "c"}, routed])]
     assert names == [
         "frontier",
@@ -132,8 +139,9 @@ def test_the_workflow_names_no_figure():
     smk = (REPO / "rules/report.smk").read_text()
     assert "rule plot_" not in smk and "name:" in smk
     plot_scripts = sorted(p.name for p in (REPO / "workflow_scripts").glob("plot*.py"))
-    assert plot_scripts == ["plot.py", "plot_autointerp.py"]
-    pattern = re.compile(rf'"({"|".join(BUILT_IN)})"')
+    assert plot_scripts == ["plot.py"]
+    # "autointerp" is also the stage's name, its config section and the figure's input kind
+    pattern = re.compile(rf'"({"|".join(n for n in BUILT_IN if n != "autointerp")})"')
     for path in (REPO / "Snakefile", REPO / "workflow_scripts/plot.py", *sorted((REPO / "rules").glob("*.smk"))):
         assert not pattern.search(path.read_text()), path
 
