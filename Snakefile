@@ -3,6 +3,7 @@
 # Report: snakemake --report results/report.html
 import math
 import os
+import re
 import sys
 
 from snakemake.utils import min_version, validate
@@ -35,9 +36,13 @@ from saepipe.plots.availability import geometry_ids, row_trait, sweep_rows
 from saepipe.plots.registry import figures_for
 from saepipe.sweep import canonical, expand_sweep
 from saepipe.train import split_runtime
+from saepipe.train.packs import form_packs, pack_of, publish
 
 # Every SAE of the sweep: id -> {"group", "sae", "train"} (see saepipe/sweep.py).
 SAES = expand_sweep(config, d_in=d_model(config))  # native lm.d_model or model.d_model
+# Training jobs: packs of SAEs that share one stream of batches (train.pack; saepipe/train/packs.py).
+PACKS = form_packs(SAES)  # pack name -> SAE ids
+PACK_OF = pack_of(PACKS)  # SAE id -> pack name
 # Feature inspection (MaxAct, autointerp) reads one SAE per sweep point: its first seed.
 INSPECTED = list({p["point"]: sid for sid, p in reversed(list(SAES.items()))}.values())[::-1]
 MAXACT = config.get("maxact", {})
@@ -64,6 +69,7 @@ wildcard_constraints:
     split="train|eval",
     shard=r"\d{3}",
     sae="|".join(sorted(SAES, key=len, reverse=True)),
+    pack="|".join(re.escape(name) for name in sorted(PACKS, key=len, reverse=True)),
 
 
 include: "rules/common.smk"

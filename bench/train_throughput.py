@@ -260,7 +260,7 @@ def bench_loader(p: dict, device: torch.device, consumer_tokens_per_s: float) ->
         }.items():
             stream = ShardStream(paths, B, total, seed=0, buffer_shards=2, device=device, **kw)
             if stream.cached:
-                stream._load_cache()  # loaded once per training run: not part of the rate
+                stream.load_cache()  # loaded once per training run: not part of the rate
             _sync(device)
             t0 = time.perf_counter()
             for _batch in stream:

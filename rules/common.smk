@@ -38,3 +38,23 @@ def figure_inputs(fig, table):
         else:  # "sae": the first geometry SAE
             files["sae"] = geometry_weights()[:1]
     return files
+
+
+def pack_saes(wildcards):
+    """SAE id -> SAE fields, for the SAEs of one pack (rule train's params)."""
+    return canonical({sid: SAES[sid]["sae"] for sid in PACKS[wildcards.pack]})
+
+
+def pack_train(wildcards):
+    """SAE id -> train settings (runtime fields aside: they come from config), for one pack."""
+    return canonical({sid: split_runtime(SAES[sid]["train"])[0] for sid in PACKS[wildcards.pack]})
+
+
+def pack_mem_mb(wildcards):
+    """Memory of a train job: 2 GB plus 1 GB per SAE of its pack."""
+    return 2000 + 1000 * len(PACKS[wildcards.pack])
+
+
+def pack_manifest(wildcards):
+    """The manifest of the pack that trains SAE `wildcards.sae` (saepipe.train.packs)."""
+    return f"results/packs/{PACK_OF[wildcards.sae]}/pack.json"

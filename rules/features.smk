@@ -4,8 +4,8 @@
 
 rule maxact:
     input:
-        weights=rules.train.output.weights,
-        config=rules.train.output.config,
+        weights=rules.publish.output.weights,
+        config=rules.publish.output.config,
         tokenizer="results/lm/tokenizer.json",
         shards=expand("results/activations/eval/{shard}.zarr", shard=SHARDS["eval"]),
     output:

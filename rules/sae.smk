@@ -1,29 +1,42 @@
-# SAE stages: train one SAE per sweep point, evaluate it on the held-out shards.
+# SAE stages: train the SAEs one pack at a time (train.pack, saepipe/train/packs.py; a pack
+# of one by default), publish each into results/saes/<id>/, evaluate it on the held-out shards.
 
 
 rule train:
     input:
         shards=expand("results/activations/train/{shard}.zarr", shard=SHARDS["train"]),
     output:
-        weights="results/saes/{sae}/sae.safetensors",
-        config="results/saes/{sae}/config.json",
-        log="results/saes/{sae}/train_log.jsonl",
+        pack="results/packs/{pack}/pack.json",
     log:
-        "results/logs/train/{sae}.log",
+        "results/logs/train/{pack}.log",
     benchmark:
-        "results/benchmarks/train/{sae}.tsv"
+        "results/benchmarks/train/{pack}.tsv"
     conda:
         "../envs/saepipe.yaml"
     threads: 1
     resources:
         gpu=1,
-        mem_mb=3000,
+        mem_mb=pack_mem_mb,
     params:
-        sae=lambda wc: canonical(SAES[wc.sae]["sae"]),
-        train=lambda wc: canonical(split_runtime(SAES[wc.sae]["train"])[0]),  # runtime fields: from config
+        saes=pack_saes,
+        train=pack_train,  # runtime fields: from config
         code=fingerprint("saepipe.train"),
     script:
         "../workflow_scripts/train.py"
+
+
+rule publish:
+    input:
+        pack_manifest,
+    output:
+        weights="results/saes/{sae}/sae.safetensors",
+        config="results/saes/{sae}/config.json",
+        log="results/saes/{sae}/train_log.jsonl",
+    log:
+        "results/logs/publish/{sae}.log",
+    localrule: True
+    run:
+        publish(os.path.dirname(input[0]), wildcards.sae, os.path.dirname(output.weights))
 
 
 rule lm_baseline:
@@ -51,8 +64,8 @@ rule lm_baseline:
 
 rule evaluate:
     input:
-        weights=rules.train.output.weights,
-        config=rules.train.output.config,
+        weights=rules.publish.output.weights,
+        config=rules.publish.output.config,
         model=rules.lm.output.weights,
         shards=expand("results/activations/eval/{shard}.zarr", shard=SHARDS["eval"]),
         baseline=rules.lm_baseline.output[0],

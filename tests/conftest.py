@@ -143,6 +143,22 @@ def micro_copy(micro_run, tmp_path) -> Path:
     return dest
 
 
+def random_shards(root: Path, n_shards: int, rows: int, d: int = 16, seed: int = 0) -> list[str]:
+    """`n_shards` activation shards of `rows` N(0, 1) rows each (fp16, d = `d`) under `root`."""
+    import numpy as np
+
+    from saepipe.data.shards import write_shard
+
+    rng, paths = np.random.default_rng(seed), []
+    for i in range(n_shards):
+        acts = rng.standard_normal((rows, d)).astype(np.float16)
+        norm = float(np.linalg.norm(acts.astype(np.float32), axis=1).mean())
+        meta = {"model": "m", "hook": "h", "dtype": "float16", "d_in": d, "token_count": rows, "mean_norm": norm}
+        write_shard(root / f"{i}.zarr", acts, np.zeros(rows, np.int32), np.arange(rows, dtype=np.int32), meta)
+        paths.append(str(root / f"{i}.zarr"))
+    return paths
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny torch ops: one thread avoids OpenMP thrashing on a busy 2-core machine."""

@@ -7,7 +7,7 @@ from saepipe import codeversion
 
 def test_closure_follows_imports():
     files = {p.name for p in codeversion.module_closure("saepipe.train")}
-    assert {"train.py", "loader.py", "shards.py", "topk.py", "switch.py", "io.py"} <= files
+    assert {"loop.py", "checkpoint.py", "loader.py", "shards.py", "topk.py", "switch.py", "io.py"} <= files
     assert "frontier.py" not in files and "corpus.py" not in files
 
 

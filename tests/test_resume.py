@@ -11,15 +11,14 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
+from conftest import random_shards
 from safetensors.torch import load_file
 
 import saepipe.data.loader as loader
 import saepipe.train as train
 from saepipe.data.loader import ShardStream
-from saepipe.data.shards import write_shard
 from saepipe.train import TrainConfig, train_sae
 
 REPO = Path(__file__).resolve().parents[1]
@@ -50,34 +49,21 @@ import saepipe.train as train
 args = json.loads(sys.argv[1])
 torch.set_num_threads(1)
 if "pause_at" in args:
-    class Paused(train.ShardStream):
+    class Paused(train.loop.ShardStream):
         def batches(self, start=0):
             for step, batch in enumerate(super().batches(start), start):
                 if step == args["pause_at"]:
                     print("paused", flush=True)
                     sys.stdin.readline()
                 yield batch
-    train.ShardStream = Paused
+    train.loop.ShardStream = Paused
 train.train_sae(args["sae"], train.TrainConfig(**args["train"]), args["shards"], args["out"])
 """
 
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> list[str]:
-    root, rng = tmp_path_factory.mktemp("shards"), np.random.default_rng(0)
-    paths = []
-    for i in range(3):
-        acts = rng.standard_normal((700, 16)).astype(np.float16)
-        norm = float(np.linalg.norm(acts.astype(np.float32), axis=1).mean())
-        write_shard(
-            root / f"{i}.zarr",
-            acts,
-            np.zeros(700, np.int32),
-            np.arange(700, dtype=np.int32),
-            {"model": "m", "hook": "h", "dtype": "float16", "d_in": 16, "token_count": 700, "mean_norm": norm},
-        )
-        paths.append(str(root / f"{i}.zarr"))
-    return paths
+    return random_shards(tmp_path_factory.mktemp("shards"), n_shards=3, rows=700)
 
 
 def _start(sae: dict, shards: list[str], out: Path, **extra) -> subprocess.Popen:
@@ -155,7 +141,7 @@ def at_step(monkeypatch):
                 for step, x in enumerate(super().batches(start), start):
                     yield fn(x) if step == n else x
 
-        monkeypatch.setattr(train, "ShardStream", Patched)
+        monkeypatch.setattr(train.loop, "ShardStream", Patched)
 
     return patch
 
@@ -167,7 +153,7 @@ def test_hard_kill_resumes_from_periodic_checkpoint(shards, tmp_path, at_step, m
     with pytest.raises(Crash):
         train_sae(SAES["scale"], cfg, shards, tmp_path / "out")
     assert torch.load(tmp_path / "out/checkpoint.pt", weights_only=True)["step"] == 37
-    monkeypatch.setattr(train, "ShardStream", ShardStream)
+    monkeypatch.setattr(train.loop, "ShardStream", ShardStream)
     train_sae(SAES["scale"], cfg, shards, tmp_path / "out")
     _assert_same_run(tmp_path / "out", tmp_path / "ref")
 
@@ -177,7 +163,7 @@ def test_stale_checkpoint_is_reported_and_ignored(shards, tmp_path, at_step, mon
     at_step(10, _crash)
     with pytest.raises(Crash):
         train_sae(SAES["topk"], cfg, shards, tmp_path / "out")
-    monkeypatch.setattr(train, "ShardStream", ShardStream)
+    monkeypatch.setattr(train.loop, "ShardStream", ShardStream)
     capsys.readouterr()
     train_sae(SAES["topk"], TrainConfig(**{**asdict(cfg), "lr": 2e-3}), shards, tmp_path / "out")
     err = capsys.readouterr().err
@@ -197,7 +183,7 @@ def test_kill_while_writing_keeps_previous_checkpoint(shards, tmp_path, monkeypa
             raise Crash("killed mid-write")
         real_save(obj, f)
 
-    monkeypatch.setattr(train.torch, "save", dies_on_third_write)
+    monkeypatch.setattr(torch, "save", dies_on_third_write)
     with pytest.raises(Crash):
         train_sae(SAES["topk"], cfg, shards, tmp_path / "out")
     assert calls == [1, 2, 3]

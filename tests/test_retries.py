@@ -25,7 +25,7 @@ from pathlib import Path
 marker = Path(__file__).with_name("preempted")
 if sys.argv[0].endswith(".train.py") and not marker.exists():
     marker.write_text(str(os.getpid()))
-    import saepipe.train as train
+    import saepipe.train.loop as train
 
     class Preempted(train.ShardStream):
         def batches(self, start=0):
@@ -48,8 +48,11 @@ def test_preempted_train_job_is_retried_and_resumes(micro_copy, tmp_path):
         if SAE not in str(p)
     ]
     mtimes = {p: p.stat().st_mtime_ns for p in untouched}
+    pack_dir = results / "packs" / SAE  # train.pack 1: the pack is named after its SAE
     for name in ("sae.safetensors", "config.json", "train_log.jsonl"):
         (sae_dir / name).unlink()  # this SAE was never trained: its train job is due
+        (pack_dir / SAE / name).unlink()
+    (pack_dir / "pack.json").unlink()
     hooks = tmp_path / "hooks"
     hooks.mkdir()
     (hooks / "sitecustomize.py").write_text(PREEMPT_ONCE)
@@ -59,14 +62,14 @@ def test_preempted_train_job_is_retried_and_resumes(micro_copy, tmp_path):
     assert without_retry.returncode != 0 and (hooks / "preempted").exists()
     log = (results / "logs/train" / f"{SAE}.log").read_text()
     assert "TrainingPreempted" in log and "4 of 64 steps done" in log, log[-2000:]
-    assert (sae_dir / "checkpoint.pt").exists() and not (sae_dir / "sae.safetensors").exists()
+    assert (pack_dir / SAE / "checkpoint.pt").exists() and not (sae_dir / "sae.safetensors").exists()
 
     (hooks / "preempted").unlink()  # the next attempt is preempted too; --retries 1 absorbs it
     proc = snakemake(micro_copy, "--cores", "1", "--retries", "1", target, pythonpath=(hooks,))
     assert "Trying to restart job" in proc.stdout + proc.stderr
     run = json.loads((sae_dir / "config.json").read_text())["run"]
     assert run["resumed_at_steps"] == [4, 8]  # each attempt went on from where the last stopped
-    assert not (sae_dir / "checkpoint.pt").exists()
+    assert not (pack_dir / SAE / "checkpoint.pt").exists()
     weights = load_file(str(sae_dir / "sae.safetensors"))
     assert weights.keys() == reference.keys()
     assert all(torch.equal(weights[k], reference[k]) for k in weights)

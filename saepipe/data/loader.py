@@ -110,6 +110,8 @@ class ShardStream:
         self.cache_bytes = cache_bytes
         self.pin = self.device.type == "cuda"
         self._cache: torch.Tensor | None = None  # [sum(lengths), d] fp16 on device
+        self.bytes_read = 0
+        """Bytes of activations read from the shards so far (what a pack shares)."""
 
     def __len__(self) -> int:
         return self.total_tokens // self.batch_size
@@ -134,7 +136,7 @@ class ShardStream:
             return
         plan = self._plan(start * self.batch_size, count * self.batch_size)
         if self.cached:
-            cache = self._load_cache()
+            cache = self.load_cache()
             sources: Iterator[torch.Tensor] = (torch.from_numpy(self._window_sources(*w)).to(self.device) for w in plan)
             batches = self._assemble(sources, count, lambda idx: cache.index_select(0, idx).float())
         else:
@@ -223,9 +225,10 @@ class ShardStream:
                 f"holds {len(acts)}; the shard is damaged, delete it to re-extract"
             )
         check_finite(acts, self.paths[i], row_ids)
+        self.bytes_read += shard.acts_TD.nbytes
         return acts
 
-    def _load_cache(self) -> torch.Tensor:
+    def load_cache(self) -> torch.Tensor:
         """Every shard's activations on the device, once (fp16, shard i at rows starts[i]:)."""
         if self._cache is None:
             if self.d_in is None:
