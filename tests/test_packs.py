@@ -21,6 +21,7 @@ import torch
 import yaml
 from conftest import REPO, random_shards, snakemake
 from safetensors.torch import load_file
+from test_retries import PREEMPT_ONCE
 
 import saepipe.train.loop as loop
 from saepipe.train import Member, TrainConfig, train_pack, train_sae
@@ -200,9 +201,10 @@ def test_packs_are_formed_by_group_stream_and_seed():
 
 
 @pytest.mark.slow
-def test_packs_through_snakemake(micro_copy):
+def test_packs_through_snakemake(micro_copy, tmp_path):
     """train.pack 2 on the finished micro run: only the group with two compatible SAEs
-    (topk, k = 4 and 8) forms a new pack; its job trains both, bitwise as they were trained
+    (topk, k = 4 and 8) forms a new pack; its job, preempted by a real SIGTERM and retried
+    by Snakemake (--retries 1), resumes both and ends with the weights each got trained
     alone; then editing that group reruns that pack and nothing else's training."""
     results = micro_copy / "results"
     alone = {k: load_file(str(results / f"saes/topk-{k}/sae.safetensors")) for k in ("k4", "k8")}
@@ -212,7 +214,14 @@ def test_packs_through_snakemake(micro_copy):
     dry = snakemake(micro_copy, "-n").stdout
     assert dry.count("rule train:") == 1 and "results/packs/topk-k4+1/pack.json" in dry, dry[-3000:]
     targets = [f"results/saes/topk-{k}/metrics.json" for k in ("k4", "k8")]
-    snakemake(micro_copy, "--cores", "2", *targets)
+    hooks = tmp_path / "hooks"  # the train job's first attempt is preempted 3 steps in
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(PREEMPT_ONCE)
+    proc = snakemake(micro_copy, "--cores", "2", "--retries", "1", *targets, pythonpath=(hooks,))
+    assert (hooks / "preempted").exists() and "Trying to restart job" in proc.stdout + proc.stderr
+    for k in ("k4", "k8"):
+        run = json.loads((results / f"saes/topk-{k}/config.json").read_text())["run"]
+        assert run["resumed_at_steps"] == [4], k  # the retry went on from the SIGTERM checkpoint
     manifest = json.loads((results / "packs/topk-k4+1/pack.json").read_text())
     assert manifest["members"] == ["topk-k4", "topk-k8"]
     assert manifest["bytes_read"] == manifest["shard_bytes"]  # one epoch, read once for both SAEs
