@@ -10,12 +10,15 @@ Both follow the trainer's protocol (`out.losses`, `before_optimizer_step`,
 benchmark step does the same work for them as for the library SAEs.
 - `time_steps`: median seconds of the trainer's own step (saepipe.train.train_step: forward
   under autocast, backward, decoder hooks, Adam, fused on CUDA).
+- `time_interleaved`: the same step for several models side by side, round-robin, so that a
+  change of the machine's load (a shared CPU) hits every model alike.
 """
 
 from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -99,6 +102,36 @@ def time_steps(model: nn.Module, x: torch.Tensor, steps: int, warmup: int, autoc
         if i >= warmup:
             times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def time_interleaved(
+    models: dict[str, nn.Module],
+    x: torch.Tensor,
+    steps: int,
+    warmup: int,
+    autocast: torch.dtype | None,
+    before_step: dict[str, Callable[[], None]] | None = None,
+) -> dict[str, list[float]]:
+    """Wall seconds of one full training step (as `time_steps`) of every model, ``steps`` rounds
+    after ``warmup``: each round steps every model once, the order rotated by one per round.
+    ``before_step[name]`` (untimed) runs before each of that model's steps. Returns the
+    per-step times of each model (take the median)."""
+    opts = {name: make_optimizer(model, 1e-4) for name, model in models.items()}
+    names = list(models)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for i in range(warmup + steps):
+        for name in names[i % len(names) :] + names[: i % len(names)]:
+            if before_step and name in before_step:
+                before_step[name]()
+            if x.is_cuda:
+                torch.cuda.synchronize(x.device)
+            t0 = time.perf_counter()
+            train_step(models[name], opts[name], x, autocast)
+            if x.is_cuda:
+                torch.cuda.synchronize(x.device)
+            if i >= warmup:
+                times[name].append(time.perf_counter() - t0)
+    return times
 
 
 def topk_arch() -> str:
