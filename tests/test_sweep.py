@@ -19,7 +19,7 @@ def _expand(sweep, d_in=64):
 def test_default_config_sweep():
     cfg = yaml.safe_load((REPO / "config.yaml").read_text())
     points = expand_sweep(cfg, cfg["lm"]["d_model"])
-    assert len(points) == 30
+    assert len(points) == 31
     assert {p["sae"]["arch"] for p in points.values()} == set(ARCHITECTURES)  # one of each
     # the comparison groups have two seeds each, pooled into one point
     assert points["switch_flop-k16-s1"]["point"] == "switch_flop-k16"

@@ -146,13 +146,15 @@ class _SparseDecode(torch.autograd.Function):
         return None, g_acts, g_W
 
 
-def bag_weight_grad(idx_BK: Tensor, w_BK: Tensor, grad_BD: Tensor, n_rows: int) -> Tensor:
+def bag_weight_grad(idx_BK: Tensor, w_BK: Tensor, grad_BD: Tensor, n_rows: int, bag_BK: Tensor | None = None) -> Tensor:
     """``G[m] = sum_{(b, j): idx[b, j] = m} w[b, j] * grad[b]`` as ``[n_rows, D]``.
 
     The weight gradient of ``embedding_bag`` (and of a sparse encoder), computed as a
     transposed embedding_bag: the ``B * K`` entries are sorted by latent (one unstable sort)
     and bag ``m`` sums the ``grad`` rows of the tokens that selected latent ``m``. Entries
-    with ``w = 0`` (padding) add nothing.
+    with ``w = 0`` (padding) add nothing. ``bag_BK`` (optional, long, shaped like ``idx_BK``):
+    the row of ``grad_BD`` each entry takes instead of its own row ``b`` (an embedding_bag
+    whose bags are not the rows of ``idx_BK``, e.g. Matryoshka's per-prefix partial decodes).
     """
     K = idx_BK.shape[1]
     flat_S = idx_BK.reshape(-1)
@@ -160,7 +162,8 @@ def bag_weight_grad(idx_BK: Tensor, w_BK: Tensor, grad_BD: Tensor, n_rows: int) 
     counts_M = torch.bincount(flat_S, minlength=n_rows)
     offsets_M = counts_M.cumsum(0) - counts_M
     w_S = w_BK.reshape(-1).to(grad_BD.dtype).index_select(0, order_S)
-    return F.embedding_bag(order_S // K, grad_BD, offsets_M, per_sample_weights=w_S, mode="sum")
+    rows_S = order_S // K if bag_BK is None else bag_BK.reshape(-1).index_select(0, order_S)
+    return F.embedding_bag(rows_S, grad_BD, offsets_M, per_sample_weights=w_S, mode="sum")
 
 
 def matmul_bias(x_BD: Tensor, W_DM: Tensor, b_M: Tensor | None, pool: ScratchPool | None = None) -> Tensor:

@@ -39,6 +39,7 @@ from .base import METADATA_KEYS, SAE, SAEConfig
 from .batchtopk import BatchTopKConfig, BatchTopKSAE
 from .gated import GatedConfig, GatedSAE
 from .jumprelu import JumpReLUConfig, JumpReLUSAE
+from .matryoshka import MatryoshkaConfig, MatryoshkaSAE
 from .relu import ReLUConfig, ReLUSAE
 from .scale import ScaleConfig, ScaleSAE
 from .switch import SwitchConfig, SwitchSAE
@@ -52,6 +53,7 @@ ARCHITECTURES: dict[str, tuple[type[SAE], type[SAEConfig]]] = {
     "batchtopk": (BatchTopKSAE, BatchTopKConfig),
     "jumprelu": (JumpReLUSAE, JumpReLUConfig),
     "gated": (GatedSAE, GatedConfig),
+    "matryoshka": (MatryoshkaSAE, MatryoshkaConfig),
 }
 
 WEIGHTS_FILE = "sae.safetensors"
