@@ -78,6 +78,7 @@ include: "rules/sae.smk"
 include: "rules/report.smk"
 include: "rules/features.smk"
 include: "rules/verdicts.smk"
+include: "rules/export.smk"
 
 
 rule all:
@@ -86,3 +87,6 @@ rule all:
         "results/verdicts.json",
         "results/plots/verdicts.html",
         FIGURES,
+        expand(rules.export_saelens.output, sae=SAELENS_EXPORTS)
+        if config.get("export", {}).get("saelens", True)
+        else [],

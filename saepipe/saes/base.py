@@ -79,6 +79,11 @@ class SAEConfig:
     ROUTED: ClassVar[bool] = False  # a router picks experts (blocks of latents) per token
     HAS_OMEGA: ClassVar[bool] = False  # learned per-expert feature-scaling gain ``omega``
     HAS_THRESHOLD: ClassVar[bool] = False  # learned activation threshold (inference or per latent)
+    # SAELens 6.x architecture whose inference class computes this arch's forward pass once the
+    # activation normalisation is folded into the weights (saepipe/interop/export.py): a built-in
+    # one ("standard", "topk", "jumprelu", "gated") or a class of the plugin
+    # saepipe/interop/saelens.py ("saepipe_switch", "saepipe_scale"); None: no export.
+    SAELENS_ARCH: ClassVar[str | None] = None
 
     def __post_init__(self) -> None:
         for name in ("d_in", "width", "k"):

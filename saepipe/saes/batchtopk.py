@@ -58,6 +58,7 @@ class BatchTopKConfig(TopKConfig):
     LABEL: ClassVar[str] = "BatchTopK"
     ORDER: ClassVar[int] = 1
     HAS_THRESHOLD: ClassVar[bool] = True
+    SAELENS_ARCH: ClassVar[str | None] = "jumprelu"  # inference keeps f > threshold: a JumpReLU
     # (inherits TopK's traits otherwise)
 
     def __post_init__(self) -> None:

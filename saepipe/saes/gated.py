@@ -67,6 +67,7 @@ class GatedConfig(SAEConfig):
     LABEL: ClassVar[str] = "Gated"
     ORDER: ClassVar[int] = 4
     L0_FIXED: ClassVar[bool] = False  # L0 is measured; k is its expected value
+    SAELENS_ARCH: ClassVar[str | None] = "gated"
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -127,6 +127,7 @@ class JumpReLUConfig(SAEConfig):
     ORDER: ClassVar[int] = 3
     L0_FIXED: ClassVar[bool] = False  # L0 is measured; k is its expected value
     HAS_THRESHOLD: ClassVar[bool] = True
+    SAELENS_ARCH: ClassVar[str | None] = "jumprelu"
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -72,6 +72,7 @@ class ReLUConfig(SAEConfig):
     LABEL: ClassVar[str] = "ReLU (L1)"
     ORDER: ClassVar[int] = 2
     L0_FIXED: ClassVar[bool] = False  # L0 is measured; k is its expected value
+    SAELENS_ARCH: ClassVar[str | None] = "standard"
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -125,6 +125,7 @@ class ScaleConfig(MoEConfig):
     LABEL: ClassVar[str] = "Scale"
     ORDER: ClassVar[int] = 6
     HAS_OMEGA: ClassVar[bool] = True
+    SAELENS_ARCH: ClassVar[str | None] = "saepipe_scale"  # the plugin saepipe/interop/saelens.py
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -69,6 +69,7 @@ class SwitchConfig(MoEConfig):
     ARCH: ClassVar[str] = "switch"
     LABEL: ClassVar[str] = "Switch"
     ORDER: ClassVar[int] = 5
+    SAELENS_ARCH: ClassVar[str | None] = "saepipe_switch"  # the plugin saepipe/interop/saelens.py
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -47,6 +47,7 @@ class TopKConfig(AuxKConfigMixin, SAEConfig):
     ARCH: ClassVar[str] = "topk"
     LABEL: ClassVar[str] = "TopK"
     ORDER: ClassVar[int] = 0
+    SAELENS_ARCH: ClassVar[str | None] = "topk"
 
     def __post_init__(self) -> None:
         super().__post_init__()
