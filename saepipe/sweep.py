@@ -38,6 +38,8 @@ from __future__ import annotations
 
 import itertools
 import json
+import types
+import typing
 from dataclasses import fields
 
 from saepipe.saes import ARCHITECTURES, config_from_dict
@@ -60,7 +62,30 @@ SEED_FIELD = "seed"  # the axis pooled into one point (its id part is dropped fr
 
 
 def _id_value(v) -> str:
+    if isinstance(v, list):  # one value of a list-valued field: 64_128_256
+        return "_".join(map(_id_value, v))
     return str(int(v)) if isinstance(v, bool) else str(v)
+
+
+def list_fields(arch: str) -> set[str]:
+    """The arch's config fields whose value is itself a list (e.g. Matryoshka's
+    ``matryoshka_widths``): there a list is one value, and an axis is a list of lists."""
+    hints = typing.get_type_hints(ARCHITECTURES[arch][1])
+    return {name for name, hint in hints.items() if _holds_list(hint)}
+
+
+def _holds_list(hint) -> bool:
+    if typing.get_origin(hint) in (list, tuple):
+        return True
+    return typing.get_origin(hint) in (typing.Union, types.UnionType) and any(map(_holds_list, typing.get_args(hint)))
+
+
+def is_axis(key: str, value, list_valued: set[str]) -> bool:
+    """Whether a group's `value` for `key` is a grid axis: a list, except for a list-valued
+    field (``list_valued``), where only a list of lists is."""
+    if not isinstance(value, list):
+        return False
+    return key not in list_valued or all(isinstance(v, list) for v in value)
 
 
 def arch_fields(arch: str) -> set[str]:
@@ -138,8 +163,9 @@ def _apply_match(group: str, values: dict, match: dict, groups: dict, d_in: int,
     if isinstance(base.get("width"), list) or "width" not in base:
         raise SweepError(f"sweep.{group}.match: baseline {base_name!r} needs one fixed width")
     # the baseline at this point's axis values (k, seed, ...; its own first value otherwise)
+    listed = list_fields(base["arch"])
     base_values = {
-        k: (values.get(k, v[0]) if isinstance(v, list) else v)
+        k: (values.get(k, v[0]) if is_axis(k, v, listed) else v)
         for k, v in base.items()
         if k in arch_fields(base["arch"])
     }
@@ -199,7 +225,8 @@ def expand_sweep(config: dict, d_in: int) -> dict[str, dict]:
             )
         # list-valued `train` fields are axes of every group that does not set them itself
         spec = {**{k: v for k, v in default_axes.items() if k not in spec}, **spec}
-        axes = {k: v for k, v in spec.items() if isinstance(v, list)}
+        listed = list_fields(arch)
+        axes = {k: v for k, v in spec.items() if is_axis(k, v, listed)}
         if SEED_FIELD in axes:  # the seed axis last, so `point` is a prefix of the id
             axes[SEED_FIELD] = axes.pop(SEED_FIELD)
         for combo in itertools.product(*axes.values()):

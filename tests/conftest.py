@@ -34,7 +34,8 @@ def micro_config() -> dict:
     cfg["extract"].update(
         hook="blocks.1.hook_resid_pre", train_tokens=16_384, eval_tokens=4_096, shard_tokens=8_192, batch_size=64
     )
-    cfg["train"].update(tokens=16_384, batch_size=256, warmup_steps=5, log_every=10)
+    # one SAE per train job (pack 1): tests/test_packs.py turns packs on
+    cfg["train"].update(tokens=16_384, batch_size=256, warmup_steps=5, log_every=10, pack=1)
     cfg["sweep"] = {
         "topk": {"arch": "topk", "width": 128, "k": [4, 8], "dead_tokens": 4096},
         "switch_flop": {"arch": "switch", "n_experts": 4, "k": [4], "match": {"baseline": "topk", "by": "flops"}},

@@ -173,6 +173,7 @@ def _all_configs():
     yield {"arch": "relu", **base}
     yield {"arch": "jumprelu", **base}
     yield {"arch": "gated", **base}
+    yield {"arch": "matryoshka", **base, "width": 48, "matryoshka_widths": [12, 24, 48]}
     for heaviside in (False, True):
         yield {"arch": "switch", **base, "n_experts": 4, "heaviside": heaviside}
     for lowpass in ("mean", "identity", "learned"):

@@ -155,5 +155,14 @@ def test_errors_name_the_group_and_key():
         }
     )
     assert sorted(points) == ["s-s0", "s-s1", "t-s0", "t-s1"] and points["s-s1"]["sae"]["width"] == 64
+
+
+def test_a_list_valued_field_is_one_value_and_a_list_of_lists_its_axis():
+    mat = {"arch": "matryoshka", "width": 64, "k": 4}
+    one = _expand({"m": {**mat, "matryoshka_widths": [16, 32, 64]}})
+    assert list(one) == ["m"] and one["m"]["sae"]["matryoshka_widths"] == [16, 32, 64]
+    two = _expand({"m": {**mat, "matryoshka_widths": [[16, 64], [8, 32, 64]]}})
+    assert list(two) == ["m-matryoshka_widths16_64", "m-matryoshka_widths8_32_64"]
+    assert two["m-matryoshka_widths8_32_64"]["sae"]["matryoshka_widths"] == [8, 32, 64]
     with pytest.raises(SweepError, match=r"sweep\.s \(point s\): width=100 must be divisible by n_experts=8"):
         _expand({"s": {"arch": "switch", "width": 100, "n_experts": 8, "k": 4}})
