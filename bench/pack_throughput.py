@@ -55,8 +55,8 @@ PRESETS = {
     "tiny": dict(d=32, M=512, k=8, batch=512, shards=2, shard_tokens=4096, tokens=8192, lr=5e-4),
     # train_throughput's cpu preset (d, M, k, batch) and loader shards; 64 steps per K, one epoch
     "cpu": dict(d=128, M=4096, k=32, batch=4096, shards=4, shard_tokens=65536, tokens=262144, lr=5e-4),
-    # GPT-2 scale: 256 steps per K, 4 epochs over 8 shards (1.6 GB of fp16)
-    "h200": dict(d=768, M=24576, k=32, batch=16384, shards=8, shard_tokens=131072, tokens=4194304, lr=2e-4),
+    # GPT-2 scale: 128 steps per K, 4 epochs over 4 shards (805 MB of fp16, re-read every epoch)
+    "h200": dict(d=768, M=24576, k=32, batch=16384, shards=4, shard_tokens=131072, tokens=2097152, lr=2e-4),
 }
 KS = (1, 2, 4, 8)
 
