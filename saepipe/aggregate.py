@@ -4,6 +4,11 @@ traits, metrics).
 Trait columns (``saepipe.saes.arch_traits``; figures and verdicts read these, never the
 ``arch`` name): ``arch_label``, ``arch_order``, ``l0_fixed``, ``routed``, ``has_omega``,
 ``has_threshold``; ``n_experts`` / ``active_experts`` are in every row (1 for dense SAEs).
+
+Metric columns: every field of ``metrics.json`` (``saepipe.evaluate.metrics.SAEMetrics``),
+among them the KL divergences (``kl_div_reconstructed``, ``kl_div_zero``, ``kl_div_score``)
+and the shrinkage metrics (``cossim``, ``l2_ratio``, ``relative_reconstruction_bias``). A
+column an SAE's metrics.json lacks (an older schema) is None in its row.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ Two sources, chosen by the optional `model:` section of config.yaml (`ModelConfi
   "pretrained"`, name, dtype, width, id) plus the tokenizer files into the model directory.
 
 Every later stage receives that model directory and goes through `load_lm`,
-`load_tokenizer`, `model_id`, `capture` and `ce_loss`, which handle both kinds.
+`load_tokenizer`, `model_id`, `capture`, `ce_loss` and `splice_ce_kl`, which handle both kinds.
 """
 
 from __future__ import annotations
@@ -550,3 +550,78 @@ def ce_loss(
         return replace(act).to(act.dtype)
 
     return model.run_with_hooks(tokens_BS, return_type="loss", fwd_hooks=[(hook, patch)]).item()
+
+
+def _shifted_exp(x_NV: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(exp(x - max), logsumexp, sum of exp(x - max)) along the last dimension."""
+    max_N1 = x_NV.amax(-1, keepdim=True)
+    e_NV = (x_NV - max_N1).exp_()
+    s_N = e_NV.sum(-1)
+    return e_NV, s_N.log() + max_N1.squeeze(-1), s_N
+
+
+def next_token_ce_kl(
+    clean_logits_BSV: torch.Tensor, logits_BSV: torch.Tensor, tokens_BS: torch.Tensor, chunk_elems: int = 1 << 24
+) -> tuple[float, float, float]:
+    """`(CE clean, CE, KL)` over the B x (S-1) next-token predictions of `tokens_BS`
+    (positions 0..S-2 predict tokens 1..S-1; the last position predicts nothing), each the
+    mean over those predictions:
+
+    - CE = -log p(next token), p = softmax(logits): TransformerLens's `lm_cross_entropy_loss`
+      (what `ce_loss` returns), for the clean and the given logits;
+    - KL = KL(p_clean || p) = sum_v p_clean(v) (log p_clean(v) - log p(v)), computed as
+      sum_v p_clean(v) (a_v - b_v) + lse(b) - lse(a) for logits a (clean) and b: exactly 0
+      where a = b.
+
+    In float32 whatever the model's dtype, `chunk_elems` logits at a time (a few temporaries
+    of that size, whatever the vocabulary). SAEBench's core eval (`get_recons_loss`) uses the
+    same per-token KL but averages it over every position, the last included."""
+    if clean_logits_BSV.shape != logits_BSV.shape or clean_logits_BSV.dim() != 3:
+        raise ValueError(
+            f"next_token_ce_kl needs two [B, S, V] logits of one shape, got "
+            f"{tuple(clean_logits_BSV.shape)} and {tuple(logits_BSV.shape)}"
+        )
+    if tuple(tokens_BS.shape) != tuple(logits_BSV.shape[:2]):
+        raise ValueError(f"tokens {tuple(tokens_BS.shape)} do not match the logits {tuple(logits_BSV.shape)}")
+    V = logits_BSV.shape[-1]
+    clean_NV = clean_logits_BSV[:, :-1].reshape(-1, V)
+    new_NV = logits_BSV[:, :-1].reshape(-1, V)
+    target_N1 = tokens_BS[:, 1:].reshape(-1, 1).to(device=new_NV.device, dtype=torch.long)
+    rows = max(1, chunk_elems // V)
+    ce_clean = ce_new = kl = 0.0
+    for start in range(0, len(new_NV), rows):
+        a_NV = clean_NV[start : start + rows].float()
+        b_NV = new_NV[start : start + rows].float()
+        t_N1 = target_N1[start : start + rows]
+        e_NV, lse_a_N, s_N = _shifted_exp(a_NV)
+        _, lse_b_N, _ = _shifted_exp(b_NV)  # the same code path as lse_a: equal logits, equal lse
+        cross_N = torch.linalg.vecdot(e_NV, a_NV - b_NV) / s_N  # sum_v p_clean(v) (a_v - b_v)
+        kl += (cross_N + lse_b_N - lse_a_N).sum().item()
+        ce_clean += (lse_a_N - a_NV.gather(-1, t_N1).squeeze(-1)).sum().item()
+        ce_new += (lse_b_N - b_NV.gather(-1, t_N1).squeeze(-1)).sum().item()
+    n = max(len(new_NV), 1)
+    return ce_clean / n, ce_new / n, kl / n
+
+
+@torch.no_grad()
+def splice_ce_kl(
+    model,
+    tokens_BS: torch.Tensor,
+    hook: str,
+    replace: Callable[[torch.Tensor], torch.Tensor],
+    keep_positions: Sequence[int] = (),
+) -> tuple[float, float, float]:
+    """`(CE clean, CE spliced, KL)` of one batch: the clean model and the model with the
+    activation at `hook` replaced by `replace(act)` except at `keep_positions`, which keep the
+    clean activation (the same splice as `ce_loss`, see `keep_positions_clean`), compared by
+    `next_token_ce_kl` over the B x (S-1) next-token predictions: the CEs are `ce_loss`'s
+    (to float rounding), KL is the mean of KL(p_clean || p_spliced). Two forward passes (the
+    logits only: both CEs and the KL come from one log-sum-exp per logit row)."""
+    replace = keep_positions_clean(replace, keep_positions)
+
+    def patch(act, hook):
+        return replace(act).to(act.dtype)
+
+    clean_BSV = model(tokens_BS, return_type="logits")
+    spliced_BSV = model.run_with_hooks(tokens_BS, return_type="logits", fwd_hooks=[(hook, patch)])
+    return next_token_ce_kl(clean_BSV, spliced_BSV, tokens_BS)

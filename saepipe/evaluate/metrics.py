@@ -8,6 +8,14 @@ positions the shards list in `exclude_positions` (e.g. GPT-2's BOS) are left out
 reconstruction metrics and keep their clean activation in BOTH spliced CE losses (zero and
 SAE), so no SAE is charged for a token it never trained on (docs/reference.md §5); the CE itself still
 averages over every next-token prediction.
+
+The same passes give the KL divergence of the next-token distribution, clean vs spliced
+(`saepipe.lm.splice_ce_kl`), over the same predictions and with the same clean positions:
+`kl_div_zero` once per model (`lm_baseline`, from the passes it already runs), and
+`kl_div_reconstructed` per SAE (which reruns the clean model beside its CE splice: one more
+forward pass per batch). The shrinkage metrics (`cossim`, `l2_ratio`,
+`relative_reconstruction_bias`) follow SAEBench's core eval; their formulas are in
+`SAEMetrics`.
 """
 
 from __future__ import annotations
@@ -25,13 +33,15 @@ from saepipe.data.shards import check_compatible, read_meta, read_shard
 from saepipe.devices import resolve_device
 from saepipe.evaluate.geometry import ExpertUsage, activation_similarity, decoder_redundancy, expert_specialization
 from saepipe.io import read_json, write_json
-from saepipe.lm import ce_loss, load_lm
+from saepipe.lm import load_lm, splice_ce_kl
 from saepipe.saes import load_sae
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 """metrics.json semantics. 3: the CE splices keep the shards' exclude_positions clean,
 expert usage counts every routed expert (e per token), activation similarity divides by
-the measured L0 of its token set. 4: training cost per token (FLOPs and wall-clock)."""
+the measured L0 of its token set. 4: training cost per token (FLOPs and wall-clock).
+5: KL divergence (SAE and zero-ablation splices, kl_div_score) and the shrinkage metrics
+(cossim, l2_ratio, relative_reconstruction_bias)."""
 
 
 @dataclass
@@ -58,6 +68,14 @@ class SAEMetrics:
     l2_per_token: float  # mean over tokens of ||x - x_hat||^2
     fvu: float  # sum ||x - x_hat||^2 / sum ||x - mean(x)||^2
     explained_variance: float  # 1 - fvu
+    cossim: float  # mean over tokens of cos(x, x_hat) = x . x_hat / (||x|| ||x_hat||) (SAEBench core
+    #   `cossim`; a zero x or x_hat counts 0, where SAEBench would give NaN)
+    l2_ratio: float  # mean over tokens of ||x_hat|| / ||x|| (shrinkage; SAEBench core `l2_ratio`,
+    #   ||x|| < 1e-4 replaced by 1 as there)
+    relative_reconstruction_bias: float | None  # gamma = argmin_g E||x_hat / g - x||^2
+    #   = E[||x_hat||^2] / E[x_hat . x] over all the kept eval tokens (Rajamanoharan et al. 2024,
+    #   eq. 10; SAEBench core averages this ratio over batches). 1 = unbiased, < 1 = shrinkage;
+    #   None if E[x_hat . x] = 0 (e.g. x_hat = 0)
     l0: float  # mean number of active latents per token
     dead_fraction: float  # latents never active on the eval tokens
     ce_tokens: int  # tokens the CE losses average over
@@ -66,6 +84,13 @@ class SAEMetrics:
     ce_loss_zero: float
     loss_recovered: float  # (CE_zero - CE_recon) / (CE_zero - CE_orig)
     delta_ce: float  # CE_recon - CE_orig
+    kl_div_reconstructed: float  # mean over the CE's next-token predictions (B x (S-1) of the
+    #   ce_tokens) of KL(p_clean || p_SAE), the SAE's reconstruction spliced in at the hook,
+    #   exclude_positions clean (SAEBench core `kl_div_with_sae`, which also counts the last position)
+    kl_div_zero: float  # the same with the hook zero-ablated, exclude_positions clean (lm_baseline;
+    #   SAEBench `kl_div_with_ablation`, which zeroes every position)
+    kl_div_score: float | None  # (KL_zero - KL_recon) / KL_zero = 1 - KL_recon / KL_zero
+    #   (SAEBench core `kl_div_score`); 1 = the clean distribution; None if KL_zero = 0
     flops_per_token: int  # forward FLOPs per token (docs/reference.md §1)
     redundancy_09: float  # fraction of decoder rows with max cosine to another row > 0.9
     redundancy_08: float  # same at 0.8
@@ -124,34 +149,43 @@ def _exclude_positions(metas: list[dict], paths: list[str]) -> list[int]:
     return list(found.pop())
 
 
-def _mean_ce(
-    model, seqs: torch.Tensor, batch: int, device, hook=None, replace=None, keep_positions: Sequence[int] = ()
-) -> float:
-    """Sequence-weighted mean CE over `seqs`; `replace` splices the hook activation except at
-    `keep_positions` (the shards' exclude_positions), which stay clean."""
-    total = 0.0
+def _splice_means(
+    model, seqs: torch.Tensor, batch: int, device, hook: str, replace, keep_positions: Sequence[int] = ()
+) -> tuple[float, float, float]:
+    """(CE clean, CE spliced, KL(p_clean || p_spliced)), each the sequence-weighted mean over
+    `seqs` (every sequence has the same S - 1 predictions, so the mean over predictions);
+    `replace` splices the hook activation except at `keep_positions` (the shards'
+    exclude_positions), which stay clean (`saepipe.lm.splice_ce_kl`)."""
+    totals = np.zeros(3)
     for start in range(0, len(seqs), batch):
         chunk = seqs[start : start + batch].to(device)
-        total += ce_loss(model, chunk, hook, replace, keep_positions) * len(chunk)
-    return total / len(seqs)
+        totals += np.array(splice_ce_kl(model, chunk, hook, replace, keep_positions)) * len(chunk)
+    clean, spliced, kl = (totals / len(seqs)).tolist()
+    return clean, spliced, kl
 
 
 def lm_baseline(cfg: EvalConfig, model_dir: str, shards: list[str], out_json: str) -> dict:
-    """CE of the clean model and with the hook zero-ablated (shared by every SAE). The
-    zero-ablation keeps the shards' exclude_positions clean, as the SAE splice does."""
+    """CE of the clean model and with the hook zero-ablated, and the KL divergence of the
+    zero-ablated next-token distribution from the clean one (shared by every SAE; the same
+    two forward passes per batch). The zero-ablation keeps the shards' exclude_positions
+    clean, as the SAE splice does."""
     metas = [read_meta(p) for p in shards]
     meta = check_compatible(metas, shards)
     excluded = _exclude_positions(metas, shards)
     device = resolve_device(cfg.device)
     model = load_lm(model_dir, device)
     seqs = _eval_sequences(shards, cfg.ce_tokens)
+    clean, zero, kl_zero = _splice_means(
+        model, seqs, cfg.ce_batch_size, device, meta["hook"], torch.zeros_like, excluded
+    )
     result = {
         "hook": meta["hook"],
         "model": meta["model"],
         "ce_tokens": int(seqs.numel()),
         "exclude_positions": excluded,
-        "ce_loss_original": _mean_ce(model, seqs, cfg.ce_batch_size, device),
-        "ce_loss_zero": _mean_ce(model, seqs, cfg.ce_batch_size, device, meta["hook"], torch.zeros_like, excluded),
+        "ce_loss_original": clean,
+        "ce_loss_zero": zero,
+        "kl_div_zero": kl_zero,
     }
     write_json(out_json, result)
     return result
@@ -160,12 +194,14 @@ def lm_baseline(cfg: EvalConfig, model_dir: str, shards: list[str], out_json: st
 @torch.no_grad()
 def reconstruction_stats(sae, shards: list[str], batch_size: int, device, similarity_tokens: int = 4096) -> dict:
     """Streaming sums over the eval shards' kept rows (exclude_positions left out) -> mse,
-    l2_per_token, fvu, l0, dead_fraction, expert usage (every routed expert of each token,
+    l2_per_token, fvu, cossim, l2_ratio, relative_reconstruction_bias (formulas in
+    `SAEMetrics`), l0, dead_fraction, expert usage (every routed expert of each token,
     `out.experts_BE`: the counts sum to e * n_tokens) and the activation similarity of the
     first `similarity_tokens` kept tokens (divided by their measured L0)."""
     usage = ExpertUsage(sae.cfg.expert_count)
     codes: list[tuple[torch.Tensor, torch.Tensor]] = []
     n, sse, sum_sq = 0, 0.0, 0.0
+    sum_cos, sum_ratio, sum_xhat_sq, sum_dot = 0.0, 0.0, 0.0, 0.0
     sum_x = torch.zeros(sae.cfg.d_in, dtype=torch.float64, device=device)
     nnz = 0
     fired = torch.zeros(sae.cfg.width, dtype=torch.bool, device=device)
@@ -178,6 +214,12 @@ def reconstruction_stats(sae, shards: list[str], batch_size: int, device, simila
             sse += (x_BD - out.x_hat_BD).pow(2).sum().item()
             sum_sq += x_BD.double().pow(2).sum().item()
             sum_x += x_BD.double().sum(0)
+            norm_x_B = x_BD.norm(dim=-1)
+            xhat_BD = out.x_hat_BD.float()
+            sum_cos += torch.nn.functional.cosine_similarity(x_BD, xhat_BD, dim=-1, eps=1e-8).double().sum().item()
+            sum_ratio += (xhat_BD.norm(dim=-1) / torch.where(norm_x_B < 1e-4, 1.0, norm_x_B)).double().sum().item()
+            sum_xhat_sq += xhat_BD.double().pow(2).sum().item()
+            sum_dot += (x_BD.double() * xhat_BD.double()).sum().item()
             nnz += active_BK.sum().item()
             fired[out.idx_BK[active_BK]] = True
             if out.expert_B is not None and out.experts_BE is None:
@@ -197,6 +239,9 @@ def reconstruction_stats(sae, shards: list[str], batch_size: int, device, simila
         "l2_per_token": sse / n,
         "fvu": sse / total_var,
         "explained_variance": 1 - sse / total_var,
+        "cossim": sum_cos / n,
+        "l2_ratio": sum_ratio / n,
+        "relative_reconstruction_bias": sum_xhat_sq / sum_dot if sum_dot != 0 else None,
         "l0": nnz / n,
         "dead_fraction": 1 - fired.float().mean().item(),
         "activation_similarity": activation_similarity(
@@ -264,6 +309,11 @@ def evaluate_sae(
             f"exclude {excluded}; its CE_zero is not comparable. Rerun the lm_baseline stage "
             f"(snakemake --forcerun {baseline_json})"
         )
+    if "kl_div_zero" not in baseline:
+        raise ValueError(
+            f"{baseline_json} has no kl_div_zero (written by an older saepipe); rerun the "
+            f"lm_baseline stage (snakemake --forcerun {baseline_json})"
+        )
     device = resolve_device(cfg.device)
     sae = load_sae(sae_dir).to(device).eval()
     if sae.cfg.hook != meta["hook"] or sae.cfg.model_id != meta["model"]:
@@ -276,7 +326,9 @@ def evaluate_sae(
     run = read_json(Path(sae_dir) / "config.json").get("run", {})
     model = load_lm(model_dir, device)
     seqs = _eval_sequences(shards, cfg.ce_tokens)
-    recon = _mean_ce(
+    # the clean CE is lm_baseline's (the same for every SAE); the clean logits of the KL are
+    # recomputed here beside the splice (storing them would take ce_tokens x vocabulary floats)
+    _, recon, kl_recon = _splice_means(
         model,
         seqs,
         cfg.ce_batch_size,
@@ -285,7 +337,7 @@ def evaluate_sae(
         lambda act: sae(act.reshape(-1, act.shape[-1]).float()).x_hat_BD.reshape(act.shape),
         excluded,
     )
-    orig, zero = baseline["ce_loss_original"], baseline["ce_loss_zero"]
+    orig, zero, kl_zero = baseline["ce_loss_original"], baseline["ce_loss_zero"], baseline["kl_div_zero"]
     metrics = SAEMetrics(
         sae_id=Path(sae_dir).name,
         **stats,
@@ -295,6 +347,9 @@ def evaluate_sae(
         ce_loss_zero=zero,
         loss_recovered=(zero - recon) / (zero - orig),
         delta_ce=recon - orig,
+        kl_div_reconstructed=kl_recon,
+        kl_div_zero=kl_zero,
+        kl_div_score=1 - kl_recon / kl_zero if kl_zero > 0 else None,
         flops_per_token=int(sae.flops_per_token()),
         train_tokens_per_s=run.get("train_tokens_per_s"),
         wall_time_s=run.get("wall_time_s"),
@@ -303,7 +358,7 @@ def evaluate_sae(
     write_json(out_json, asdict(metrics))
     print(
         f"evaluate {metrics.sae_id}: l0 {metrics.l0:.1f}, fvu {metrics.fvu:.4f}, "
-        f"loss recovered {metrics.loss_recovered:.4f}",
+        f"loss recovered {metrics.loss_recovered:.4f}, KL {metrics.kl_div_reconstructed:.4f}",
         file=sys.stderr,
     )
     return metrics

@@ -25,12 +25,18 @@ COLUMNS = {
     "mse": ("MSE", "{:.4g}"),
     "l2_per_token": ("l2/token", "{:.4g}"),
     "fvu": ("FVU", "{:.4f}"),
+    "cossim": ("cos(x, x̂)", "{:.4f}"),
+    "l2_ratio": ("‖x̂‖/‖x‖", "{:.4f}"),
+    "relative_reconstruction_bias": ("rel. recon. bias", "{:.4f}"),
     "dead_fraction": ("dead", "{:.1%}"),
     "ce_loss_original": ("CE clean", "{:.4f}"),
     "ce_loss_reconstructed": ("CE recon.", "{:.4f}"),
     "ce_loss_zero": ("CE zero-abl.", "{:.4f}"),
     "loss_recovered": ("loss recovered", "{:.4f}"),
     "delta_ce": ("ΔCE", "{:.4f}"),
+    "kl_div_reconstructed": ("KL recon.", "{:.4g}"),
+    "kl_div_zero": ("KL zero-abl.", "{:.4g}"),
+    "kl_div_score": ("KL score", "{:.4f}"),
     "redundancy_09": ("redund. >0.9", "{:.2%}"),
     "redundancy_08": ("redund. >0.8", "{:.2%}"),
     "mean_max_cos": ("mean max cos", "{:.3f}"),
@@ -74,8 +80,13 @@ def metrics_table(table_parquet: str, out_html: str) -> None:
         f"Held-out tokens: {', '.join(f'{n:,}' for n in sorted(t for t in n_tokens if t))} for the "
         f"reconstruction metrics, {rows[0].get('ce_tokens', 0):,} for the CE losses. "
         "Units: raw activations of the hook. Loss recovered = (CE zero-abl. − CE recon.) / "
-        "(CE zero-abl. − CE clean). Redundancy: share of decoder rows with cosine above the "
-        "threshold to another row. FLOPs/token: forward pass. Everything is in "
+        "(CE zero-abl. − CE clean). KL recon. / KL zero-abl.: mean over the same next-token "
+        "predictions of KL(p_clean ‖ p) with the reconstruction / zeros spliced in at the hook "
+        "(excluded positions clean); KL score = 1 − KL recon. / KL zero-abl. (SAEBench). "
+        "cos(x, x̂) and ‖x̂‖/‖x‖: per held-out token, averaged (‖x̂‖/‖x‖ &lt; 1: shrinkage). "
+        "Rel. recon. bias: γ = E‖x̂‖² / E[x̂·x], the scale minimising E‖x̂/γ − x‖² "
+        "(Rajamanoharan et al. 2024; 1 = unbiased, &lt; 1 = shrinkage). Redundancy: share of decoder "
+        "rows with cosine above the threshold to another row. FLOPs/token: forward pass. Everything is in "
         "results/table.parquet."
     )
     write_page(
