@@ -16,7 +16,8 @@ shortened so that the later steps keep at least their reserve before --deadline)
    every SAE of the micro sweep has a config.json whose run.device is cuda (cpu). Reported:
    seconds, per-stage job timings from the Snakemake benchmark files, the GPU leases of the
    train jobs, the pack manifests.
-2. train_throughput: ``bench/train_throughput.py --preset h200`` (``--cpu-dry``: tiny on the CPU).
+2. train_throughput: ``bench/train_throughput.py --preset h200`` with 10 timed steps after 3
+   (``--cpu-dry``: tiny on the CPU).
 3. pack_throughput: ``bench/pack_throughput.py --preset h200`` (``--cpu-dry``: tiny on the CPU).
 
 Writes ``<out dir>/gpu_check-<date>.json`` (``--cpu-dry``: ``gpu_check-<date>-cpu-dry.json``;
@@ -48,12 +49,13 @@ BUDGET_S = {"gpu": 480, "cpu-dry": 900}
 sweep alone takes 2 to 5 minutes on a shared 2-core machine."""
 STEPS = {
     # step: (timeout cap in seconds, reserve kept for it while earlier steps run)
-    "gpu": {"sweep": (240, 60), "train_throughput": (100, 60), "pack_throughput": (110, 60)},
+    # GPU: the sweep's ~40 gpu=1 jobs run one at a time (process start, imports, CUDA init each)
+    "gpu": {"sweep": (300, 60), "train_throughput": (70, 50), "pack_throughput": (100, 60)},
     "cpu-dry": {"sweep": (720, 60), "train_throughput": (120, 30), "pack_throughput": (120, 30)},
 }
 BENCH_ARGS = {
     "gpu": {
-        "train_throughput": ["--preset", "h200", "--device", "cuda"],
+        "train_throughput": ["--preset", "h200", "--device", "cuda", "--steps", "10", "--warmup", "3"],
         "pack_throughput": ["--preset", "h200", "--device", "cuda"],
     },
     "cpu-dry": {
