@@ -184,6 +184,23 @@ def sweep_step(mode: str, timeout: float, work: Path) -> dict:
     conftest = import_conftest()
     device = "cpu" if mode == "cpu-dry" else "cuda"
     cfg = conftest.micro_config()
+    size = os.environ.get("GPU_CHECK_SWEEP", "micro")
+    if size == "small":  # CI's dry path: two SAEs (TopK and its FLOP-matched Switch), one shard
+        cfg["corpus"].update(min_tokens=30_000)
+        cfg["extract"].update(train_tokens=8_192)
+        cfg["train"].update(tokens=8_192)
+        # the micro sweep's baseline group at its first k, and the first group FLOP-matched to it
+        baseline = next(name for name, spec in cfg["sweep"].items() if "match" not in spec)
+        matched = next(
+            name
+            for name, spec in cfg["sweep"].items()
+            if spec.get("match", {}).get("baseline") == baseline and spec["match"].get("by") == "flops"
+        )
+        base = cfg["sweep"][baseline]
+        first_k = base["k"][0] if isinstance(base["k"], list) else base["k"]
+        cfg["sweep"] = {baseline: {**base, "k": first_k}, matched: cfg["sweep"][matched]}
+    elif size != "micro":
+        raise ValueError(f"GPU_CHECK_SWEEP must be micro (default) or small, got {size!r}")
     for section in cfg.values():
         if isinstance(section, dict) and "device" in section:
             section["device"] = device
@@ -200,9 +217,12 @@ def sweep_step(mode: str, timeout: float, work: Path) -> dict:
     for config in sorted(results.glob("saes/*/config.json")):
         run = json.loads(config.read_text()).get("run", {})
         saes[config.parent.name] = run.get("device")
-    expected = sorted(conftest.MICRO_SAES)
+    from saepipe.sweep import expand_sweep
+
+    expected = sorted(expand_sweep(cfg, d_in=cfg["lm"]["d_model"]))
     table = results / "table.parquet"
     checks = {
+        "sweep_size": size,
         "table_parquet": table.is_file(),
         "saes_expected": expected,
         "saes_missing": sorted(set(expected) - set(saes)),

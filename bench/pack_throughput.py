@@ -45,7 +45,9 @@ import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+sys.path[:0] = [str(REPO), str(REPO / "bench")]
+
+from _common import topk_arch  # noqa: E402
 
 from saepipe.data.shards import write_shard  # noqa: E402
 from saepipe.train import Member, TrainConfig, train_pack  # noqa: E402
@@ -80,7 +82,7 @@ def members(p: dict, K: int, vary: str, cfg: TrainConfig, root: Path) -> list[Me
     for i in range(K):
         k = p["k"] if vary == "lr" or i == 0 else max(1, round(p["k"] * 2 ** ((-1) ** i * ((i + 1) // 2))))
         lr = p["lr"] * 2 ** (i / 3) if vary == "lr" else p["lr"]
-        fields = {"arch": "topk", "width": p["M"], "k": k}
+        fields = {"arch": topk_arch(), "width": p["M"], "k": k}
         out.append(Member(fields, replace(cfg, lr=lr), root / f"m{i}"))
     return out
 

@@ -24,7 +24,7 @@ DOWNSTREAM = {
     **{f"plot_{f}": 1 for f in ("frontier", "scaling", "redundancy", "activation_similarity", "expert_usage", "omega")},
 }
 # what reruns with one retrained SAE, besides the table and figures
-PER_SAE = {"train": 1, "evaluate": 1, "maxact": 1, "feature_report": 1}
+PER_SAE = {"train": 1, "publish": 1, "evaluate": 1, "maxact": 1, "feature_report": 1, "export_saelens": 1}
 FIGURES = [
     "frontier",
     "scaling",
@@ -345,6 +345,8 @@ def test_editing_extraction_reruns_it_and_everything_after(micro_copy):
     assert planned_jobs(micro_copy) == {
         "extract": 3,
         "train": N_SAES,
+        "publish": N_SAES,
+        "export_saelens": N_SAES,
         "lm_baseline": 1,
         "evaluate": N_SAES,
         "maxact": N_SAES,

@@ -60,6 +60,44 @@ class PackRun(NamedTuple):
     """Size of the shards' activations (fp16), for comparison."""
 
 
+class StepClock:
+    """Seconds spent in one trainee's own steps: host time on the CPU; on a GPU, CUDA events
+    read back in batches (no synchronisation per step, so the SAEs of a pack keep the device
+    busy back to back). Splits a pack's wall time between its SAEs."""
+
+    PENDING = 256  # event pairs kept before reading them (each read waits for the oldest only)
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.total_s = 0.0
+        self.pending: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+
+    def start(self):
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def stop(self, started) -> None:
+        if not self.cuda:
+            self.total_s += time.perf_counter() - started
+            return
+        end = torch.cuda.Event(enable_timing=True)
+        end.record()
+        self.pending.append((started, end))
+        if len(self.pending) >= self.PENDING:
+            self.seconds()
+
+    def seconds(self) -> float:
+        """The total so far (waits for the device to finish the pending steps)."""
+        for begin, end in self.pending:
+            end.synchronize()
+            self.total_s += begin.elapsed_time(end) / 1e3
+        self.pending.clear()
+        return self.total_s
+
+
 class Trainee:
     """One SAE being trained: the model, its optimizer and schedule, checkpoint and log rows."""
 
@@ -86,7 +124,7 @@ class Trainee:
         key = job_key(member.sae_fields, cfg, shards, metas)
         self.ckpt = Checkpoint(self.ckpt_path, key, self.sae, self.opt, self.sched)
         self.start, self.log, self.resumes, self.elapsed_before = self.ckpt.restore()
-        self.own_s = 0.0  # seconds in this trainee's own steps (this attempt)
+        self.clock = StepClock(next(self.sae.parameters()).device)  # this trainee's own steps (this attempt)
         self.last_loss: torch.Tensor | None = None
         self.throughput = Throughput(self.start * self.batch_size)
 
@@ -98,7 +136,7 @@ class Trainee:
     def step(self, step: int, x_BD: torch.Tensor, t_origin: float) -> None:
         """One optimizer step on batch `x_BD`, and a log row every ``log_every`` steps
         (``elapsed_s`` counted from the time.time() `t_origin`)."""
-        t = time.perf_counter()
+        started = self.clock.start()
         if step == 0:
             self.sae.init_from_batch(x_BD)
         out, loss = train_step(self.sae, self.opt, x_BD, AUTOCAST_DTYPES[self.cfg.precision], self.cfg.grad_clip)
@@ -110,9 +148,7 @@ class Trainee:
             lr = self.sched.get_last_lr()[0]
             rate = self.throughput.since_last(tokens)
             self.log.append(log_row(step, tokens, lr, loss, self.sae, out, rate, time.time() - t_origin))
-        if x_BD.device.type == "cuda":  # the step's own time, not its launch
-            torch.cuda.synchronize(x_BD.device)
-        self.own_s += time.perf_counter() - t
+        self.clock.stop(started)
 
     def save_checkpoint(self, steps_done: int, elapsed_s: float) -> None:
         """Checkpoint after `steps_done` steps, if the loss, weights and Adam state are finite
@@ -231,10 +267,11 @@ def train_pack(members: list[Member], shards: list[str], name: str | None = None
     if len(trainees) > 1:  # a crash while saving the members below retrains none of them
         for t in trainees:
             t.save_checkpoint(total, wall)
-    own_total = sum(t.own_s for t in trainees)
+    own = [t.clock.seconds() for t in trainees]
+    own_total = sum(own)
     rows = []
-    for t in trainees:  # each SAE's wall time: the job's, split in proportion to its own steps
-        wall_t = wall * (t.own_s / own_total if own_total > 0 else 1 / len(trainees))
+    for t, own_t in zip(trainees, own):  # each SAE's wall time: the job's, split by its own steps
+        wall_t = wall * (own_t / own_total if own_total > 0 else 1 / len(trainees))
         rows.append(t.finish(wall_t, device))
         resumed = f", resumed after step(s) {t.resumes}" if t.resumes else ""
         say(
