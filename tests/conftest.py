@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -109,6 +110,16 @@ def micro_run(tmp_path_factory) -> Path:
 
 
 TESTS = Path(__file__).resolve().parent
+
+
+def pytest_collection_finish(session) -> None:
+    """Start slow, mostly download-bound set-up in the background as soon as the tests are
+    known: the SAELens venv of tests/test_saelens_roundtrip.py (its fixture waits for it)."""
+    for item in session.items:
+        prebuild = getattr(getattr(item, "module", None), "prebuild", None)
+        if prebuild is not None:
+            threading.Thread(target=prebuild, name=f"prebuild {item.module.__name__}", daemon=True).start()
+            return
 
 
 def toy_plugins_config() -> dict:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import MICRO_SAES
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
@@ -54,11 +55,11 @@ def test_steps_without_time_left_are_reported_not_started(tmp_path):
 
 
 @pytest.mark.slow
-def test_cpu_dry_path_writes_one_complete_json(tmp_path):
+def test_cpu_dry_path_writes_one_complete_json(micro_copy, tmp_path):
     out = tmp_path / "out"
-    # the small sweep (TopK and its FLOP-matched Switch, one shard): the micro sweep's 9 SAEs
-    # would add minutes to CI for no further check of the script
-    env = {**os.environ, "GPU_CHECK_PYTHON": sys.executable, "GPU_CHECK_SWEEP": "small"}
+    # the sweep step on a copy of the suite's finished micro run (GPU_CHECK_WORKDIR): the script
+    # runs snakemake there and checks every output, without training the micro sweep again
+    env = {**os.environ, "GPU_CHECK_PYTHON": sys.executable, "GPU_CHECK_WORKDIR": str(micro_copy)}
     env.pop("GPU_CHECK_CPU_DRY", None)
     t0 = time.time()
     proc = subprocess.run(
@@ -84,16 +85,15 @@ def test_cpu_dry_path_writes_one_complete_json(tmp_path):
     sweep = report["steps"]["sweep"]
     assert "--resources" not in sweep["command"] and not sweep["timed_out"] and sweep["returncode"] == 0
     checks = sweep["checks"]
-    SMALL_SAES = {"topk", "switch_flop-k4"}  # a single k: the id is the group
-    assert checks["sweep_size"] == "small" and checks["saes_expected"] == sorted(SMALL_SAES)
-    assert checks["table_parquet"] and checks["table_rows"] == len(SMALL_SAES) and checks["saes_missing"] == []
-    assert checks["sae_devices"] == {sae: "cpu" for sae in SMALL_SAES} and checks["all_on_cpu"]
+    assert checks["sweep_size"] == "existing" and checks["saes_expected"] == sorted(MICRO_SAES)
+    assert checks["table_parquet"] and checks["table_rows"] == len(MICRO_SAES) and checks["saes_missing"] == []
+    assert checks["sae_devices"] == {sae: "cpu" for sae in MICRO_SAES} and checks["all_on_cpu"]
     stages = sweep["stages"]
-    assert stages["train"]["jobs"] == len(SMALL_SAES) == stages["evaluate"]["jobs"]  # train.pack 1: a job per SAE
+    assert stages["train"]["jobs"] == len(MICRO_SAES) == stages["evaluate"]["jobs"]  # train.pack 1: a job per SAE
     assert {"corpus", "lm", "extract", "train", "evaluate", "maxact", "aggregate"} <= set(stages)
     assert all(st["total_s"] >= st["max_s"] > 0 for st in stages.values())
     assert {lease["source"] for lease in sweep["train_leases"]} == {"cpu"}
-    assert sorted(m for p in sweep["packs"].values() for m in p["members"]) == sorted(SMALL_SAES)
+    assert sorted(m for p in sweep["packs"].values() for m in p["members"]) == sorted(MICRO_SAES)
 
     for name in ("train_throughput", "pack_throughput"):
         step = report["steps"][name]

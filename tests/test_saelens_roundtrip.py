@@ -139,6 +139,18 @@ def _lock():
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def prebuild() -> None:
+    """Build the venv if it is missing, in the background from collection on (conftest's
+    pytest_collection_finish): pip downloads while other tests run. A failure is left to the
+    fixture, which rebuilds and reports it."""
+    try:
+        with _lock():
+            if not _cached():
+                _build()
+    except Exception:
+        pass
+
+
 @pytest.fixture(scope="session")
 def saelens_python(tmp_path_factory) -> Path:
     """The SAELens venv's python, built if missing or stale (see the module docstring)."""
