@@ -208,7 +208,8 @@ def expand_sweep(config: dict, d_in: int) -> dict[str, dict]:
     "point" is the id without the seed axis (the same for every seed of one sweep point).
     """
     defaults, groups = config["train"], config["sweep"]
-    default_axes = {k: v for k, v in defaults.items() if isinstance(v, list)}
+    # runtime fields (train.log_to: a list) are never axes: they change no SAE, jobs read them from `train:`
+    default_axes = {k: v for k, v in defaults.items() if isinstance(v, list) and k not in RUNTIME_FIELDS}
     points: dict[str, dict] = {}
     for group, spec in groups.items():
         spec = dict(spec)
@@ -226,7 +227,7 @@ def expand_sweep(config: dict, d_in: int) -> dict[str, dict]:
         # list-valued `train` fields are axes of every group that does not set them itself
         spec = {**{k: v for k, v in default_axes.items() if k not in spec}, **spec}
         listed = list_fields(arch)
-        axes = {k: v for k, v in spec.items() if is_axis(k, v, listed)}
+        axes = {k: v for k, v in spec.items() if is_axis(k, v, listed) and k not in RUNTIME_FIELDS}
         if SEED_FIELD in axes:  # the seed axis last, so `point` is a prefix of the id
             axes[SEED_FIELD] = axes.pop(SEED_FIELD)
         for combo in itertools.product(*axes.values()):

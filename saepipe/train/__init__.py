@@ -25,7 +25,7 @@ the weights it gets trained alone, its own checkpoint, log and outputs.
 Parts: :mod:`.config` (TrainConfig, learning-rate rules), :mod:`.step` (one optimizer step),
 :mod:`.loop` (Trainee, train_pack, train_sae), :mod:`.checkpoint` (resume state),
 :mod:`.signals` (SIGTERM), :mod:`.progress` (log rows, progress, saved outputs),
-:mod:`.packs` (pack formation).
+:mod:`.packs` (pack formation), :mod:`.trackers` (``train.log_to``: W&B / MLflow runs).
 """
 
 from saepipe.train.checkpoint import CHECKPOINT_FILE, CHECKPOINT_FORMAT, RESUME_NEUTRAL, Checkpoint
@@ -44,6 +44,7 @@ from saepipe.train.config import (
 from saepipe.train.loop import Member, PackRun, Trainee, train_pack, train_sae
 from saepipe.train.signals import TrainingPreempted
 from saepipe.train.step import AUTOCAST_DTYPES, make_optimizer, train_step
+from saepipe.train.trackers import TRACKERS, Tracker
 
 __all__ = [
     "AUTOCAST_DTYPES",
@@ -55,11 +56,13 @@ __all__ = [
     "PRECISIONS",
     "RESUME_NEUTRAL",
     "RUNTIME_FIELDS",
+    "TRACKERS",
     "Checkpoint",
     "Member",
     "PackRun",
     "TrainConfig",
     "Trainee",
+    "Tracker",
     "TrainingPreempted",
     "auto_lr",
     "lr_factor",

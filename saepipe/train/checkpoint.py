@@ -14,12 +14,13 @@ import torch
 
 from saepipe.codeversion import fingerprint
 from saepipe.io import atomic_path
-from saepipe.train.config import TrainConfig
+from saepipe.train.config import RUNTIME_FIELDS, TrainConfig
 
 CHECKPOINT_FILE = "checkpoint.pt"
 CHECKPOINT_FORMAT = 1
-RESUME_NEUTRAL = frozenset({"device", "checkpoint_every_s", "prefetch_windows", "device_cache_gb", "pack"})
-"""TrainConfig fields that may change between a checkpoint and the run resuming it."""
+RESUME_NEUTRAL = frozenset({"device", *RUNTIME_FIELDS})
+"""TrainConfig fields that may change between a checkpoint and the run resuming it: the device
+and the runtime fields (checkpoint interval, prefetch, device cache, pack, log_to)."""
 
 
 def job_key(sae_fields: dict, cfg: TrainConfig, shards: list[str], metas: list[dict]) -> dict:

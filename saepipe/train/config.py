@@ -4,9 +4,11 @@ learning-rate rules (width rule, warm-up and decay)."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
+
+from saepipe.train.trackers import TRACKERS
 
 
 @dataclass
@@ -52,6 +54,11 @@ class TrainConfig:
     """SAEs trained together in one job on the same batches (one read, one shuffle, one
     host-to-device copy per batch for all of them); 1: one SAE per job. Which SAEs share a
     pack: :func:`saepipe.train.packs.form_packs` (same sweep group, same stream settings)."""
+    log_to: list[str] = field(default_factory=list)
+    """Experiment trackers that also get every train_log.jsonl row, one run per SAE: "wandb"
+    and/or "mlflow" (:data:`saepipe.train.trackers.TRACKERS`; configured by their own
+    environment variables, see :mod:`saepipe.train.trackers`); []: none. Changes no weights:
+    a runtime field (editing it retrains nothing, checkpoints stay resumable)."""
 
     def __post_init__(self) -> None:
         if self.lr != "auto" and not (isinstance(self.lr, (int, float)) and self.lr > 0):
@@ -70,6 +77,13 @@ class TrainConfig:
             isinstance(self.device_cache_gb, (int, float)) and self.device_cache_gb >= 0
         ):
             raise ValueError(f"train.device_cache_gb must be a number >= 0 or 'auto', got {self.device_cache_gb!r}")
+        choices = sorted(TRACKERS)
+        if not (isinstance(self.log_to, (list, tuple)) and all(isinstance(n, str) for n in self.log_to)):
+            raise ValueError(f"train.log_to must be a list of tracker names {choices}, got {self.log_to!r}")
+        unknown = [n for n in self.log_to if n not in TRACKERS]
+        if unknown or len(set(self.log_to)) < len(self.log_to):
+            what = f"unknown tracker(s) {unknown}" if unknown else f"a tracker listed twice in {list(self.log_to)}"
+            raise ValueError(f"train.log_to: {what}; valid choices: {choices}")
 
     def resolved(self, device: torch.device) -> TrainConfig:
         """This config with every "auto" replaced by its value on `device`."""
@@ -88,7 +102,7 @@ CPU_BATCH_SIZE, GPU_BATCH_SIZE = 1024, 16384
 
 # TrainConfig fields that cannot change the trained weights: kept out of the Snakemake
 # params (editing them reruns nothing) and read from the top-level `train:` section.
-RUNTIME_FIELDS = ("checkpoint_every_s", "prefetch_windows", "device_cache_gb", "pack")
+RUNTIME_FIELDS = ("checkpoint_every_s", "prefetch_windows", "device_cache_gb", "pack", "log_to")
 
 MEMBER_FIELDS = ("lr", "grad_clip", "warmup_steps", "decay_fraction", "log_every")
 """TrainConfig fields that may differ between the SAEs of one pack (each has its own

@@ -23,6 +23,7 @@ from saepipe.train.config import MEMBER_FIELDS, RUNTIME_FIELDS, TrainConfig, lr_
 from saepipe.train.progress import Throughput, log_row, progress_bar, save_outputs, say
 from saepipe.train.signals import TrainingPreempted, sigterm_flag
 from saepipe.train.step import AUTOCAST_DTYPES, make_optimizer, train_step
+from saepipe.train.trackers import finish_on_error, start_trackers
 
 try:  # the shards need zarr 3; without it train_step/make_optimizer (benchmarks) still import
     from saepipe.data.loader import ShardStream
@@ -124,6 +125,10 @@ class Trainee:
         key = job_key(member.sae_fields, cfg, shards, metas)
         self.ckpt = Checkpoint(self.ckpt_path, key, self.sae, self.opt, self.sched)
         self.start, self.log, self.resumes, self.elapsed_before = self.ckpt.restore()
+        run_config = {"sae": self.sae_cfg.to_dict(), "train": asdict(cfg), "lr": self.lr}
+        self.trackers = start_trackers(  # train.log_to: W&B / MLflow runs (resumed with the checkpoint)
+            cfg.log_to, member.out_dir.name, run_config, self.ckpt_path, self.start > 0, self.log
+        )
         self.clock = StepClock(next(self.sae.parameters()).device)  # this trainee's own steps (this attempt)
         self.last_loss: torch.Tensor | None = None
         self.throughput = Throughput(self.start * self.batch_size)
@@ -148,6 +153,7 @@ class Trainee:
             lr = self.sched.get_last_lr()[0]
             rate = self.throughput.since_last(tokens)
             self.log.append(log_row(step, tokens, lr, loss, self.sae, out, rate, time.time() - t_origin))
+            self.trackers.log(self.log[-1])
         self.clock.stop(started)
 
     def save_checkpoint(self, steps_done: int, elapsed_s: float) -> None:
@@ -168,6 +174,7 @@ class Trainee:
             "device": str(device),
         }
         save_outputs(self.sae, self.member.out_dir, run, self.log)
+        self.trackers.finish()
         return self.log[-1]
 
 
@@ -242,7 +249,7 @@ def train_pack(members: list[Member], shards: list[str], name: str | None = None
     say(name, f"{device}, batch {cfg.batch_size}, {cfg.precision}, {source}{pack}")
     bar = progress_bar(name, total, start)
     t_ckpt = time.monotonic()
-    with sigterm_flag() as sigterm:
+    with sigterm_flag() as sigterm, finish_on_error([t.trackers for t in trainees]):
         for step, x_BD in enumerate(stream.batches(start), start):
             for t in trainees:
                 if step >= t.start:
