@@ -12,7 +12,7 @@ Where runs go is the tools' own business, through their own environment variable
   the sweep group), ``WANDB_MODE=offline`` (no account, no network: ``wandb sync`` uploads
   later), ``WANDB_DIR`` (default: the working directory; files in ``$WANDB_DIR/wandb/``).
 * ``mlflow``: ``MLFLOW_TRACKING_URI`` (required: a server ``http://host:5000``, or a local
-  file store ``file:./mlruns``, which MLflow 3 accepts only with ``MLFLOW_ALLOW_FILE_STORE=true``;
+  file store ``file:./mlruns``, which MLflow 3.18 accepts only with ``MLFLOW_ALLOW_FILE_STORE=true``;
   MLflow's own default, a new ``sqlite:///mlflow.db``, breaks when parallel train jobs create
   it at once), ``MLFLOW_EXPERIMENT_NAME`` (default "saepipe").
 
