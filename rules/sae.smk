@@ -70,7 +70,8 @@ rule evaluate:
         shards=expand("results/activations/eval/{shard}.zarr", shard=SHARDS["eval"]),
         baseline=rules.lm_baseline.output[0],
     output:
-        "results/saes/{sae}/metrics.json",
+        metrics="results/saes/{sae}/metrics.json",
+        latent_stats="results/saes/{sae}/latent_stats.safetensors",
     log:
         "results/logs/evaluate/{sae}.log",
     benchmark:

@@ -27,10 +27,18 @@ from test_evaluate import (
 
 from saepipe.aggregate import aggregate
 from saepipe.data.shards import read_shard
-from saepipe.evaluate.metrics import lm_baseline, reconstruction_stats
-from saepipe.lm import capture, ce_loss, next_token_ce_kl, splice_ce_kl
+from saepipe.evaluate.metrics import (
+    LATENT_STATS,
+    SCHEMA_VERSION,
+    LatentCounts,
+    evaluate_sae,
+    lm_baseline,
+    read_latent_stats,
+    reconstruction_stats,
+)
+from saepipe.lm import capture, ce_loss, model_id, next_token_ce_kl, splice_ce_kl
 from saepipe.plots.metrics_table import metrics_table
-from saepipe.saes import build_sae
+from saepipe.saes import build_sae, save_sae
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -256,7 +264,7 @@ def test_new_metrics_reach_the_table_and_the_page(env, tmp_path):
     rows = {r["sae_id"]: r for r in table.to_pylist()}
     for name in names:
         saved = json.loads((root / name / "metrics.json").read_text())
-        assert saved["schema_version"] == 5
+        assert saved["schema_version"] == SCHEMA_VERSION == 6
         for key in NEW:
             assert rows[name][key] == pytest.approx(saved[key]), (name, key)
     assert rows["table-half"]["l2_ratio"] == pytest.approx(0.5, rel=1e-5)
@@ -274,3 +282,46 @@ def test_old_baseline_without_kl_is_refused(env, tmp_path):
     (tmp_path / "old.json").write_text(json.dumps(old))
     with pytest.raises(ValueError, match="kl_div_zero.*lm_baseline"):
         _evaluate_on(env["root"], env["model_dir"], env["shards"]["excl"], tmp_path / "old.json", _perfect_sae(), "old")
+
+
+def test_latent_statistics_and_saebench_sums_by_hand(env, tmp_path):
+    """Per-latent fire / sequence counts and activation sums (LatentCounts), l1, the l2 norms
+    and the legacy explained variance, against a direct computation; batches of 7 rows split
+    the sequences, which must still be counted once each."""
+    torch.manual_seed(3)
+    sae = build_sae({"arch": "topk", "d_in": D, "width": 4 * D, "k": 3, "auxk": False}).eval()
+    shard = read_shard(env["shards"]["excl"])
+    x = torch.from_numpy(shard.kept_acts()).float()
+    seq = torch.from_numpy(shard.kept_sequence_ids())
+    assert len(x) % 7 and int(seq.max()) + 1 == len(env["tokens"])  # ragged last batch; every sequence
+    latents = LatentCounts(sae.cfg.width, "cpu")
+    stats = reconstruction_stats(sae, [env["shards"]["excl"]], 7, "cpu", 64, latents)
+    with torch.no_grad():
+        out = sae(x)
+    dense = torch.zeros(len(x), sae.cfg.width).scatter_add(1, out.idx_BK, out.acts_BK.clamp_min(0))
+    fired = dense > 0
+    assert torch.equal(latents.fire_count_M, fired.sum(0))
+    by_seq = torch.stack([fired[seq == s].any(0) for s in range(int(seq.max()) + 1)])
+    assert torch.equal(latents.seq_count_M, by_seq.sum(0)) and latents.seq_count_M.sum() > 0
+    assert torch.allclose(latents.act_sum_M, dense.double().sum(0))
+    assert (latents.n_tokens, latents.n_sequences, stats["n_sequences"]) == (len(x), len(by_seq), len(by_seq))
+    assert stats["l1"] == pytest.approx(dense.sum(1).mean().item(), rel=1e-5)
+    assert stats["l2_norm_in"] == pytest.approx(x.norm(dim=1).mean().item(), rel=1e-5)
+    assert stats["l2_norm_out"] == pytest.approx(out.x_hat_BD.norm(dim=1).mean().item(), rel=1e-5)
+    legacy = torch.cat([
+        1 - (xb - xh).pow(2).sum(1) / (xb - xb.mean(0)).pow(2).sum(1)
+        for xb, xh in zip(x.split(7), out.x_hat_BD.split(7))
+    ])  # fmt: skip
+    assert stats["explained_variance_legacy"] == pytest.approx(legacy.mean().item(), rel=1e-4)
+    assert stats["dead_fraction"] == pytest.approx((~fired.any(0)).float().mean().item())
+    # the evaluate stage writes them beside metrics.json; read back intact
+    sae.cfg.hook, sae.cfg.model_id = HOOK, model_id(env["model_dir"])
+    save_sae(sae, tmp_path / "s")
+    evaluate_sae(
+        EVAL_CFG, str(tmp_path / "s"), str(env["model_dir"]), [env["shards"]["excl"]],
+        str(env["baselines"]["excl"]), str(tmp_path / "s/metrics.json"), str(tmp_path / "s" / LATENT_STATS),
+    )  # fmt: skip
+    tensors, meta = read_latent_stats(tmp_path / "s" / LATENT_STATS)
+    assert meta == {"n_tokens": len(x), "n_sequences": len(by_seq)}
+    assert torch.equal(tensors["fire_count"], fired.sum(0)) and torch.equal(tensors["seq_count"], by_seq.sum(0))
+    assert tensors["act_sum"].dtype == torch.float64

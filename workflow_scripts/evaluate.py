@@ -17,5 +17,6 @@ with log_to(snakemake.log[0]), gpu_lease():
         model_dir=Path(snakemake.input.model).parent,
         shards=list(snakemake.input.shards),
         baseline_json=snakemake.input.baseline,
-        out_json=snakemake.output[0],
+        out_json=snakemake.output.metrics,
+        latent_stats_out=snakemake.output.latent_stats,
     )

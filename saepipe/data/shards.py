@@ -65,6 +65,13 @@ class Shard:
         excluded = self.meta.get("exclude_positions") or []
         return self.acts_TD[keep_mask(self.positions_T, excluded)] if excluded else self.acts_TD
 
+    def kept_sequence_ids(self) -> np.ndarray:
+        """The sequence (0, 1, ... within this shard) of each row of `kept_acts()`: a new
+        sequence starts at every position 0 (counted before the exclusions)."""
+        seq_T = np.cumsum(self.positions_T == 0) - 1
+        excluded = self.meta.get("exclude_positions") or []
+        return seq_T[keep_mask(self.positions_T, excluded)] if excluded else seq_T
+
 
 def _array(group, name: str, data: np.ndarray) -> None:
     row_bytes = data.dtype.itemsize * int(np.prod(data.shape[1:], dtype=np.int64))

@@ -21,6 +21,7 @@ forward pass per batch). The shrinkage metrics (`cossim`, `l2_ratio`,
 from __future__ import annotations
 
 import math
+import os
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -28,20 +29,29 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor
 
 from saepipe.data.shards import check_compatible, read_meta, read_shard
 from saepipe.devices import resolve_device
 from saepipe.evaluate.geometry import ExpertUsage, activation_similarity, decoder_redundancy, expert_specialization
-from saepipe.io import read_json, write_json
+from saepipe.io import atomic_path, read_json, write_json
 from saepipe.lm import load_lm, splice_ce_kl
 from saepipe.saes import load_sae
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 """metrics.json semantics. 3: the CE splices keep the shards' exclude_positions clean,
 expert usage counts every routed expert (e per token), activation similarity divides by
 the measured L0 of its token set. 4: training cost per token (FLOPs and wall-clock).
 5: KL divergence (SAE and zero-ablation splices, kl_div_score) and the shrinkage metrics
-(cossim, l2_ratio, relative_reconstruction_bias)."""
+(cossim, l2_ratio, relative_reconstruction_bias). 6: l1, l2_norm_in, l2_norm_out,
+explained_variance_legacy, n_sequences, and the per-latent statistics file (LATENT_STATS)."""
+
+LATENT_STATS = "latent_stats.safetensors"
+"""Per-latent statistics on the kept eval tokens, written beside metrics.json by `evaluate`
+(:class:`LatentCounts`): what the SAELens export's sparsity file and SAEBench's feature-wise
+results are made of, without running the SAE again."""
 
 
 @dataclass
@@ -77,6 +87,13 @@ class SAEMetrics:
     #   eq. 10; SAEBench core averages this ratio over batches). 1 = unbiased, < 1 = shrinkage;
     #   None if E[x_hat . x] = 0 (e.g. x_hat = 0)
     l0: float  # mean number of active latents per token
+    l1: float  # mean over tokens of the sum of the latents' activations (SAEBench core `l1`)
+    l2_norm_in: float  # mean over tokens of ||x|| (SAEBench core `l2_norm_in`)
+    l2_norm_out: float  # mean over tokens of ||x_hat|| (SAEBench core `l2_norm_out`)
+    explained_variance_legacy: float  # mean over tokens of 1 - ||x - x_hat||^2 / ||x - mean(x)||^2,
+    #   mean(x) over the token's eval batch (`batch_size` rows; SAEBench core
+    #   `explained_variance_legacy`, whose batch is its own); use `explained_variance`
+    n_sequences: int  # eval sequences the reconstruction metrics' tokens come from
     dead_fraction: float  # latents never active on the eval tokens
     ce_tokens: int  # tokens the CE losses average over
     ce_loss_original: float
@@ -191,37 +208,102 @@ def lm_baseline(cfg: EvalConfig, model_dir: str, shards: list[str], out_json: st
     return result
 
 
+class LatentCounts:
+    """Per-latent sums over the eval tokens, streamed batch by batch: ``fire_count`` (tokens on
+    which the latent is > 0), ``seq_count`` (sequences on which it fired at least once) and
+    ``act_sum`` (its summed activation). Saved as :data:`LATENT_STATS` (:meth:`save`)."""
+
+    def __init__(self, width: int, device) -> None:
+        self.fire_count_M = torch.zeros(width, dtype=torch.int64, device=device)
+        self.seq_count_M = torch.zeros(width, dtype=torch.int64, device=device)
+        self.act_sum_M = torch.zeros(width, dtype=torch.float64, device=device)
+        # the last sequence each latent was counted in: a sequence split between two batches
+        # is counted once (batches visit the sequences in order)
+        self.last_seq_M = torch.full((width,), -1, dtype=torch.int64, device=device)
+        self.n_tokens = self.n_sequences = 0
+
+    def update(self, idx_BK: Tensor, acts_BK: Tensor, seq_B: Tensor) -> None:
+        """One batch: code (`idx_BK`, `acts_BK`; entries <= 0 are not active) of the tokens of
+        the global sequence ids `seq_B` (non-decreasing, continuing the previous batch's)."""
+        width = self.fire_count_M.numel()
+        active_BK = acts_BK > 0
+        idx_A = idx_BK[active_BK]
+        self.fire_count_M += torch.bincount(idx_A, minlength=width)
+        self.act_sum_M.index_add_(0, idx_A, acts_BK[active_BK].double())
+        pairs_P = torch.unique(seq_B.unsqueeze(1).expand_as(idx_BK)[active_BK] * width + idx_A)
+        seq_P, lat_P = pairs_P // width, pairs_P % width
+        new_P = seq_P != self.last_seq_M[lat_P]
+        self.seq_count_M += torch.bincount(lat_P[new_P], minlength=width)
+        self.last_seq_M.scatter_reduce_(0, lat_P, seq_P, reduce="amax")
+        self.n_tokens += len(seq_B)
+        if len(seq_B):
+            self.n_sequences = int(seq_B[-1]) + 1
+
+    def save(self, path: str | os.PathLike) -> None:
+        """:data:`LATENT_STATS`: the three tensors (int64, int64, float64) and, as metadata,
+        ``n_tokens`` and ``n_sequences``."""
+        tensors = {"fire_count": self.fire_count_M, "seq_count": self.seq_count_M, "act_sum": self.act_sum_M}
+        with atomic_path(path) as tmp:
+            save_file(
+                {k: v.cpu().contiguous() for k, v in tensors.items()},
+                str(tmp),
+                metadata={"n_tokens": str(self.n_tokens), "n_sequences": str(self.n_sequences)},
+            )
+
+
+def read_latent_stats(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, int]]:
+    """(tensors, {"n_tokens", "n_sequences"}) of a :data:`LATENT_STATS` file."""
+    with safe_open(str(path), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        meta = {k: int(v) for k, v in (f.metadata() or {}).items()}
+    return tensors, meta
+
+
 @torch.no_grad()
-def reconstruction_stats(sae, shards: list[str], batch_size: int, device, similarity_tokens: int = 4096) -> dict:
+def reconstruction_stats(
+    sae, shards: list[str], batch_size: int, device, similarity_tokens: int = 4096, latents: LatentCounts | None = None
+) -> dict:
     """Streaming sums over the eval shards' kept rows (exclude_positions left out) -> mse,
     l2_per_token, fvu, cossim, l2_ratio, relative_reconstruction_bias (formulas in
     `SAEMetrics`), l0, dead_fraction, expert usage (every routed expert of each token,
     `out.experts_BE`: the counts sum to e * n_tokens) and the activation similarity of the
-    first `similarity_tokens` kept tokens (divided by their measured L0)."""
+    first `similarity_tokens` kept tokens (divided by their measured L0). `latents` (optional)
+    receives the per-latent counts."""
     usage = ExpertUsage(sae.cfg.expert_count)
     codes: list[tuple[torch.Tensor, torch.Tensor]] = []
     n, sse, sum_sq = 0, 0.0, 0.0
     sum_cos, sum_ratio, sum_xhat_sq, sum_dot = 0.0, 0.0, 0.0, 0.0
+    sum_l1, sum_norm_in, sum_norm_out, sum_ev_legacy = 0.0, 0.0, 0.0, 0.0
+    latents = latents if latents is not None else LatentCounts(sae.cfg.width, device)
+    seq_offset = 0
     sum_x = torch.zeros(sae.cfg.d_in, dtype=torch.float64, device=device)
     nnz = 0
-    fired = torch.zeros(sae.cfg.width, dtype=torch.bool, device=device)
     for path in shards:
-        acts = read_shard(path).kept_acts()  # without the metadata's exclude_positions
+        shard = read_shard(path)
+        acts = shard.kept_acts()  # without the metadata's exclude_positions
+        seq_T = torch.from_numpy(shard.kept_sequence_ids() + seq_offset).to(device)
+        seq_offset = int(seq_T[-1]) + 1 if len(seq_T) else seq_offset
         for start in range(0, len(acts), batch_size):
             x_BD = torch.from_numpy(acts[start : start + batch_size]).to(device).float()
             out = sae(x_BD)
             active_BK = out.acts_BK > 0
-            sse += (x_BD - out.x_hat_BD).pow(2).sum().item()
+            sq_err_B = (x_BD - out.x_hat_BD).pow(2).sum(-1)
+            sse += sq_err_B.sum().item()
+            sum_ev_legacy += (1 - sq_err_B.double() / (x_BD - x_BD.mean(0)).pow(2).sum(-1).double()).sum().item()
             sum_sq += x_BD.double().pow(2).sum().item()
             sum_x += x_BD.double().sum(0)
             norm_x_B = x_BD.norm(dim=-1)
             xhat_BD = out.x_hat_BD.float()
             sum_cos += torch.nn.functional.cosine_similarity(x_BD, xhat_BD, dim=-1, eps=1e-8).double().sum().item()
-            sum_ratio += (xhat_BD.norm(dim=-1) / torch.where(norm_x_B < 1e-4, 1.0, norm_x_B)).double().sum().item()
+            norm_xhat_B = xhat_BD.norm(dim=-1)
+            sum_ratio += (norm_xhat_B / torch.where(norm_x_B < 1e-4, 1.0, norm_x_B)).double().sum().item()
+            sum_norm_in += norm_x_B.double().sum().item()
+            sum_norm_out += norm_xhat_B.double().sum().item()
+            sum_l1 += out.acts_BK.clamp_min(0).double().sum().item()
             sum_xhat_sq += xhat_BD.double().pow(2).sum().item()
             sum_dot += (x_BD.double() * xhat_BD.double()).sum().item()
             nnz += active_BK.sum().item()
-            fired[out.idx_BK[active_BK]] = True
+            latents.update(out.idx_BK, out.acts_BK, seq_T[start : start + len(x_BD)])
             if out.expert_B is not None and out.experts_BE is None:
                 raise ValueError(
                     f"{type(sae).__name__} routes tokens (expert_B) but returns no "
@@ -243,7 +325,12 @@ def reconstruction_stats(sae, shards: list[str], batch_size: int, device, simila
         "l2_ratio": sum_ratio / n,
         "relative_reconstruction_bias": sum_xhat_sq / sum_dot if sum_dot != 0 else None,
         "l0": nnz / n,
-        "dead_fraction": 1 - fired.float().mean().item(),
+        "l1": sum_l1 / n,
+        "l2_norm_in": sum_norm_in / n,
+        "l2_norm_out": sum_norm_out / n,
+        "explained_variance_legacy": sum_ev_legacy / n,
+        "n_sequences": latents.n_sequences,
+        "dead_fraction": (latents.fire_count_M == 0).float().mean().item(),
         "activation_similarity": activation_similarity(
             torch.cat([c[0] for c in codes]), torch.cat([c[1] for c in codes])
         ),
@@ -294,9 +381,16 @@ def _training_cost(cfg, run: dict) -> dict:
 
 
 def evaluate_sae(
-    cfg: EvalConfig, sae_dir: str, model_dir: str, shards: list[str], baseline_json: str, out_json: str
+    cfg: EvalConfig,
+    sae_dir: str,
+    model_dir: str,
+    shards: list[str],
+    baseline_json: str,
+    out_json: str,
+    latent_stats_out: str | None = None,
 ) -> SAEMetrics:
-    """The `evaluate` stage for one SAE; writes metrics.json."""
+    """The `evaluate` stage for one SAE; writes metrics.json and (when `latent_stats_out` is
+    given) the per-latent statistics (:data:`LATENT_STATS`)."""
     metas = [read_meta(p) for p in shards]
     meta = check_compatible(metas, shards)
     excluded = _exclude_positions(metas, shards)
@@ -321,7 +415,10 @@ def evaluate_sae(
             f"SAE {sae_dir} was trained on {sae.cfg.model_id} / {sae.cfg.hook} but the eval "
             f"shards are {meta['model']} / {meta['hook']}; rerun the pipeline so both match"
         )
-    stats = reconstruction_stats(sae, shards, cfg.batch_size, device, cfg.similarity_tokens)
+    latents = LatentCounts(sae.cfg.width, device)
+    stats = reconstruction_stats(sae, shards, cfg.batch_size, device, cfg.similarity_tokens, latents)
+    if latent_stats_out is not None:
+        latents.save(latent_stats_out)
     stats.update(dictionary_stats(sae))
     run = read_json(Path(sae_dir) / "config.json").get("run", {})
     model = load_lm(model_dir, device)

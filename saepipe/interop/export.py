@@ -40,6 +40,7 @@ from torch import Tensor
 
 from saepipe.data.shards import check_compatible, read_meta, read_shard
 from saepipe.devices import resolve_device
+from saepipe.evaluate.metrics import read_latent_stats
 from saepipe.io import atomic_path, read_json
 from saepipe.saes import ARCHITECTURES, SAE, load_sae
 
@@ -196,7 +197,12 @@ def log_firing_frequency(
             n += len(x_BD)
     if n == 0:
         raise ValueError(f"no kept tokens in the eval shards {shards}")
-    return torch.log10(counts_M.double().cpu() / n + LOG_SPARSITY_EPS).float()
+    return log_frequency(counts_M, n)
+
+
+def log_frequency(fire_count_M: Tensor, n_tokens: int) -> Tensor:
+    """``log10(fire_count / n_tokens + 1e-10)`` (float32, CPU): SAELens' sparsity values."""
+    return torch.log10(fire_count_M.double().cpu() / n_tokens + LOG_SPARSITY_EPS).float()
 
 
 CARD_METRICS = (
@@ -297,13 +303,18 @@ def export_saelens(
     shards: list[str],
     out_dir: str | os.PathLike,
     metrics_json: str | os.PathLike | None = None,
+    latent_stats: str | os.PathLike | None = None,
     batch_size: int = 4096,
     device: str = "auto",
+    log_path: str | os.PathLike | None = None,
 ) -> Path:
     """The `export` stage for one SAE: write :data:`FILES` into ``out_dir`` (each atomically).
 
-    ``shards``: the eval shards (firing frequencies, model/hook/context metadata);
-    ``metrics_json``: the SAE's metrics.json for the model card (None: no metrics).
+    ``shards``: the eval shards (model/hook/context metadata; firing frequencies when no
+    ``latent_stats``); ``metrics_json``: the SAE's metrics.json for the model card (None: no
+    metrics); ``latent_stats``: the evaluate stage's per-latent counts on the same shards
+    (``saepipe.evaluate.metrics.LATENT_STATS``), which spare running the SAE over them again;
+    ``log_path``: a file for the one-line summary (default: stderr).
     """
     sae_dir, out = Path(sae_dir), Path(out_dir)
     sae_id = sae_dir.name
@@ -318,7 +329,11 @@ def export_saelens(
         )
     sl_cfg = saelens_config(sae, meta, sae_id)
     tensors = saelens_tensors(sae)
-    log_sparsity = log_firing_frequency(sae, list(shards), batch_size, dev)
+    if latent_stats is not None:
+        counts, stats_meta = read_latent_stats(latent_stats)
+        log_sparsity = log_frequency(counts["fire_count"], stats_meta["n_tokens"])
+    else:
+        log_sparsity = log_firing_frequency(sae, list(shards), batch_size, dev)
     sae_config = read_json(sae_dir / "config.json")
     metrics = read_json(metrics_json) if metrics_json is not None else None
     label = type(sae.cfg).LABEL or sae.cfg.arch
@@ -331,9 +346,12 @@ def export_saelens(
         tmp.write_text(model_card(sae_id, sl_cfg, sae_config, metrics, label))
     with atomic_path(out / CFG_FILE) as tmp:
         tmp.write_text(json.dumps(sl_cfg, indent=2, sort_keys=True) + "\n")
-    print(
+    summary = (
         f"export {sae_id}: SAELens {sl_cfg['architecture']} ({len(tensors)} tensors, "
-        f"{int((log_sparsity > math.log10(LOG_SPARSITY_EPS)).sum())}/{sae.cfg.width} latents fire on eval) -> {out}",
-        file=sys.stderr,
+        f"{int((log_sparsity > math.log10(LOG_SPARSITY_EPS)).sum())}/{sae.cfg.width} latents fire on eval) -> {out}"
     )
+    if log_path is None:
+        print(summary, file=sys.stderr)
+    else:
+        Path(log_path).write_text(summary + "\n")
     return out
