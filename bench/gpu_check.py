@@ -181,29 +181,12 @@ def failed_job_logs(workdir: Path, limit: int = 3) -> dict:
 
 
 def sweep_config(conftest, device: str) -> tuple[dict, str]:
-    """The micro config (GPU_CHECK_SWEEP=small: two SAEs, one shard) with every stage on `device`."""
+    """The micro config with every stage on `device`."""
     cfg = conftest.micro_config()
-    size = os.environ.get("GPU_CHECK_SWEEP", "micro")
-    if size == "small":  # CI's dry path: two SAEs (TopK and its FLOP-matched Switch), one shard
-        cfg["corpus"].update(min_tokens=30_000)
-        cfg["extract"].update(train_tokens=8_192)
-        cfg["train"].update(tokens=8_192)
-        # the micro sweep's baseline group at its first k, and the first group FLOP-matched to it
-        baseline = next(name for name, spec in cfg["sweep"].items() if "match" not in spec)
-        matched = next(
-            name
-            for name, spec in cfg["sweep"].items()
-            if spec.get("match", {}).get("baseline") == baseline and spec["match"].get("by") == "flops"
-        )
-        base = cfg["sweep"][baseline]
-        first_k = base["k"][0] if isinstance(base["k"], list) else base["k"]
-        cfg["sweep"] = {baseline: {**base, "k": first_k}, matched: cfg["sweep"][matched]}
-    elif size != "micro":
-        raise ValueError(f"GPU_CHECK_SWEEP must be micro (default) or small, got {size!r}")
     for section in cfg.values():
         if isinstance(section, dict) and "device" in section:
             section["device"] = device
-    return cfg, size
+    return cfg, "micro"
 
 
 def sweep_step(mode: str, timeout: float, work: Path) -> dict:

@@ -4,8 +4,7 @@
 #      dependencies; else a venv .venv-gpu that sees the base Python's packages, into which
 #      `pip install -c constraints.txt -e .` goes (torch left out of the constraints when the
 #      base Python has a CUDA torch, which is then reused; else the pinned torch first);
-#   2. the micro sweep end to end on CUDA through Snakemake (--resources gpu=1), outputs checked
-#      (GPU_CHECK_SWEEP=small: only TopK and its FLOP-matched Switch, one shard; CI's dry path);
+#   2. the micro sweep end to end on CUDA through Snakemake (--resources gpu=1), outputs checked;
 #   3. bench/train_throughput.py --preset h200 and bench/pack_throughput.py --preset h200;
 #   4. every figure and failure into ONE JSON: bench/results/gpu_check-<date>.json.
 # Steps 2-4: bench/gpu_check.py (each step has its own timeout; the JSON says which ran out).
