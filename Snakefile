@@ -79,6 +79,7 @@ include: "rules/report.smk"
 include: "rules/features.smk"
 include: "rules/verdicts.smk"
 include: "rules/export.smk"
+include: "rules/saebench.smk"
 
 
 rule all:
@@ -90,3 +91,4 @@ rule all:
         expand(rules.export_saelens.output, sae=SAELENS_EXPORTS)
         if config.get("export", {}).get("saelens", True)
         else [],
+        expand(rules.export_saebench.output.json, sae=SAES) if config.get("export", {}).get("saebench", True) else [],
