@@ -51,10 +51,20 @@ WHEEL_FILES = (  # what the tests read from the wheel: the schema, the models, t
     "sae_bench/evals/core/eval_config.py",
     "sae_bench/evals/core/eval_output.py",
     "sae_bench/evals/core/main.py",
+    "sae_bench/sae_bench_utils/graphing_utils.py",
     SCHEMA_FILE,
 )
-# SAEBench functions the tests run on the exported weights (from the wheel's evals/core/main.py)
-REFERENCE_FUNCTIONS = ("calculate_max_cosine_sim", "get_featurewise_weight_based_metrics", "calculate_misc_metrics")
+# SAEBench functions the tests run (compiled from the wheel's source: the modules themselves
+# import sae_lens, transformer_lens, plotting libraries): on the exported weights, from
+# evals/core/main.py; the loader of SAEBench's plots, from sae_bench_utils/graphing_utils.py
+REFERENCE_FUNCTIONS = {
+    "sae_bench/evals/core/main.py": (
+        "calculate_max_cosine_sim",
+        "get_featurewise_weight_based_metrics",
+        "calculate_misc_metrics",
+    ),
+    "sae_bench/sae_bench_utils/graphing_utils.py": ("find_eval_results_files", "get_eval_results", "get_d_sae_string"),
+}
 WEIGHT_TOLERANCE = 1e-5  # SAEBench computes in float32, saepipe in float64
 
 
@@ -134,15 +144,18 @@ def schema(saebench_wheel) -> dict:
 
 @pytest.fixture(scope="session")
 def reference(saebench_wheel) -> dict[str, Any]:
-    """SAEBench's own :data:`REFERENCE_FUNCTIONS`, compiled from the wheel's evals/core/main.py
-    (the module itself imports sae_lens and transformer_lens; these functions need only torch)."""
-    path = saebench_wheel / "sae_bench/evals/core/main.py"
-    tree = ast.parse(path.read_text())
-    body = [node for node in tree.body if isinstance(node, ast.FunctionDef) and node.name in REFERENCE_FUNCTIONS]
-    assert {node.name for node in body} == set(REFERENCE_FUNCTIONS)
-    namespace: dict[str, Any] = {"torch": torch, "Any": Any, "SAE": object}
-    exec(compile(ast.Module(body=body, type_ignores=[]), str(path), "exec"), namespace)
-    return {name: namespace[name] for name in REFERENCE_FUNCTIONS}
+    """SAEBench's own :data:`REFERENCE_FUNCTIONS`, compiled from the wheel's source files (these
+    functions need only torch, json and os)."""
+    functions: dict[str, Any] = {}
+    for file, names in REFERENCE_FUNCTIONS.items():
+        path = saebench_wheel / file
+        tree = ast.parse(path.read_text())
+        body = [node for node in tree.body if isinstance(node, ast.FunctionDef) and node.name in names]
+        assert {node.name for node in body} == set(names), file
+        namespace: dict[str, Any] = {"torch": torch, "json": json, "os": os, "Any": Any, "SAE": object}
+        exec(compile(ast.Module(body=body, type_ignores=[]), str(path), "exec"), namespace)
+        functions.update({name: namespace[name] for name in names})
+    return functions
 
 
 @pytest.fixture(scope="session")
@@ -548,3 +561,13 @@ def test_every_micro_sae_is_a_valid_core_result(micro_run, schema, reference, co
         )
         assert again.read_bytes() == saebench.results_path(micro_run / "results/saebench", sid).read_bytes(), sid
     assert len(eval_ids) == len(MICRO_SAES)
+    # SAEBench's loader for its plots reads them (it tells a core result by "core" in the path)
+    files = reference["find_eval_results_files"]([str(micro_run / "results" / "saebench")])
+    loaded = reference["get_eval_results"](files)
+    assert set(loaded) == MICRO_SAES
+    for sid, row in loaded.items():
+        sl_cfg = json.loads((micro_run / "results/export/saelens" / sid / export.CFG_FILE).read_text())
+        assert (
+            row["sae_class"] == sl_cfg["architecture"]
+            and row["l0"] == _micro_result(micro_run, sid)["eval_result_metrics"]["sparsity"]["l0"]
+        )
