@@ -33,6 +33,7 @@ from __future__ import annotations
 import math
 import threading
 import warnings
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -51,6 +52,7 @@ __all__ = [
     "code_is_wide",
     "decode",
     "topk_linear",
+    "TopKSelection",
     "dead_topk",
     "batch_topk",
     "gather_linear",
@@ -221,26 +223,38 @@ def dead_topk(pre_BM: Tensor, dead_M: Tensor, n_dead: int, k_aux: int) -> tuple[
     return pre_BM.topk(k_aux, dim=1, sorted=False)
 
 
+class TopKSelection(NamedTuple):
+    """What :func:`topk_linear` selects (values are raw pre-activations: apply ReLU outside)."""
+
+    vals_BK: Tensor  # the top-k pre-activations per row
+    idx_BK: Tensor  # their latents
+    vals_aux_BA: Tensor  # AuxK: the top-k_aux dead latents' pre-activations ([B, 0] without AuxK), or
+    #   with ``aux_rest`` only the ``k_aux - k`` of them beyond the main code
+    idx_aux_BA: Tensor  # their latents
+    aux_rest: bool  # True: every latent is dead and k_aux > k, so the AuxK selection is the main
+    #   top-k plus ``vals_aux_BA``; the caller adds the main code's share (e.g. from its decode)
+
+
 class _TopKLinear(torch.autograd.Function):
     """``pre = x W + b``; ``(vals, idx) = topk(pre, k)`` [+ the top-``k_aux`` dead latents];
     the backward reaches only the selected entries (:func:`_sparse_linear_grads`)."""
 
     @staticmethod
-    def forward(ctx, x_BD, W_DM, b_M, k, aux_mask_M, k_aux):
+    def forward(ctx, x_BD, W_DM, b_M, k, aux_mask_M, k_aux, n_dead):
         pre_BM = matmul_bias(x_BD, W_DM, b_M, SCRATCH)
-        n_dead = int(aux_mask_M.sum()) if aux_mask_M is not None and k_aux > 0 else 0
+        ctx.aux_in_main = False
         if n_dead == pre_BM.shape[1]:
-            # Every latent dead: the top-k and the top-k_aux are nested (the smaller is the top
-            # of the larger); ONE search over the row, and the backward visits each selected
-            # entry once, with the gradients of both summed.
-            vals_BJ, idx_BJ = pre_BM.topk(max(k, k_aux), dim=1, sorted=False)
-            pos_BK = vals_BJ.topk(min(k, k_aux), dim=1, sorted=False).indices
-            small_vals, small_idx = vals_BJ.gather(1, pos_BK), idx_BJ.gather(1, pos_BK)
-            if k <= k_aux:
-                vals_BK, idx_BK, vals_aux_BA, idx_aux_BA = small_vals, small_idx, vals_BJ, idx_BJ
+            # Every latent dead: the top-k and the top-k_aux are nested. ONE sorted search for
+            # the larger; the smaller is its first columns. k_aux > k: the aux outputs are the
+            # rest (columns k..k_aux), so the backward visits each selected entry once.
+            vals_BJ, idx_BJ = pre_BM.topk(max(k, k_aux), dim=1, sorted=True)
+            if k_aux > k:
+                vals_BK, idx_BK = vals_BJ[:, :k].contiguous(), idx_BJ[:, :k].contiguous()
+                vals_aux_BA, idx_aux_BA = vals_BJ[:, k:].contiguous(), idx_BJ[:, k:].contiguous()
             else:
-                vals_BK, idx_BK, vals_aux_BA, idx_aux_BA = vals_BJ, idx_BJ, small_vals, small_idx
-            ctx.pos_BK = pos_BK
+                vals_BK, idx_BK = vals_BJ, idx_BJ
+                vals_aux_BA, idx_aux_BA = vals_BJ[:, :k_aux].clone(), idx_BJ[:, :k_aux].clone()
+                ctx.aux_in_main = True
         else:
             vals_BK, idx_BK = pre_BM.topk(k, dim=1, sorted=False)
             if n_dead:
@@ -248,9 +262,7 @@ class _TopKLinear(torch.autograd.Function):
             else:
                 vals_aux_BA, idx_aux_BA = vals_BK[:, :0].clone(), idx_BK[:, :0].clone()
             idx_BJ = torch.cat([idx_BK, idx_aux_BA], dim=1)
-        ctx.nested = n_dead == pre_BM.shape[1]
         SCRATCH.give(pre_BM)
-        ctx.k, ctx.k_aux = k, idx_aux_BA.shape[1]
         ctx.save_for_backward(x_BD, W_DM, idx_BJ)
         ctx.mark_non_differentiable(idx_BK, idx_aux_BA)
         return vals_BK, idx_BK, vals_aux_BA, idx_aux_BA
@@ -258,12 +270,12 @@ class _TopKLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_vals_BK, _g_idx, g_aux_BA, _g_idx_aux):
         x_BD, W_DM, idx_BJ = ctx.saved_tensors
-        if ctx.nested:  # the smaller selection sits at pos_BK of the larger
-            big, small = (g_aux_BA, g_vals_BK) if ctx.k <= ctx.k_aux else (g_vals_BK, g_aux_BA)
-            g_BJ = big.scatter_add(1, ctx.pos_BK, small.to(big.dtype))
+        if ctx.aux_in_main:  # the aux selection is the first columns of the main one
+            g_BJ = g_vals_BK.clone()
+            g_BJ[:, : g_aux_BA.shape[1]] += g_aux_BA.to(g_BJ.dtype)
         else:
-            g_BJ = torch.cat([g_vals_BK, g_aux_BA], dim=1)
-        return *_sparse_linear_grads(ctx.needs_input_grad, x_BD, W_DM, idx_BJ, g_BJ), None, None, None
+            g_BJ = torch.cat([g_vals_BK, g_aux_BA.to(g_vals_BK.dtype)], dim=1)
+        return *_sparse_linear_grads(ctx.needs_input_grad, x_BD, W_DM, idx_BJ, g_BJ), None, None, None, None
 
 
 def topk_linear(
@@ -273,25 +285,30 @@ def topk_linear(
     k: int,
     aux_mask_M: Tensor | None = None,
     k_aux: int = 0,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+) -> TopKSelection:
     """TopK of the pre-activations ``x_BD @ W_DM + b_M`` with a sparse backward.
 
-    Returns ``(vals_BK, idx_BK, vals_aux_BA, idx_aux_BA)``: the top-``k`` values/indices and,
-    when ``aux_mask_M`` (bool ``[M]``) and ``k_aux > 0`` are given, the top-``k_aux`` among the
-    masked latents (``k_aux`` must not exceed the mask's count); else empty ``[B, 0]``.
-    Values are raw pre-activations (apply ReLU outside). Gradients w.r.t. ``x``, ``W``, ``b``
-    equal those of the dense formulation but cost ``O(B (k + k_aux) D)``.
+    Returns a :class:`TopKSelection`: the top-``k`` values/indices and, when ``aux_mask_M``
+    (bool ``[M]``) and ``k_aux > 0`` are given, the top-``k_aux`` among the masked latents
+    (``k_aux`` must not exceed the mask's count; else empty ``[B, 0]``) or, when every latent
+    is masked and ``k_aux > k``, only the ``k_aux - k`` of them beyond the top-``k``
+    (``aux_rest``). Values are raw pre-activations (apply ReLU outside). Gradients w.r.t.
+    ``x``, ``W``, ``b`` equal those of the dense formulation but cost ``O(B (k + k_aux) D)``.
 
     AuxK selection (Gao's dead latents), the cheapest exact way for the dead count: none dead,
-    nothing; every latent dead, ONE top-``max(k, k_aux)`` search whose top-``min(k, k_aux)``
-    is the other selection, and one backward pass over the union; a few dead
+    nothing; every latent dead, ONE sorted top-``max(k, k_aux)`` search whose first columns
+    are the smaller selection (with ``aux_rest``, the caller reuses its main decode for the
+    shared part: only the rest is decoded again); a few dead
     (<= ``AUX_GATHER_MAX_FRACTION``), a top-k over their gathered columns only; otherwise the
     live columns are masked in place and searched. The pre-activations live in a reused
     scratch buffer (:data:`SCRATCH`). Measured (CPU preset of bench/arch_speed.py, all
     latents dead, k=32, k_aux=64): see the "topk_auxk_all_dead" row of
     bench/results/arch_speed-*.json.
     """
-    return _TopKLinear.apply(x_BD, W_DM, b_M, k, aux_mask_M, k_aux)
+    n_dead = int(aux_mask_M.sum()) if aux_mask_M is not None and k_aux > 0 else 0  # a host sync
+    vals_BK, idx_BK, vals_aux_BA, idx_aux_BA = _TopKLinear.apply(x_BD, W_DM, b_M, k, aux_mask_M, k_aux, n_dead)
+    aux_rest = n_dead == W_DM.shape[1] and k_aux > k
+    return TopKSelection(vals_BK, idx_BK, vals_aux_BA, idx_aux_BA, aux_rest)
 
 
 BATCH_TOPK_SAMPLE = 1 << 18  # entries sampled to place the threshold of :func:`batch_topk`
@@ -381,6 +398,7 @@ def auxk_loss(
     W_dec_MD: Tensor,
     coeff: float,
     scale_BA: Tensor | None = None,
+    partial_BD: Tensor | None = None,
 ) -> Tensor:
     """Gao et al. (2024) AuxK: ``coeff * sum_b ||e_b - e_hat_b||^2 / sum_b ||e_b - mean_b(e)||^2``.
 
@@ -389,12 +407,17 @@ def auxk_loss(
     top-``k_aux`` dead latents per token; ``e_hat = sum_j ReLU(pre_j) W_dec[idx_j]`` is decoded
     WITHOUT ``b_dec`` (the residual has no bias). ``scale_BA`` (optional) multiplies each
     ``ReLU(pre_j)`` (the MoE SAEs' expert weight, so the dead latents learn pre-activations on
-    the scale of the main path). The denominator (the residual's total variance, clamped at
-    1e-12) makes the term scale-free, like an FVU.
+    the scale of the main path). ``partial_BD`` (optional, with its gradient): a part of
+    ``e_hat`` decoded elsewhere (TopK with every latent dead: the main code, which is the rest
+    of the AuxK selection, from the main decode), added to the decode of ``idx_BA``. The
+    denominator (the residual's total variance, clamped at 1e-12) makes the term scale-free,
+    like an FVU.
     """
     e_BD = e_BD.detach()
     acts_BA = F.relu(pre_BA) if scale_BA is None else F.relu(pre_BA) * scale_BA
     e_hat_BD = sparse_decode(idx_BA, acts_BA, W_dec_MD)
+    if partial_BD is not None:
+        e_hat_BD = e_hat_BD + partial_BD
     denom = (e_BD - e_BD.mean(0)).pow(2).sum().clamp_min(1e-12)
     return coeff * (e_BD - e_hat_BD).pow(2).sum() / denom
 

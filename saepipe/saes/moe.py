@@ -167,7 +167,7 @@ class MoESAE(SAE):
         if b_A is None:
             b_A = W_AD.new_zeros(W_AD.shape[0])
         # pre-activations of the dead latents only; top-k_aux with a sparse backward
-        pre_BA, pos_BA, _, _ = kernels.topk_linear(x_n_BD - self.b_dec, W_AD.t(), b_A, k_aux)
+        pre_BA, pos_BA, _, _, _ = kernels.topk_linear(x_n_BD - self.b_dec, W_AD.t(), b_A, k_aux)
         idx_BA = dead_A[pos_BA]
         scale_BA = None
         if self.cfg.auxk_expert_weight:

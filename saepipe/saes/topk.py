@@ -79,11 +79,11 @@ class TopKSAE(SAE):
         b_eff_M = self.b_enc + (b_dec_D - self.b_dec) @ self.W_enc.detach()  # value == b_enc
         x_c_BD = x_n_BD - b_dec_D
         aux_mask_M, k_aux = self._auxk_selection()
-        vals_BK, idx_BK, vals_aux_BA, idx_aux_BA = kernels.topk_linear(
-            x_c_BD, self.W_enc, b_eff_M, self.cfg.k, aux_mask_M, k_aux
-        )
-        extras = {"aux_vals_BA": vals_aux_BA, "aux_idx_BA": idx_aux_BA} if k_aux else {}
-        return Encoding(F.relu(vals_BK), idx_BK), extras
+        sel = kernels.topk_linear(x_c_BD, self.W_enc, b_eff_M, self.cfg.k, aux_mask_M, k_aux)
+        extras = {"aux_vals_BA": sel.vals_aux_BA, "aux_idx_BA": sel.idx_aux_BA} if k_aux else {}
+        if sel.aux_rest:  # the AuxK selection is the main code plus these
+            extras["aux_rest"] = sel.idx_aux_BA
+        return Encoding(F.relu(sel.vals_BK), sel.idx_BK), extras
 
     def _aux_losses(
         self, x_n_BD: Tensor, x_hat_n_BD: Tensor, enc: Encoding, extras: dict[str, Tensor]
@@ -93,9 +93,16 @@ class TopKSAE(SAE):
             return {}
         if "aux_idx_BA" not in extras:
             return {"auxk": x_n_BD.new_zeros(())}
+        # every latent dead: the main code's share of e_hat is the main decode minus b_dec
+        main_BD = x_hat_n_BD - self.b_dec if "aux_rest" in extras else None
         return {
             "auxk": kernels.auxk_loss(
-                x_n_BD - x_hat_n_BD, extras["aux_vals_BA"], extras["aux_idx_BA"], self.W_dec, self.cfg.aux_coeff
+                x_n_BD - x_hat_n_BD,
+                extras["aux_vals_BA"],
+                extras["aux_idx_BA"],
+                self.W_dec,
+                self.cfg.aux_coeff,
+                partial_BD=main_BD,
             )
         }
 
