@@ -321,7 +321,7 @@ def test_latent_statistics_and_saebench_sums_by_hand(env, tmp_path):
         EVAL_CFG, str(tmp_path / "s"), str(env["model_dir"]), [env["shards"]["excl"]],
         str(env["baselines"]["excl"]), str(tmp_path / "s/metrics.json"), str(tmp_path / "s" / LATENT_STATS),
     )  # fmt: skip
-    tensors, meta = read_latent_stats(tmp_path / "s" / LATENT_STATS)
-    assert meta == {"n_tokens": len(x), "n_sequences": len(by_seq)}
-    assert torch.equal(tensors["fire_count"], fired.sum(0)) and torch.equal(tensors["seq_count"], by_seq.sum(0))
-    assert tensors["act_sum"].dtype == torch.float64
+    saved = read_latent_stats(tmp_path / "s" / LATENT_STATS)
+    assert (saved.n_tokens, saved.n_sequences) == (len(x), len(by_seq))
+    assert torch.equal(saved.fire_count_M, fired.sum(0)) and torch.equal(saved.seq_count_M, by_seq.sum(0))
+    assert saved.act_sum_M.dtype == torch.float64

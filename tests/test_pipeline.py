@@ -24,7 +24,15 @@ DOWNSTREAM = {
     **{f"plot_{f}": 1 for f in ("frontier", "scaling", "redundancy", "activation_similarity", "expert_usage", "omega")},
 }
 # what reruns with one retrained SAE, besides the table and figures
-PER_SAE = {"train": 1, "publish": 1, "evaluate": 1, "maxact": 1, "feature_report": 1, "export_saelens": 1}
+PER_SAE = {
+    "train": 1,
+    "publish": 1,
+    "evaluate": 1,
+    "maxact": 1,
+    "feature_report": 1,
+    "export_saelens": 1,
+    "export_saebench": 1,
+}
 FIGURES = [
     "frontier",
     "scaling",
@@ -347,6 +355,7 @@ def test_editing_extraction_reruns_it_and_everything_after(micro_copy):
         "train": N_SAES,
         "publish": N_SAES,
         "export_saelens": N_SAES,
+        "export_saebench": N_SAES,
         "lm_baseline": 1,
         "evaluate": N_SAES,
         "maxact": N_SAES,

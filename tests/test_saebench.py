@@ -415,7 +415,7 @@ def _write_inputs(root: Path) -> dict[str, Path]:
     stats = tiny_stats()
     save_file(
         {"fire_count": stats.fire_count_M, "seq_count": stats.seq_count_M, "act_sum": stats.act_sum_M},
-        str(sae_dir / saebench.LATENT_STATS_FILE),
+        str(sae_dir / saebench.LATENT_STATS),
         metadata={"n_tokens": str(stats.n_tokens), "n_sequences": str(stats.n_sequences)},
     )
     corpus = root / "corpus.json"
@@ -517,7 +517,7 @@ def test_every_micro_sae_is_a_valid_core_result(micro_run, schema, reference, co
         sae_dir = micro_run / "results/saes" / sid
         metrics = json.loads((sae_dir / "metrics.json").read_text())
         sae = load_sae(sae_dir)
-        stats = saebench.read_latent_stats(sae_dir / saebench.LATENT_STATS_FILE)
+        stats = saebench.read_latent_stats(sae_dir / saebench.LATENT_STATS)
         got = result["eval_result_metrics"]
         # the same metric, the same number
         for category, fields in saebench.METRICS_MAP.items():

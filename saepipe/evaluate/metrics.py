@@ -251,12 +251,38 @@ class LatentCounts:
             )
 
 
-def read_latent_stats(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, int]]:
-    """(tensors, {"n_tokens", "n_sequences"}) of a :data:`LATENT_STATS` file."""
+@dataclass(frozen=True)
+class LatentStats:
+    """Per-latent counts on the kept eval tokens (the evaluate stage's ``latent_stats.safetensors``)."""
+
+    fire_count_M: Tensor
+    """int64 [M]: tokens on which the latent is > 0."""
+    seq_count_M: Tensor
+    """int64 [M]: eval sequences on which it fired at least once."""
+    act_sum_M: Tensor
+    """float64 [M]: its summed activation."""
+    n_tokens: int
+    """Kept eval tokens counted."""
+    n_sequences: int
+    """Eval sequences those tokens come from."""
+
+
+def read_latent_stats(path: str | os.PathLike) -> LatentStats:
+    """A ``latent_stats.safetensors`` file (tensors ``fire_count``, ``seq_count``, ``act_sum``;
+    metadata ``n_tokens``, ``n_sequences``) as :class:`LatentStats`."""
     with safe_open(str(path), framework="pt") as f:
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-        meta = {k: int(v) for k, v in (f.metadata() or {}).items()}
-    return tensors, meta
+        tensors = {name: f.get_tensor(name) for name in f.keys()}
+        meta = f.metadata() or {}
+    missing = ({"fire_count", "seq_count", "act_sum"} - set(tensors)) | ({"n_tokens", "n_sequences"} - set(meta))
+    if missing:
+        raise ValueError(f"{path} lacks {sorted(missing)}: rerun the evaluate stage (snakemake --forcerun {path})")
+    return LatentStats(
+        fire_count_M=tensors["fire_count"].long(),
+        seq_count_M=tensors["seq_count"].long(),
+        act_sum_M=tensors["act_sum"].double(),
+        n_tokens=int(meta["n_tokens"]),
+        n_sequences=int(meta["n_sequences"]),
+    )
 
 
 @torch.no_grad()

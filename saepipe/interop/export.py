@@ -330,8 +330,8 @@ def export_saelens(
     sl_cfg = saelens_config(sae, meta, sae_id)
     tensors = saelens_tensors(sae)
     if latent_stats is not None:
-        counts, stats_meta = read_latent_stats(latent_stats)
-        log_sparsity = log_frequency(counts["fire_count"], stats_meta["n_tokens"])
+        stats = read_latent_stats(latent_stats)
+        log_sparsity = log_frequency(stats.fire_count_M, stats.n_tokens)
     else:
         log_sparsity = log_firing_frequency(sae, list(shards), batch_size, dev)
     sae_config = read_json(sae_dir / "config.json")

@@ -43,9 +43,9 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import torch
-from safetensors import safe_open
 from torch import Tensor
 
+from saepipe.evaluate.metrics import LATENT_STATS, LatentStats, read_latent_stats
 from saepipe.interop.export import SAELENS_VERSION, saelens_config, saelens_tensors
 from saepipe.io import atomic_path, read_json
 from saepipe.saes import SAE, load_sae
@@ -75,9 +75,6 @@ MIN_METRICS_SCHEMA = 6
 """metrics.json schema version with the fields read here (l1, l2 norms, explained_variance_legacy,
 n_sequences) and the latent statistics file beside it."""
 
-LATENT_STATS_FILE = "latent_stats.safetensors"
-"""The evaluate stage's per-latent statistics, beside metrics.json in the SAE's directory."""
-
 DENSITY_THRESHOLDS = {"1": 0.01, "10": 0.1}
 """``freq_over_<p>_percent``: latents whose density exceeds p% (SAEBench's two thresholds)."""
 MISC_FREQUENCY_ORDER = (
@@ -86,40 +83,6 @@ MISC_FREQUENCY_ORDER = (
     "normalized_freq_over_1_percent",
     "normalized_freq_over_10_percent",
 )
-
-
-@dataclass(frozen=True)
-class LatentStats:
-    """Per-latent counts on the kept eval tokens (the evaluate stage's ``latent_stats.safetensors``)."""
-
-    fire_count_M: Tensor
-    """int64 [M]: tokens on which the latent is > 0."""
-    seq_count_M: Tensor
-    """int64 [M]: eval sequences on which it fired at least once."""
-    act_sum_M: Tensor
-    """float64 [M]: its summed activation."""
-    n_tokens: int
-    """Kept eval tokens counted."""
-    n_sequences: int
-    """Eval sequences those tokens come from."""
-
-
-def read_latent_stats(path: str | os.PathLike) -> LatentStats:
-    """A ``latent_stats.safetensors`` file (tensors ``fire_count``, ``seq_count``, ``act_sum``;
-    metadata ``n_tokens``, ``n_sequences``) as :class:`LatentStats`."""
-    with safe_open(str(path), framework="pt") as f:
-        tensors = {name: f.get_tensor(name) for name in f.keys()}
-        meta = f.metadata() or {}
-    missing = ({"fire_count", "seq_count", "act_sum"} - set(tensors)) | ({"n_tokens", "n_sequences"} - set(meta))
-    if missing:
-        raise ValueError(f"{path} lacks {sorted(missing)}: rerun the evaluate stage (snakemake --forcerun {path})")
-    return LatentStats(
-        fire_count_M=tensors["fire_count"].long(),
-        seq_count_M=tensors["seq_count"].long(),
-        act_sum_M=tensors["act_sum"].double(),
-        n_tokens=int(meta["n_tokens"]),
-        n_sequences=int(meta["n_sequences"]),
-    )
 
 
 @dataclass(frozen=True)
@@ -477,7 +440,7 @@ def write_saebench(
     sae_dir = Path(sae_dir)
     sae_id = sae_dir.name
     metrics_json = Path(metrics_json) if metrics_json is not None else sae_dir / "metrics.json"
-    latent_stats = Path(latent_stats) if latent_stats is not None else sae_dir / LATENT_STATS_FILE
+    latent_stats = Path(latent_stats) if latent_stats is not None else sae_dir / LATENT_STATS
     sae = load_sae(sae_dir)
     metrics, corpus, baseline = read_json(metrics_json), read_json(corpus_json), read_json(baseline_json)
     if sae.cfg.hook != baseline["hook"] or sae.cfg.model_id != baseline["model"]:
