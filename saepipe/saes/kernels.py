@@ -54,6 +54,7 @@ __all__ = [
     "topk_linear",
     "TopKSelection",
     "dead_topk",
+    "row_topk",
     "batch_topk",
     "gather_linear",
     "centred_input",
@@ -205,6 +206,34 @@ def _sparse_linear_grads(
     return grad_x, grad_W, grad_b
 
 
+ROW_TOPK_BLOCK = 8
+"""Columns per block of :func:`row_topk`'s CPU search (strided: column j is in block j % (M / 8))."""
+
+
+def row_topk(f_BM: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """``f_BM.topk(k, dim=1, sorted=False)``: the same values and latents per row (ties broken
+    arbitrarily, as torch's), faster on the CPU for a wide row.
+
+    On the CPU with ``M = 8 n`` and ``n >= 4 k``, the row is cut into ``n`` strided blocks of
+    8 columns (block b = columns b, b + n, ..., b + 7n); only the ``k`` blocks with the largest
+    maxima are searched (``8 k`` columns). Exact: every top-k entry e lies in a block whose
+    maximum is >= e >= the k-th largest entry >= the k-th largest block maximum (k blocks
+    each hold an entry at least that large). One vectorised max over the blocks and two small
+    top-k's replace torch's per-row heap over all M columns, whose cost grows with k.
+    Measured on 2 CPU threads, B = M = 4096 (float32): k = 32 about 21 ms instead of 25,
+    k = 64 about 30 ms instead of 45. Elsewhere (CUDA, narrow rows): ``torch.topk``.
+    """
+    B, M = f_BM.shape
+    n = M // ROW_TOPK_BLOCK
+    if f_BM.device.type != "cpu" or M % ROW_TOPK_BLOCK or n < 4 * k or not f_BM.is_contiguous():
+        return f_BM.topk(k, dim=1, sorted=False)
+    f_BRn = f_BM.view(B, ROW_TOPK_BLOCK, n)
+    blk_BK = f_BRn.amax(1).topk(k, dim=1, sorted=False).indices
+    cand_BC = f_BRn.gather(2, blk_BK.unsqueeze(1).expand(B, ROW_TOPK_BLOCK, k)).view(B, ROW_TOPK_BLOCK * k)
+    vals_BK, pos_BK = cand_BC.topk(k, dim=1, sorted=False)
+    return vals_BK, blk_BK.gather(1, pos_BK % k) + n * torch.div(pos_BK, k, rounding_mode="floor")
+
+
 # AuxK over at most this fraction of the latents gathers their pre-activation columns
 # ([B, n_dead] copy) before its top-k; more dead latents: the dead mask is applied in place.
 AUX_GATHER_MAX_FRACTION = 1 / 4
@@ -220,7 +249,7 @@ def dead_topk(pre_BM: Tensor, dead_M: Tensor, n_dead: int, k_aux: int) -> tuple[
         vals_BA, pos_BA = pre_BM.index_select(1, dead_A).topk(k_aux, dim=1, sorted=False)
         return vals_BA, dead_A[pos_BA]
     pre_BM.masked_fill_(~dead_M, float("-inf"))
-    return pre_BM.topk(k_aux, dim=1, sorted=False)
+    return row_topk(pre_BM, k_aux)
 
 
 class TopKSelection(NamedTuple):
@@ -244,10 +273,12 @@ class _TopKLinear(torch.autograd.Function):
         pre_BM = matmul_bias(x_BD, W_DM, b_M, SCRATCH)
         ctx.aux_in_main = False
         if n_dead == pre_BM.shape[1]:
-            # Every latent dead: the top-k and the top-k_aux are nested. ONE sorted search for
-            # the larger; the smaller is its first columns. k_aux > k: the aux outputs are the
-            # rest (columns k..k_aux), so the backward visits each selected entry once.
-            vals_BJ, idx_BJ = pre_BM.topk(max(k, k_aux), dim=1, sorted=True)
+            # Every latent dead: the top-k and the top-k_aux are nested. ONE search for the
+            # larger, sorted; the smaller is its first columns. k_aux > k: the aux outputs are
+            # the rest (columns k..k_aux), so the backward visits each selected entry once.
+            vals_BJ, idx_BJ = row_topk(pre_BM, max(k, k_aux))
+            vals_BJ, order_BJ = vals_BJ.sort(dim=1, descending=True)
+            idx_BJ = idx_BJ.gather(1, order_BJ)
             if k_aux > k:
                 vals_BK, idx_BK = vals_BJ[:, :k].contiguous(), idx_BJ[:, :k].contiguous()
                 vals_aux_BA, idx_aux_BA = vals_BJ[:, k:].contiguous(), idx_BJ[:, k:].contiguous()
@@ -256,7 +287,7 @@ class _TopKLinear(torch.autograd.Function):
                 vals_aux_BA, idx_aux_BA = vals_BJ[:, :k_aux].clone(), idx_BJ[:, :k_aux].clone()
                 ctx.aux_in_main = True
         else:
-            vals_BK, idx_BK = pre_BM.topk(k, dim=1, sorted=False)
+            vals_BK, idx_BK = row_topk(pre_BM, k)
             if n_dead:
                 vals_aux_BA, idx_aux_BA = dead_topk(pre_BM, aux_mask_M, n_dead, k_aux)
             else:
