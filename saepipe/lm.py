@@ -584,8 +584,18 @@ def next_token_ce_kl(
     if tuple(tokens_BS.shape) != tuple(logits_BSV.shape[:2]):
         raise ValueError(f"tokens {tuple(tokens_BS.shape)} do not match the logits {tuple(logits_BSV.shape)}")
     V = logits_BSV.shape[-1]
-    clean_NV = clean_logits_BSV[:, :-1].reshape(-1, V)
+    return prediction_ce_kl(clean_logits_BSV[:, :-1].reshape(-1, V), logits_BSV, tokens_BS, chunk_elems)
+
+
+def prediction_ce_kl(
+    clean_NV: torch.Tensor, logits_BSV: torch.Tensor, tokens_BS: torch.Tensor, chunk_elems: int = 1 << 24
+) -> tuple[float, float, float]:
+    """:func:`next_token_ce_kl` with the clean logits given for the predictions only: ``clean_NV``
+    = ``clean_logits_BSV[:, :-1].reshape(-1, V)`` (e.g. read from a cache of them)."""
+    V = logits_BSV.shape[-1]
     new_NV = logits_BSV[:, :-1].reshape(-1, V)
+    if clean_NV.shape != new_NV.shape:
+        raise ValueError(f"clean logits {tuple(clean_NV.shape)} do not match the predictions {tuple(new_NV.shape)}")
     target_N1 = tokens_BS[:, 1:].reshape(-1, 1).to(device=new_NV.device, dtype=torch.long)
     rows = max(1, chunk_elems // V)
     ce_clean = ce_new = kl = 0.0
@@ -610,18 +620,21 @@ def splice_ce_kl(
     hook: str,
     replace: Callable[[torch.Tensor], torch.Tensor],
     keep_positions: Sequence[int] = (),
+    clean_NV: torch.Tensor | None = None,
 ) -> tuple[float, float, float]:
     """`(CE clean, CE spliced, KL)` of one batch: the clean model and the model with the
     activation at `hook` replaced by `replace(act)` except at `keep_positions`, which keep the
     clean activation (the same splice as `ce_loss`, see `keep_positions_clean`), compared by
     `next_token_ce_kl` over the B x (S-1) next-token predictions: the CEs are `ce_loss`'s
     (to float rounding), KL is the mean of KL(p_clean || p_spliced). Two forward passes (the
-    logits only: both CEs and the KL come from one log-sum-exp per logit row)."""
+    logits only: both CEs and the KL come from one log-sum-exp per logit row), or one when
+    the clean logits of the predictions are given (`clean_NV`, as :func:`prediction_ce_kl`)."""
     replace = keep_positions_clean(replace, keep_positions)
 
     def patch(act, hook):
         return replace(act).to(act.dtype)
 
-    clean_BSV = model(tokens_BS, return_type="logits")
     spliced_BSV = model.run_with_hooks(tokens_BS, return_type="logits", fwd_hooks=[(hook, patch)])
-    return next_token_ce_kl(clean_BSV, spliced_BSV, tokens_BS)
+    if clean_NV is None:
+        clean_NV = model(tokens_BS, return_type="logits")[:, :-1].reshape(-1, spliced_BSV.shape[-1])
+    return prediction_ce_kl(clean_NV, spliced_BSV, tokens_BS)

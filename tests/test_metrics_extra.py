@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import asdict
 
 import numpy as np
 import pyarrow as pa
@@ -30,11 +31,13 @@ from saepipe.data.shards import read_shard
 from saepipe.evaluate.metrics import (
     LATENT_STATS,
     SCHEMA_VERSION,
+    EvalConfig,
     LatentCounts,
     evaluate_sae,
     lm_baseline,
     read_latent_stats,
     reconstruction_stats,
+    write_clean_logits,
 )
 from saepipe.lm import capture, ce_loss, model_id, next_token_ce_kl, splice_ce_kl
 from saepipe.plots.metrics_table import metrics_table
@@ -325,3 +328,36 @@ def test_latent_statistics_and_saebench_sums_by_hand(env, tmp_path):
     assert (saved.n_tokens, saved.n_sequences) == (len(x), len(by_seq))
     assert torch.equal(saved.fire_count_M, fired.sum(0)) and torch.equal(saved.seq_count_M, by_seq.sum(0))
     assert saved.act_sum_M.dtype == torch.float64
+
+
+def test_cached_clean_logits_give_the_same_metrics(env, tmp_path):
+    """The clean_logits stage's cache: evaluate reads it instead of rerunning the clean model,
+    with bitwise the same CE and KL; over `clean_logits_max_gb` it writes an empty array and
+    evaluate recomputes; a cache for other sequences is refused."""
+    shard, baseline = env["shards"]["excl"], env["baselines"]["excl"]
+    cached = tmp_path / "clean.npy"
+    assert write_clean_logits(EVAL_CFG, str(env["model_dir"]), [shard], str(cached))
+    seqs = len(env["tokens"])
+    assert np.load(cached).shape[0] == seqs * (env["tokens"].shape[1] - 1)
+    sae = _scaled_sae(0.5)
+    sae.cfg.hook, sae.cfg.model_id = HOOK, model_id(env["model_dir"])
+    save_sae(sae, tmp_path / "s")
+    runs = {}
+    for name, cache in (("recomputed", None), ("cached", str(cached))):
+        runs[name] = evaluate_sae(
+            EVAL_CFG, str(tmp_path / "s"), str(env["model_dir"]), [shard], str(baseline),
+            str(tmp_path / f"{name}.json"), clean_logits=cache,
+        )  # fmt: skip
+    for key in ("ce_loss_reconstructed", "kl_div_reconstructed", "kl_div_score"):
+        assert getattr(runs["cached"], key) == getattr(runs["recomputed"], key), key
+    assert runs["cached"].kl_div_reconstructed > 0
+    small = EvalConfig(**{**asdict(EVAL_CFG), "clean_logits_max_gb": 0.0})
+    assert not write_clean_logits(small, str(env["model_dir"]), [shard], str(tmp_path / "none.npy"))
+    assert np.load(tmp_path / "none.npy").size == 0
+    stale = tmp_path / "stale.npy"
+    np.save(stale, np.load(cached)[:-1])
+    with pytest.raises(ValueError, match="stale"):
+        evaluate_sae(
+            EVAL_CFG, str(tmp_path / "s"), str(env["model_dir"]), [shard], str(baseline),
+            str(tmp_path / "x.json"), clean_logits=str(stale),
+        )  # fmt: skip

@@ -19,4 +19,5 @@ with log_to(snakemake.log[0]), gpu_lease():
         baseline_json=snakemake.input.baseline,
         out_json=snakemake.output.metrics,
         latent_stats_out=snakemake.output.latent_stats,
+        clean_logits=snakemake.input.clean_logits,
     )

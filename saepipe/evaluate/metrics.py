@@ -64,6 +64,11 @@ class EvalConfig:
     """Activations per SAE forward pass for the reconstruction metrics."""
     similarity_tokens: int = 4096
     """First eval tokens whose active-latent sets give the activation similarity (Scale A.4)."""
+    clean_logits_max_gb: float = 1.0
+    """Largest cache of the clean model's logits on the CE predictions (the `clean_logits`
+    stage, once per model; float32, CE sequences x (seq_len - 1) x vocabulary): within it each
+    evaluate job reads them instead of rerunning the clean model beside its splice; above it
+    (e.g. GPT-2's 50k vocabulary) or at 0, each job recomputes them. The KL is the same."""
     device: str = "auto"
     """auto | cpu | cuda | cuda:N"""
 
@@ -167,16 +172,29 @@ def _exclude_positions(metas: list[dict], paths: list[str]) -> list[int]:
 
 
 def _splice_means(
-    model, seqs: torch.Tensor, batch: int, device, hook: str, replace, keep_positions: Sequence[int] = ()
+    model,
+    seqs: torch.Tensor,
+    batch: int,
+    device,
+    hook: str,
+    replace,
+    keep_positions: Sequence[int] = (),
+    clean_NV: np.ndarray | None = None,
 ) -> tuple[float, float, float]:
     """(CE clean, CE spliced, KL(p_clean || p_spliced)), each the sequence-weighted mean over
     `seqs` (every sequence has the same S - 1 predictions, so the mean over predictions);
     `replace` splices the hook activation except at `keep_positions` (the shards'
-    exclude_positions), which stay clean (`saepipe.lm.splice_ce_kl`)."""
+    exclude_positions), which stay clean (`saepipe.lm.splice_ce_kl`). `clean_NV`: the clean
+    logits of every prediction (:func:`write_clean_logits`), else recomputed per batch."""
     totals = np.zeros(3)
+    preds = seqs.shape[1] - 1
     for start in range(0, len(seqs), batch):
         chunk = seqs[start : start + batch].to(device)
-        totals += np.array(splice_ce_kl(model, chunk, hook, replace, keep_positions)) * len(chunk)
+        clean = None
+        if clean_NV is not None:
+            rows = clean_NV[start * preds : (start + len(chunk)) * preds]
+            clean = torch.from_numpy(np.array(rows)).to(device)  # a copy: the cache is read-only
+        totals += np.array(splice_ce_kl(model, chunk, hook, replace, keep_positions, clean)) * len(chunk)
     clean, spliced, kl = (totals / len(seqs)).tolist()
     return clean, spliced, kl
 
@@ -283,6 +301,56 @@ def read_latent_stats(path: str | os.PathLike) -> LatentStats:
         n_tokens=int(meta["n_tokens"]),
         n_sequences=int(meta["n_sequences"]),
     )
+
+
+@torch.no_grad()
+def write_clean_logits(cfg: EvalConfig, model_dir: str, shards: list[str], out_npy: str) -> bool:
+    """The `clean_logits` stage: the clean model's float32 logits on every next-token
+    prediction of the CE sequences (``[n_seq * (seq_len - 1), V]``, in sequence order) as a .npy
+    file that the evaluate jobs read instead of rerunning the clean model. When that would
+    exceed ``cfg.clean_logits_max_gb``, an empty ``[0, 0]`` array (each job recomputes).
+    Returns whether the logits were written."""
+    device = resolve_device(cfg.device)
+    model = load_lm(model_dir, device)
+    seqs = _eval_sequences(shards, cfg.ce_tokens)
+    n_pred = len(seqs) * (seqs.shape[1] - 1)
+    vocab = int(model(seqs[:1].to(device), return_type="logits").shape[-1])
+    size_gb = n_pred * vocab * 4 / 2**30
+    with atomic_path(out_npy) as tmp:
+        if size_gb > cfg.clean_logits_max_gb:
+            with open(tmp, "wb") as f:  # np.save(path) would append ".npy" to the temporary name
+                np.save(f, np.zeros((0, 0), dtype=np.float32))
+            print(
+                f"clean_logits: {size_gb:.2f} GB > evaluate.clean_logits_max_gb "
+                f"({cfg.clean_logits_max_gb}): not cached, each evaluate job recomputes them",
+                file=sys.stderr,
+            )
+            return False
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n_pred, vocab))
+        preds = seqs.shape[1] - 1
+        for start in range(0, len(seqs), cfg.ce_batch_size):
+            chunk = seqs[start : start + cfg.ce_batch_size].to(device)
+            logits = model(chunk, return_type="logits")[:, :-1].reshape(-1, vocab).float()
+            out[start * preds : (start + len(chunk)) * preds] = logits.cpu().numpy()
+        out.flush()
+        del out
+    print(f"clean_logits: {n_pred:,} predictions x {vocab:,} logits ({size_gb:.2f} GB)", file=sys.stderr)
+    return True
+
+
+def _read_clean_logits(path: str | os.PathLike | None, seqs: torch.Tensor) -> np.ndarray | None:
+    """The `clean_logits` stage's cache for `seqs`, memory-mapped (None: none or not cached)."""
+    if path is None:
+        return None
+    clean_NV = np.load(path, mmap_mode="r")
+    if clean_NV.size == 0:
+        return None
+    if clean_NV.shape[0] != len(seqs) * (seqs.shape[1] - 1):
+        raise ValueError(
+            f"{path} holds {clean_NV.shape[0]:,} clean predictions but the CE sequences have "
+            f"{len(seqs) * (seqs.shape[1] - 1):,}; it is stale: snakemake --forcerun {path}"
+        )
+    return clean_NV
 
 
 @torch.no_grad()
@@ -414,9 +482,12 @@ def evaluate_sae(
     baseline_json: str,
     out_json: str,
     latent_stats_out: str | None = None,
+    clean_logits: str | None = None,
 ) -> SAEMetrics:
     """The `evaluate` stage for one SAE; writes metrics.json and (when `latent_stats_out` is
-    given) the per-latent statistics (:data:`LATENT_STATS`)."""
+    given) the per-latent statistics (:data:`LATENT_STATS`). `clean_logits`: the
+    `clean_logits` stage's cache (:func:`write_clean_logits`), read instead of rerunning the
+    clean model for the KL."""
     metas = [read_meta(p) for p in shards]
     meta = check_compatible(metas, shards)
     excluded = _exclude_positions(metas, shards)
@@ -449,8 +520,8 @@ def evaluate_sae(
     run = read_json(Path(sae_dir) / "config.json").get("run", {})
     model = load_lm(model_dir, device)
     seqs = _eval_sequences(shards, cfg.ce_tokens)
-    # the clean CE is lm_baseline's (the same for every SAE); the clean logits of the KL are
-    # recomputed here beside the splice (storing them would take ce_tokens x vocabulary floats)
+    # the clean CE is lm_baseline's (the same for every SAE); the clean logits of the KL come
+    # from the clean_logits stage's cache, or are recomputed beside the splice
     _, recon, kl_recon = _splice_means(
         model,
         seqs,
@@ -459,6 +530,7 @@ def evaluate_sae(
         meta["hook"],
         lambda act: sae(act.reshape(-1, act.shape[-1]).float()).x_hat_BD.reshape(act.shape),
         excluded,
+        _read_clean_logits(clean_logits, seqs),
     )
     orig, zero, kl_zero = baseline["ce_loss_original"], baseline["ce_loss_zero"], baseline["kl_div_zero"]
     metrics = SAEMetrics(
