@@ -44,7 +44,10 @@ rule lm_baseline:
         model=rules.lm.output.weights,
         shards=expand("results/activations/eval/{shard}.zarr", shard=SHARDS["eval"]),
     output:
-        "results/eval/lm_baseline.json",
+        baseline="results/eval/lm_baseline.json",
+        # the clean logits for every evaluate job's KL: float32, up to
+        # evaluate.clean_logits_max_gb (0.8 GB at the default config), else an empty array
+        clean_logits="results/eval/clean_logits.npy",
     log:
         "results/logs/lm_baseline.log",
     benchmark:
@@ -62,38 +65,14 @@ rule lm_baseline:
         "../workflow_scripts/lm_baseline.py"
 
 
-rule clean_logits:
-    input:
-        model=rules.lm.output.weights,
-        shards=expand("results/activations/eval/{shard}.zarr", shard=SHARDS["eval"]),
-    output:
-        # float32 logits, up to evaluate.clean_logits_max_gb (0.8 GB at the default config)
-        "results/eval/clean_logits.npy",
-    log:
-        "results/logs/clean_logits.log",
-    benchmark:
-        "results/benchmarks/clean_logits.tsv"
-    conda:
-        "../envs/saepipe.yaml"
-    threads: 1
-    resources:
-        gpu=1,
-        mem_mb=2000,
-    params:
-        cfg=canonical(config["evaluate"]),
-        code=fingerprint("saepipe.evaluate.metrics"),
-    script:
-        "../workflow_scripts/clean_logits.py"
-
-
 rule evaluate:
     input:
         weights=rules.publish.output.weights,
         config=rules.publish.output.config,
         model=rules.lm.output.weights,
         shards=expand("results/activations/eval/{shard}.zarr", shard=SHARDS["eval"]),
-        baseline=rules.lm_baseline.output[0],
-        clean_logits=rules.clean_logits.output[0],
+        baseline=rules.lm_baseline.output.baseline,
+        clean_logits=rules.lm_baseline.output.clean_logits,
     output:
         metrics="results/saes/{sae}/metrics.json",
         latent_stats="results/saes/{sae}/latent_stats.safetensors",

@@ -15,7 +15,7 @@ rule export_saebench:
         metrics=rules.evaluate.output.metrics,
         latent_stats=rules.evaluate.output.latent_stats,
         corpus=rules.corpus.output.stats,
-        baseline=rules.lm_baseline.output[0],
+        baseline=rules.lm_baseline.output.baseline,
     output:
         json="results/saebench/core/{sae}_eval_results.json",
     log:

@@ -150,7 +150,6 @@ def test_pipeline_gpu_jobs_log_their_device(micro_run):
             "train": "train/*.log",
             "evaluate": "evaluate/*.log",
             "lm_baseline": "lm_baseline.log",
-            "clean_logits": "clean_logits.log",
             "maxact": "maxact/*.log",
         }.items()
     }

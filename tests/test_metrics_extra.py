@@ -37,7 +37,6 @@ from saepipe.evaluate.metrics import (
     lm_baseline,
     read_latent_stats,
     reconstruction_stats,
-    write_clean_logits,
 )
 from saepipe.lm import capture, ce_loss, model_id, next_token_ce_kl, splice_ce_kl
 from saepipe.plots.metrics_table import metrics_table
@@ -331,12 +330,17 @@ def test_latent_statistics_and_saebench_sums_by_hand(env, tmp_path):
 
 
 def test_cached_clean_logits_give_the_same_metrics(env, tmp_path):
-    """The clean_logits stage's cache: evaluate reads it instead of rerunning the clean model,
-    with bitwise the same CE and KL; over `clean_logits_max_gb` it writes an empty array and
-    evaluate recomputes; a cache for other sequences is refused."""
+    """lm_baseline's cache of the clean logits: evaluate reads it instead of rerunning the clean
+    model, with bitwise the same CE and KL (and lm_baseline's own numbers are unchanged); over
+    `clean_logits_max_gb` it writes an empty array and evaluate recomputes; a cache for other
+    sequences is refused."""
     shard, baseline = env["shards"]["excl"], env["baselines"]["excl"]
     cached = tmp_path / "clean.npy"
-    assert write_clean_logits(EVAL_CFG, str(env["model_dir"]), [shard], str(cached))
+    with_cache = lm_baseline(EVAL_CFG, str(env["model_dir"]), [shard], str(tmp_path / "b.json"), str(cached))
+    assert with_cache["clean_logits_cached"]
+    assert {k: v for k, v in with_cache.items() if k != "clean_logits_cached"} == {
+        k: v for k, v in json.loads(baseline.read_text()).items() if k != "clean_logits_cached"
+    }
     seqs = len(env["tokens"])
     assert np.load(cached).shape[0] == seqs * (env["tokens"].shape[1] - 1)
     sae = _scaled_sae(0.5)
@@ -352,7 +356,8 @@ def test_cached_clean_logits_give_the_same_metrics(env, tmp_path):
         assert getattr(runs["cached"], key) == getattr(runs["recomputed"], key), key
     assert runs["cached"].kl_div_reconstructed > 0
     small = EvalConfig(**{**asdict(EVAL_CFG), "clean_logits_max_gb": 0.0})
-    assert not write_clean_logits(small, str(env["model_dir"]), [shard], str(tmp_path / "none.npy"))
+    none = lm_baseline(small, str(env["model_dir"]), [shard], str(tmp_path / "n.json"), str(tmp_path / "none.npy"))
+    assert not none["clean_logits_cached"]
     assert np.load(tmp_path / "none.npy").size == 0
     stale = tmp_path / "stale.npy"
     np.save(stale, np.load(cached)[:-1])

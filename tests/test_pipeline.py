@@ -357,7 +357,6 @@ def test_editing_extraction_reruns_it_and_everything_after(micro_copy):
         "export_saelens": N_SAES,
         "export_saebench": N_SAES,
         "lm_baseline": 1,
-        "clean_logits": 1,
         "evaluate": N_SAES,
         "maxact": N_SAES,
         "feature_report": 1,

@@ -32,7 +32,7 @@ pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
 CLUSTER = REPO / "tests/slurm/cluster.sh"
 IN_CI = os.environ.get("CI", "").lower() == "true"
-GPU_RULES = {"extract", "train", "lm_baseline", "clean_logits", "evaluate"}
+GPU_RULES = {"extract", "train", "lm_baseline", "evaluate"}
 SAES = ["topk-k4", "switch_flop-k4"]  # a subset of conftest.MICRO_SAES: dense and MoE
 TARGETS = [f"results/saes/{sae}/metrics.json" for sae in SAES]
 TIMING = {"wall_time_s", "train_tokens_per_s", "train_wall_s_per_token"}  # the metrics that measure the machine
@@ -149,7 +149,6 @@ def test_every_job_went_through_sbatch(slurm_run, slurm_env):
         "lm": 1,
         "extract": 3,
         "lm_baseline": 1,
-        "clean_logits": 1,
         "train": len(SAES),
         "evaluate": len(SAES),
     }

@@ -15,5 +15,6 @@ with log_to(snakemake.log[0]), gpu_lease():
         EvalConfig(**json.loads(snakemake.params.cfg)),
         Path(snakemake.input.model).parent,
         list(snakemake.input.shards),
-        snakemake.output[0],
+        snakemake.output.baseline,
+        clean_logits_out=snakemake.output.clean_logits,
     )

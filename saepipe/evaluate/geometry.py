@@ -33,10 +33,12 @@ __all__ = [
     "within_between_cosines",
     "activation_similarity",
     "ExpertUsage",
+    "unit_rows",
+    "max_other_cos",
 ]
 
 
-def _unit_rows(W_MD: Tensor) -> Tensor:
+def unit_rows(W_MD: Tensor) -> Tensor:
     """Rows L2-normalised in float32 (zero rows stay zero)."""
     if W_MD.dim() != 2:
         raise ValueError(f"expected a 2-D decoder [M, d], got shape {tuple(W_MD.shape)}")
@@ -52,7 +54,7 @@ def _expert_width(M: int, n_experts: int) -> int:
 
 
 @torch.no_grad()
-def _max_other_cos(U_MD: Tensor, chunk: int) -> Tensor:
+def max_other_cos(U_MD: Tensor, chunk: int) -> Tensor:
     """For each unit row, its max cosine to any OTHER row: ``[M]`` float32, U's device.
 
     Tiles the ``M x M`` Gram matrix in ``chunk x chunk`` blocks and visits only the blocks
@@ -97,7 +99,7 @@ def decoder_redundancy(
     float32 tensor (for histograms; drop it before writing JSON). Keys format ``t`` with
     ``str(float(t))``: 0.9 -> ``"redundancy_0.9"``. Needs M >= 2.
     """
-    max_cos_M = _max_other_cos(_unit_rows(W_dec_MD), chunk)
+    max_cos_M = max_other_cos(unit_rows(W_dec_MD), chunk)
     out: dict = {f"redundancy_{float(t)}": (max_cos_M > t).float().mean().item() for t in thresholds}
     out["mean_max_cos"] = max_cos_M.mean().item()
     if return_max_cos:
@@ -122,21 +124,21 @@ def expert_specialization(
     whole dictionary, so both values equal ``decoder_redundancy(...)["redundancy_<t>"]``.
     Needs ``n >= 2``.
     """
-    U_MD = _unit_rows(W_dec_MD)
+    U_MD = unit_rows(W_dec_MD)
     M = U_MD.shape[0]
     n = _expert_width(M, n_experts)
     if n < 2:
         raise ValueError(f"need >= 2 features per expert, got n = M / N = {n}")
     intra = (
         sum(
-            (_max_other_cos(U_MD[i * n : (i + 1) * n], chunk) > threshold).float().mean().item()
+            (max_other_cos(U_MD[i * n : (i + 1) * n], chunk) > threshold).float().mean().item()
             for i in range(n_experts)
         )
         / n_experts
     )
     gen = torch.Generator().manual_seed(seed)
     sample = torch.randperm(M, generator=gen)[:n].to(U_MD.device)
-    inter = (_max_other_cos(U_MD[sample], chunk) > threshold).float().mean().item()
+    inter = (max_other_cos(U_MD[sample], chunk) > threshold).float().mean().item()
     return {"intra_expert_redundancy": intra, "inter_expert_redundancy": inter}
 
 
@@ -163,7 +165,7 @@ def expert_similarity_matrix(W_dec_MD: Tensor, n_experts: int, absolute: bool = 
     ``sqrt(2 / (pi d))`` for random directions), tiled, ``O(M**2 d)``.
     Returns a symmetric float64 CPU tensor. Needs ``n >= 2`` (the diagonal).
     """
-    U_MD = _unit_rows(W_dec_MD)
+    U_MD = unit_rows(W_dec_MD)
     M = U_MD.shape[0]
     n = _expert_width(M, n_experts)
     if n < 2:
@@ -207,7 +209,7 @@ def within_between_cosines(
     with replacement with a CPU generator seeded by ``seed``. ``n_experts=1`` gives an
     empty ``between``; ``n=1`` an empty ``within``.
     """
-    U_MD = _unit_rows(W_dec_MD)
+    U_MD = unit_rows(W_dec_MD)
     M = U_MD.shape[0]
     N = n_experts
     n = _expert_width(M, N)

@@ -65,8 +65,8 @@ class EvalConfig:
     similarity_tokens: int = 4096
     """First eval tokens whose active-latent sets give the activation similarity (Scale A.4)."""
     clean_logits_max_gb: float = 1.0
-    """Largest cache of the clean model's logits on the CE predictions (the `clean_logits`
-    stage, once per model; float32, CE sequences x (seq_len - 1) x vocabulary): within it each
+    """Largest cache of the clean model's logits on the CE predictions (written by
+    `lm_baseline`, once per model; float32, CE sequences x (seq_len - 1) x vocabulary): within it each
     evaluate job reads them instead of rerunning the clean model beside its splice; above it
     (e.g. GPT-2's 50k vocabulary) or at 0, each job recomputes them. The KL is the same."""
     device: str = "auto"
@@ -185,7 +185,7 @@ def _splice_means(
     `seqs` (every sequence has the same S - 1 predictions, so the mean over predictions);
     `replace` splices the hook activation except at `keep_positions` (the shards'
     exclude_positions), which stay clean (`saepipe.lm.splice_ce_kl`). `clean_NV`: the clean
-    logits of every prediction (:func:`write_clean_logits`), else recomputed per batch."""
+    logits of every prediction (:func:`_write_clean_logits`), else recomputed per batch."""
     totals = np.zeros(3)
     preds = seqs.shape[1] - 1
     for start in range(0, len(seqs), batch):
@@ -199,19 +199,25 @@ def _splice_means(
     return clean, spliced, kl
 
 
-def lm_baseline(cfg: EvalConfig, model_dir: str, shards: list[str], out_json: str) -> dict:
+def lm_baseline(
+    cfg: EvalConfig, model_dir: str, shards: list[str], out_json: str, clean_logits_out: str | None = None
+) -> dict:
     """CE of the clean model and with the hook zero-ablated, and the KL divergence of the
     zero-ablated next-token distribution from the clean one (shared by every SAE; the same
     two forward passes per batch). The zero-ablation keeps the shards' exclude_positions
-    clean, as the SAE splice does."""
+    clean, as the SAE splice does. `clean_logits_out`: where the clean logits of those
+    passes go for the evaluate jobs (:func:`_write_clean_logits`)."""
     metas = [read_meta(p) for p in shards]
     meta = check_compatible(metas, shards)
     excluded = _exclude_positions(metas, shards)
     device = resolve_device(cfg.device)
     model = load_lm(model_dir, device)
     seqs = _eval_sequences(shards, cfg.ce_tokens)
+    clean_NV = None
+    if clean_logits_out is not None:
+        clean_NV = _write_clean_logits(model, seqs, cfg, device, clean_logits_out)
     clean, zero, kl_zero = _splice_means(
-        model, seqs, cfg.ce_batch_size, device, meta["hook"], torch.zeros_like, excluded
+        model, seqs, cfg.ce_batch_size, device, meta["hook"], torch.zeros_like, excluded, clean_NV
     )
     result = {
         "hook": meta["hook"],
@@ -221,6 +227,7 @@ def lm_baseline(cfg: EvalConfig, model_dir: str, shards: list[str], out_json: st
         "ce_loss_original": clean,
         "ce_loss_zero": zero,
         "kl_div_zero": kl_zero,
+        "clean_logits_cached": clean_NV is not None,
     }
     write_json(out_json, result)
     return result
@@ -304,42 +311,41 @@ def read_latent_stats(path: str | os.PathLike) -> LatentStats:
 
 
 @torch.no_grad()
-def write_clean_logits(cfg: EvalConfig, model_dir: str, shards: list[str], out_npy: str) -> bool:
-    """The `clean_logits` stage: the clean model's float32 logits on every next-token
-    prediction of the CE sequences (``[n_seq * (seq_len - 1), V]``, in sequence order) as a .npy
-    file that the evaluate jobs read instead of rerunning the clean model. When that would
-    exceed ``cfg.clean_logits_max_gb``, an empty ``[0, 0]`` array (each job recomputes).
-    Returns whether the logits were written."""
-    device = resolve_device(cfg.device)
-    model = load_lm(model_dir, device)
-    seqs = _eval_sequences(shards, cfg.ce_tokens)
-    n_pred = len(seqs) * (seqs.shape[1] - 1)
-    vocab = int(model(seqs[:1].to(device), return_type="logits").shape[-1])
-    size_gb = n_pred * vocab * 4 / 2**30
+def _write_clean_logits(model, seqs: torch.Tensor, cfg: EvalConfig, device, out_npy: str) -> np.ndarray | None:
+    """The clean model's float32 logits on every next-token prediction of the CE sequences
+    ``seqs`` (``[n_seq * (seq_len - 1), V]``, in sequence order, batches of
+    ``cfg.ce_batch_size``) as a .npy file that the evaluate jobs read instead of rerunning the
+    clean model; returned memory-mapped. When they would exceed ``cfg.clean_logits_max_gb``,
+    an empty ``[0, 0]`` array instead (each job recomputes them) and None."""
+    preds = seqs.shape[1] - 1
+    out = None
     with atomic_path(out_npy) as tmp:
-        if size_gb > cfg.clean_logits_max_gb:
-            with open(tmp, "wb") as f:  # np.save(path) would append ".npy" to the temporary name
-                np.save(f, np.zeros((0, 0), dtype=np.float32))
-            print(
-                f"clean_logits: {size_gb:.2f} GB > evaluate.clean_logits_max_gb "
-                f"({cfg.clean_logits_max_gb}): not cached, each evaluate job recomputes them",
-                file=sys.stderr,
-            )
-            return False
-        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n_pred, vocab))
-        preds = seqs.shape[1] - 1
         for start in range(0, len(seqs), cfg.ce_batch_size):
             chunk = seqs[start : start + cfg.ce_batch_size].to(device)
-            logits = model(chunk, return_type="logits")[:, :-1].reshape(-1, vocab).float()
-            out[start * preds : (start + len(chunk)) * preds] = logits.cpu().numpy()
+            logits = model(chunk, return_type="logits")[:, :-1]
+            if out is None:  # the first batch tells the vocabulary, hence the size
+                vocab = logits.shape[-1]
+                size_gb = len(seqs) * preds * vocab * 4 / 2**30
+                if size_gb > cfg.clean_logits_max_gb:
+                    with open(tmp, "wb") as f:  # np.save(path) would append ".npy" to the temporary name
+                        np.save(f, np.zeros((0, 0), dtype=np.float32))
+                    print(
+                        f"clean logits: {size_gb:.2f} GB > evaluate.clean_logits_max_gb "
+                        f"({cfg.clean_logits_max_gb}): not cached, each evaluate job recomputes them",
+                        file=sys.stderr,
+                    )
+                    return None
+                out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(len(seqs) * preds, vocab))
+            out[start * preds : (start + len(chunk)) * preds] = logits.reshape(-1, vocab).float().cpu().numpy()
+        assert out is not None, "no CE sequences"
         out.flush()
         del out
-    print(f"clean_logits: {n_pred:,} predictions x {vocab:,} logits ({size_gb:.2f} GB)", file=sys.stderr)
-    return True
+    print(f"clean logits: {len(seqs) * preds:,} predictions x {vocab:,} ({size_gb:.2f} GB) cached", file=sys.stderr)
+    return np.load(out_npy, mmap_mode="r")
 
 
 def _read_clean_logits(path: str | os.PathLike | None, seqs: torch.Tensor) -> np.ndarray | None:
-    """The `clean_logits` stage's cache for `seqs`, memory-mapped (None: none or not cached)."""
+    """`lm_baseline`'s clean-logit cache for `seqs`, memory-mapped (None: none or not cached)."""
     if path is None:
         return None
     clean_NV = np.load(path, mmap_mode="r")
@@ -485,8 +491,8 @@ def evaluate_sae(
     clean_logits: str | None = None,
 ) -> SAEMetrics:
     """The `evaluate` stage for one SAE; writes metrics.json and (when `latent_stats_out` is
-    given) the per-latent statistics (:data:`LATENT_STATS`). `clean_logits`: the
-    `clean_logits` stage's cache (:func:`write_clean_logits`), read instead of rerunning the
+    given) the per-latent statistics (:data:`LATENT_STATS`). `clean_logits`: `lm_baseline`'s
+    cache of the clean logits (:func:`_write_clean_logits`), read instead of rerunning the
     clean model for the KL."""
     metas = [read_meta(p) for p in shards]
     meta = check_compatible(metas, shards)
@@ -521,7 +527,7 @@ def evaluate_sae(
     model = load_lm(model_dir, device)
     seqs = _eval_sequences(shards, cfg.ce_tokens)
     # the clean CE is lm_baseline's (the same for every SAE); the clean logits of the KL come
-    # from the clean_logits stage's cache, or are recomputed beside the splice
+    # from lm_baseline's cache, or are recomputed beside the splice
     _, recon, kl_recon = _splice_means(
         model,
         seqs,

@@ -45,6 +45,7 @@ from typing import Any, TextIO
 import torch
 from torch import Tensor
 
+from saepipe.evaluate.geometry import max_other_cos, unit_rows
 from saepipe.evaluate.metrics import LATENT_STATS, LatentStats, read_latent_stats
 from saepipe.interop.export import SAELENS_VERSION, saelens_config, saelens_tensors
 from saepipe.io import atomic_path, read_json
@@ -162,22 +163,14 @@ def frequency_metrics(density_M: Tensor) -> dict[str, float]:
     return out
 
 
-def max_cosine_sim(vectors_DF: Tensor, chunk_elems: int = 1 << 24) -> Tensor:
+def max_cosine_sim(vectors_DF: Tensor) -> Tensor:
     """[F] (float64): each column's largest cosine similarity with any OTHER column of
-    ``vectors_DF`` [D, F], as SAEBench's ``calculate_max_cosine_sim`` computes it (float32, columns
-    L2-normalised with ``F.normalize``, so a zero column has cosine 0 with every other; -inf when
-    F = 1); a chunk of columns at a time, at most ``chunk_elems`` similarities (never F x F)."""
-    unit_DF = torch.nn.functional.normalize(vectors_DF.float(), p=2, dim=0)
-    n_features = unit_DF.shape[1]
-    chunk = max(1, chunk_elems // max(n_features, 1))
-    max_F = torch.empty(n_features, dtype=torch.float64)
-    for start in range(0, n_features, chunk):
-        end = min(start + chunk, n_features)
-        sims_CF = unit_DF[:, start:end].T @ unit_DF
-        rows_C = torch.arange(end - start)
-        sims_CF[rows_C, rows_C + start] = -math.inf
-        max_F[start:end] = sims_CF.max(dim=1).values.double()
-    return max_F
+    ``vectors_DF`` [D, F], as SAEBench's ``calculate_max_cosine_sim`` computes it (float32, unit
+    columns, a zero column has cosine 0 with every other; -inf when F = 1): the tiled search of
+    the redundancy metrics (:func:`saepipe.evaluate.geometry.max_other_cos`, never F x F)."""
+    if vectors_DF.shape[1] < 2:
+        return torch.full((vectors_DF.shape[1],), -math.inf, dtype=torch.float64)
+    return max_other_cos(unit_rows(vectors_DF.T), chunk=4096).double()
 
 
 def weight_metrics(W_enc_DM: Tensor, W_dec_MD: Tensor, b_enc_M: Tensor) -> dict[str, Tensor]:
