@@ -3,7 +3,8 @@
 #   1. install: skipped when the Python in use already imports a CUDA torch and saepipe's
 #      dependencies; else a venv .venv-gpu that sees the base Python's packages, into which
 #      `pip install -c constraints.txt -e .` goes (torch left out of the constraints when the
-#      base Python has a CUDA torch, which is then reused; else the pinned torch first);
+#      base Python has a CUDA torch, which is then reused; else the pinned torch first), or,
+#      with --wheels DIR, exactly the wheels in DIR (--no-deps);
 #   2. the micro sweep end to end on CUDA through Snakemake (--resources gpu=1), outputs checked;
 #   3. bench/train_throughput.py --preset h200 and bench/pack_throughput.py --preset h200;
 #   4. every figure and failure into ONE JSON: bench/results/gpu_check-<date>.json.
@@ -14,8 +15,12 @@
 #   --cpu-dry        (or GPU_CHECK_CPU_DRY=1) the same steps on the CPU: tiny presets, the sweep
 #                    without GPU; JSON gpu_check-<date>-cpu-dry.json; a minute or two
 #   --out-dir DIR    (GPU_CHECK_OUT) where the JSON and the benchmarks' tables go (bench/results)
-#   --wheels DIR     (GPU_CHECK_WHEELS) install from these wheels only (pip --no-index
-#                    --find-links DIR): for a machine that reaches no package index
+#   --wheels DIR     (GPU_CHECK_WHEELS) for a machine that reaches no package index: install
+#                    exactly the wheels in DIR (made here by `python bench/gpu_wheels.py`,
+#                    which fills .whl/) with pip --no-index --no-deps over the base Python's
+#                    packages, its CUDA torch included; saepipe from this tree (PYTHONPATH).
+#                    On the lent H200: run(command="bash bench/gpu_check.sh --wheels .whl",
+#                    carry=[".whl"])
 #   --budget S       (GPU_CHECK_BUDGET_S) the whole check's time budget in seconds (480;
 #                    --cpu-dry: 900, for a busy 2-core machine)
 #   GPU_CHECK_PYTHON the Python to use (default: the first ready of .venv-gpu, .venv, python3;
@@ -77,21 +82,31 @@ if [ -n "$py" ]; then
   action="skipped: $py already has what the check needs ($note)"
 else
   base=${GPU_CHECK_PYTHON:-python3}
-  src=()
-  [ -n "$wheels" ] && src=(--no-index --find-links "$wheels" --no-build-isolation)
   torch_ok='import sys, torch; sys.exit(sys.argv[1] == "gpu" and not torch.cuda.is_available())'
-  if "$base" -c "$torch_ok" "$mode" 2>/dev/null; then
-    torch_note="$base's torch $("$base" -c 'import torch; print(torch.__version__)') reused"
-    grep -viE '^(torch|triton|nvidia-)' constraints.txt >"$tmp/constraints.txt"
-    torch_cmd=(true)
+  if [ -n "$wheels" ]; then
+    # offline: exactly the wheels of bench/gpu_wheels.py, --no-deps, over the base's packages
+    # (its torch included); saepipe itself from this tree (PYTHONPATH), no editable install
+    if "$base" -c "$torch_ok" "$mode" 2>/dev/null; then
+      torch_note="$base's torch $("$base" -c 'import torch; print(torch.__version__)') reused"
+    else
+      torch_note="NO usable torch in $base: the wheels carry none (a CUDA torch must be in the base)"
+    fi
+    install_cmds=(".venv-gpu/bin/python -m pip install --no-index --no-deps --no-compile $wheels/*.whl")
+    action="installed: venv .venv-gpu over $base ($torch_note), the $(ls "$wheels"/*.whl 2>/dev/null | wc -l) wheels of $wheels with --no-deps"
   else
-    pin=$(grep -E '^torch==' constraints.txt)
-    torch_note="$pin installed${GPU_CHECK_TORCH_INDEX:+ from $GPU_CHECK_TORCH_INDEX}"
-    cp constraints.txt "$tmp/constraints.txt"
-    torch_cmd=(.venv-gpu/bin/python -m pip install "${src[@]}" -c constraints.txt "$pin")
-    [ -n "${GPU_CHECK_TORCH_INDEX:-}" ] && torch_cmd+=(--index-url "$GPU_CHECK_TORCH_INDEX")
+    if "$base" -c "$torch_ok" "$mode" 2>/dev/null; then
+      torch_note="$base's torch $("$base" -c 'import torch; print(torch.__version__)') reused"
+      grep -viE '^(torch|triton|nvidia-)' constraints.txt >"$tmp/constraints.txt"
+      torch_cmd=""
+    else
+      pin=$(grep -E '^torch==' constraints.txt)
+      torch_note="$pin installed${GPU_CHECK_TORCH_INDEX:+ from $GPU_CHECK_TORCH_INDEX}"
+      cp constraints.txt "$tmp/constraints.txt"
+      torch_cmd=".venv-gpu/bin/python -m pip install -c constraints.txt $pin${GPU_CHECK_TORCH_INDEX:+ --index-url $GPU_CHECK_TORCH_INDEX}"
+    fi
+    install_cmds=(${torch_cmd:+"$torch_cmd"} ".venv-gpu/bin/python -m pip install -c $tmp/constraints.txt -e .")
+    action="installed: venv .venv-gpu over $base ($torch_note), pip install -c constraints.txt -e ."
   fi
-  action="installed: venv .venv-gpu over $base ($torch_note), pip install -c constraints.txt -e .${wheels:+ from $wheels}"
   echo "gpu_check: install: $action (no ready Python: ${note:-none found})"
   install_end=$((start + budget - 180)) # the steps after it keep at least 3 minutes
   # bounded CMD...: CMD with what is left of the install's time (exit 124 when it runs out)
@@ -107,12 +122,14 @@ else
     # the base's own packages (its CUDA torch) stay visible, also when the base is itself a venv
     "$base" -c 'import sysconfig; p = sysconfig.get_paths(); print(p["purelib"]); print(p["platlib"])' \
       >"$site/_gpu_check_base.pth"
-    bounded "${torch_cmd[@]}"
-    # offline, `-e .` builds without isolation: with the setuptools of pyproject.toml (>= 68)
-    [ -z "$wheels" ] || bounded .venv-gpu/bin/python -m pip install "${src[@]}" "setuptools>=68"
-    bounded .venv-gpu/bin/python -m pip install "${src[@]}" -c "$tmp/constraints.txt" -e .
+    for cmd in "${install_cmds[@]}"; do
+      echo "+ $cmd"
+      bounded $cmd # word-split on purpose: paths here hold no spaces
+    done
   ) >"$tmp/install.log" 2>&1
   install_rc=$?
+  # what pip thinks is unmet (the wheels' path leaves out PuLP and wandb on purpose): on record
+  [ -x .venv-gpu/bin/python ] && .venv-gpu/bin/python -m pip check >"$tmp/pip_check.txt" 2>&1
   [ "$install_rc" = 124 ] && install_timed_out=1
   py=.venv-gpu/bin/python
   [ -x "$py" ] || py=$base
@@ -125,11 +142,13 @@ install_s=$(($(date +%s) - start))
 echo "gpu_check: install ($install_s s): $action"
 # the install step's outcome, as JSON, for gpu_check.py
 ACTION=$action RC=$install_rc TIMED_OUT=$install_timed_out SECONDS_=$install_s PY=$py LOG=$tmp/install.log \
-  "$py" -c '
+  PIP_CHECK=$tmp/pip_check.txt "$py" -c '
 import json, os
 log = open(os.environ["LOG"], errors="replace").read() if os.path.exists(os.environ["LOG"]) else ""
 step = {"ok": os.environ["RC"] == "0", "action": os.environ["ACTION"], "python": os.environ["PY"],
         "seconds": int(os.environ["SECONDS_"]), "timed_out": os.environ["TIMED_OUT"] == "1"}
+if os.path.exists(os.environ["PIP_CHECK"]):  # unmet requirements pip reports (information only)
+    step["pip_check"] = open(os.environ["PIP_CHECK"], errors="replace").read().splitlines()[:40]
 if not step["ok"]:
     errors = [line for line in log.splitlines() if "ERROR" in line or "Error" in line] or ["see output_tail"]
     step["error"] = ("ran out of its time" if step["timed_out"] else "exit " + os.environ["RC"]) + ": " + errors[-1]

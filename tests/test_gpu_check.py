@@ -114,3 +114,47 @@ def test_cpu_dry_path_writes_one_complete_json(micro_copy, tmp_path):
         + [Path(report["steps"][n]["file"]).name for n in ("train_throughput", "pack_throughput")]
         + [Path(report["steps"][n]["file"]).with_suffix(".md").name for n in ("train_throughput", "pack_throughput")]
     )
+
+
+def test_the_offline_wheels_cover_every_import_of_the_check():
+    """bench/gpu_wheels.py --plan (offline): every module gpu_check.sh's install step requires
+    comes from a carried wheel or from the device image, no package is in two groups, and the
+    carried versions are the lock's."""
+    import importlib.metadata as md
+    import re
+
+    proc = subprocess.run([sys.executable, "bench/gpu_wheels.py", "--plan"], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    plan = json.loads(proc.stdout)
+
+    def norm(name: str) -> str:
+        return re.sub(r"[-_.]+", "-", name).lower()
+
+    groups = {g: {norm(n) for n in plan[g]} for g in ("carry", "image", "left_out")}
+    assert not (groups["carry"] & groups["image"]) and not (groups["carry"] & groups["left_out"])
+    assert {"snakemake", "transformer-lens", "zarr", "numcodecs", "datasets"} <= groups["carry"]
+    assert {"torch", "numpy"} <= groups["image"] and groups["left_out"] == {"pulp", "wandb"}
+    lock = dict(
+        (norm(line.split("==")[0]), line.split("==")[1].strip())
+        for line in (REPO / "constraints.txt").read_text().splitlines()
+        if "==" in line and not line.startswith("#")
+    )
+    assert all(lock[norm(n)] == v for n, v in plan["carry"].items())
+    script = (REPO / "bench/gpu_check.sh").read_text()
+    needed = re.search(r'need = "([^"]+)"', script).group(1).split()
+    dists = md.packages_distributions()
+    for module in needed:
+        assert any(norm(d) in groups["carry"] | groups["image"] for d in dists[module]), module
+
+
+def test_what_the_offline_wheels_leave_out_is_not_imported():
+    """PuLP and wandb (36 MB) stay off the device machine: TransformerLens, Snakemake's
+    scheduler and every saepipe stage the check runs import without them."""
+    code = (
+        "import sys\n"
+        "sys.modules['wandb'] = sys.modules['pulp'] = None  # importing either now fails\n"
+        "import transformer_lens, snakemake.api, snakemake.scheduling.milp\n"
+        "import saepipe.train, saepipe.evaluate, saepipe.extract, saepipe.aggregate\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
