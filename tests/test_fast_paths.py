@@ -54,6 +54,21 @@ def test_sparse_decode_and_weight_grad_match_dense():
     torch.testing.assert_close(G, torch.zeros(M, D).index_add_(0, idx.reshape(-1), rows_SD), **TOL)
 
 
+def test_bag_acts_grad_is_embedding_bags_own_gradient_bit_for_bit():
+    """Rows as bags (sparse_decode) and runs of entries as bags (Matryoshka's prefixes)."""
+    torch.manual_seed(0)
+    M, D, S = 23, 7, 60
+    W = torch.randn(M, D)
+    idx_S, acts_S = torch.randint(0, M, (S,)), torch.randn(S, requires_grad=True)
+    for offsets_N in (torch.arange(0, S, 5), torch.tensor([0, 0, 7, 30, 31, 59])):  # empty bags too
+        bag_S = torch.bucketize(torch.arange(S), offsets_N, right=True) - 1
+        y_ND = F.embedding_bag(idx_S, W, offsets_N, per_sample_weights=acts_S, mode="sum")
+        g_N = torch.randn_like(y_ND)
+        (expected,) = torch.autograd.grad(y_ND, acts_S, g_N)
+        assert torch.equal(kernels.bag_acts_grad(g_N, W, idx_S, offsets_N, bag_S), expected)
+        torch.testing.assert_close(expected, (g_N[bag_S] * W[idx_S]).sum(1))
+
+
 # ---- row-wise top-k ------------------------------------------------------------------------
 @pytest.mark.parametrize("case", ["random", "ties", "masked", "narrow"])
 def test_row_topk_is_torch_topk(case):

@@ -136,11 +136,8 @@ class _GroupedDecode(torch.autograd.Function):
         idx_BL, acts_BL, W_MD, bag_BL, offsets_N = ctx.saved_tensors
         g_acts = g_W = None
         if ctx.needs_input_grad[1]:  # embedding_bag's per-sample-weight gradient, W held fixed
-            with torch.enable_grad():
-                a_S = acts_BL.detach().reshape(-1).requires_grad_(True)
-                y_ND = F.embedding_bag(idx_BL.reshape(-1), W_MD.detach(), offsets_N, per_sample_weights=a_S, mode="sum")
-                (g_acts,) = torch.autograd.grad(y_ND, a_S, g_ND)
-            g_acts = g_acts.view_as(acts_BL)
+            g_S = kernels.bag_acts_grad(g_ND.to(W_MD.dtype), W_MD, idx_BL.reshape(-1), offsets_N, bag_BL.reshape(-1))
+            g_acts = g_S.view_as(acts_BL)
         if ctx.needs_input_grad[2]:
             g_W = kernels.bag_weight_grad(idx_BL, acts_BL, g_ND.to(W_MD.dtype), W_MD.shape[0], bag_BL)
         return None, g_acts, g_W, None, None
