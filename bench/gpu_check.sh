@@ -91,20 +91,20 @@ else
     else
       torch_note="NO usable torch in $base: the wheels carry none (a CUDA torch must be in the base)"
     fi
-    install_cmds=(".venv-gpu/bin/python -m pip install --no-index --no-deps --no-compile $wheels/*.whl")
+    install_args=("--no-index --no-deps --no-compile $wheels/*.whl")
     action="installed: venv .venv-gpu over $base ($torch_note), the $(ls "$wheels"/*.whl 2>/dev/null | wc -l) wheels of $wheels with --no-deps"
   else
     if "$base" -c "$torch_ok" "$mode" 2>/dev/null; then
       torch_note="$base's torch $("$base" -c 'import torch; print(torch.__version__)') reused"
       grep -viE '^(torch|triton|nvidia-)' constraints.txt >"$tmp/constraints.txt"
-      torch_cmd=""
+      torch_args=""
     else
       pin=$(grep -E '^torch==' constraints.txt)
       torch_note="$pin installed${GPU_CHECK_TORCH_INDEX:+ from $GPU_CHECK_TORCH_INDEX}"
       cp constraints.txt "$tmp/constraints.txt"
-      torch_cmd=".venv-gpu/bin/python -m pip install -c constraints.txt $pin${GPU_CHECK_TORCH_INDEX:+ --index-url $GPU_CHECK_TORCH_INDEX}"
+      torch_args="-c constraints.txt $pin${GPU_CHECK_TORCH_INDEX:+ --index-url $GPU_CHECK_TORCH_INDEX}"
     fi
-    install_cmds=(${torch_cmd:+"$torch_cmd"} ".venv-gpu/bin/python -m pip install -c $tmp/constraints.txt -e .")
+    install_args=(${torch_args:+"$torch_args"} "-c $tmp/constraints.txt -e .")
     action="installed: venv .venv-gpu over $base ($torch_note), pip install -c constraints.txt -e ."
   fi
   echo "gpu_check: install: $action (no ready Python: ${note:-none found})"
@@ -115,21 +115,31 @@ else
     [ "$left" -gt 0 ] || return 124
     timeout --kill-after=10 "$left" "$@"
   }
+  # pip for the venv: its own; where the base cannot seed one (no ensurepip: Debian's Python, a
+  # venv made by uv), the venv is made without pip and the base's pip serves it (pip --python)
+  vpip=".venv-gpu/bin/python -m pip"
+  rm -rf .venv-gpu
+  if ! "$base" -m venv --system-site-packages .venv-gpu >"$tmp/venv.log" 2>&1; then
+    rm -rf .venv-gpu
+    "$base" -m venv --system-site-packages --without-pip .venv-gpu >>"$tmp/venv.log" 2>&1
+    vpip="$base -m pip --python .venv-gpu/bin/python"
+  fi
   (
     set -e
-    bounded "$base" -m venv --system-site-packages .venv-gpu
+    cat "$tmp/venv.log"
+    [ -x .venv-gpu/bin/python ]
     site=$(.venv-gpu/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
     # the base's own packages (its CUDA torch) stay visible, also when the base is itself a venv
     "$base" -c 'import sysconfig; p = sysconfig.get_paths(); print(p["purelib"]); print(p["platlib"])' \
       >"$site/_gpu_check_base.pth"
-    for cmd in "${install_cmds[@]}"; do
-      echo "+ $cmd"
-      bounded $cmd # word-split on purpose: paths here hold no spaces
+    for args in "${install_args[@]}"; do
+      echo "+ $vpip install $args"
+      bounded $vpip install $args # word-split on purpose: paths here hold no spaces
     done
   ) >"$tmp/install.log" 2>&1
   install_rc=$?
   # what pip thinks is unmet (the wheels' path leaves out PuLP and wandb on purpose): on record
-  [ -x .venv-gpu/bin/python ] && .venv-gpu/bin/python -m pip check >"$tmp/pip_check.txt" 2>&1
+  [ -x .venv-gpu/bin/python ] && $vpip check >"$tmp/pip_check.txt" 2>&1
   [ "$install_rc" = 124 ] && install_timed_out=1
   py=.venv-gpu/bin/python
   [ -x "$py" ] || py=$base
