@@ -19,8 +19,9 @@
 #                    exactly the wheels in DIR (made here by `python bench/gpu_wheels.py`,
 #                    which fills .whl/) with pip --no-index --no-deps over the base Python's
 #                    packages, its CUDA torch included; saepipe from this tree (PYTHONPATH).
-#                    On the lent H200: run(command="bash bench/gpu_check.sh --wheels .whl",
-#                    carry=[".whl"])
+#                    On a lent H200 (the device tool), results straight into $OUT (5 files):
+#                    run(command="bash bench/gpu_check.sh --wheels .whl --out-dir $OUT",
+#                    carry=[".whl"], timeout_s=600)
 #   --budget S       (GPU_CHECK_BUDGET_S) the whole check's time budget in seconds (480;
 #                    --cpu-dry: 900, for a busy 2-core machine)
 #   GPU_CHECK_PYTHON the Python to use (default: the first ready of .venv-gpu, .venv, python3;

@@ -19,7 +19,8 @@ not provide (IMAGE_PACKAGES), at its locked version:
 
 Writes ``<out>/manifest.json`` (what was carried, what the image provides, what was left out,
 the total size) and fails when the wheels exceed MAX_MIB. Then, with the device tool:
-``run(command="bash bench/gpu_check.sh --wheels .whl", carry=[".whl"])``; gpu_check.sh
+``run(command="bash bench/gpu_check.sh --wheels .whl --out-dir $OUT", carry=[".whl"],
+timeout_s=600)`` (the JSON and the benchmarks' tables come back from $OUT); gpu_check.sh
 installs exactly these wheels with ``--no-deps`` over the image's Python (a venv that sees
 its packages) and records ``pip check``'s complaints in the JSON.
 """
