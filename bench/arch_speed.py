@@ -11,7 +11,9 @@ change of the machine's load hits all rows alike; each row's time is its median 
 
 Rows: every registered architecture (routed ones with N experts, Scale with e=2), the TopK
 SAE with AuxK active on every latent (its dead counters set past `dead_tokens` before each
-step, so AuxK searches the whole dictionary), and two references (bench/_common.py, never in
+step, so AuxK searches the whole dictionary) and, without a target, on a fixed random
+PARTIAL_DEAD fraction of them (the usual case in training; AuxK then searches the dead
+columns beside the main top-k instead of nesting the two), and two references (bench/_common.py, never in
 the library): `dense_topk` (dense encoder, dense [B, M] code, dense decode: what one writes
 first) and `reference_switch` (the papers' code: every expert's encoder computed, masked).
 
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import functools
 import json
 import os
 import platform
@@ -48,7 +51,18 @@ PRESETS = {
 # by the architecture's display label, as the registry's names stay inside saepipe.saes).
 TARGETS = {"TopK": 0.3, "BatchTopK": 0.5, "ReLU (L1)": 0.8, "JumpReLU": 1.0, "Gated": 1.5, "Switch": 0.1}
 AUXK_TARGET = 1.2  # TopK with AuxK on every latent: at most this many of our TopK's steps
+PARTIAL_DEAD = (0.05, 0.5)  # informational AuxK rows: these fractions of the latents dead
 DENSE, REF_SWITCH = "dense_topk", "reference_switch"
+
+
+def mark_dead(sae: torch.nn.Module, dead_M: torch.Tensor | None) -> None:
+    """Set ``sae``'s dead counters so that the latents ``dead_M`` (None: every latent) are dead
+    to AuxK in its next step, and no other."""
+    if dead_M is None:
+        sae.tokens_since_fired.fill_(sae.dead_threshold() + 1)
+    else:
+        sae.tokens_since_fired.zero_()
+        sae.tokens_since_fired[dead_M] = sae.dead_threshold() + 1
 
 
 def library_configs(p: dict) -> dict[str, dict]:
@@ -110,13 +124,17 @@ def main() -> None:
     auxk_sae = models[auxk_row]
     assert getattr(auxk_sae.cfg, "auxk", False), f"{topk} has AuxK off by default"
 
-    def all_dead() -> None:
-        auxk_sae.tokens_since_fired.fill_(auxk_sae.dead_threshold() + 1)
+    before_step = {auxk_row: functools.partial(mark_dead, auxk_sae, None)}
+    partial_rows = {}
+    for fraction in PARTIAL_DEAD:
+        name = f"{topk}_auxk_{round(100 * fraction)}pct_dead"
+        sae = models[name] = build_sae(library_configs(p)[topk]).to(device)
+        dead_M = torch.randperm(p["M"], generator=torch.Generator().manual_seed(0))[: round(fraction * p["M"])]
+        before_step[name] = functools.partial(mark_dead, sae, dead_M.to(device))
+        partial_rows[name] = fraction
 
     load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
-    times = time_interleaved(
-        models, x, args.steps, args.warmup, None if dtype == torch.float32 else dtype, {auxk_row: all_dead}
-    )
+    times = time_interleaved(models, x, args.steps, args.warmup, None if dtype == torch.float32 else dtype, before_step)
     load_after = os.getloadavg() if hasattr(os, "getloadavg") else None
     ms = {name: 1e3 * statistics.median(t) for name, t in times.items()}
     rows = []
@@ -127,6 +145,8 @@ def main() -> None:
         elif name == auxk_row:
             label = f"{topk} + AuxK active (all latents dead)"
             target = {"max_ratio": AUXK_TARGET, "of": topk}
+        elif name in partial_rows:
+            label, target = f"{topk} + AuxK active ({partial_rows[name]:.0%} dead)", None
         else:
             label, target = f"{name} (reference)", None
         if args.preset != "cpu":
