@@ -131,6 +131,29 @@ def test_topk_linear_with_auxk_matches_naive(dead, k, k_aux):
     assert_grads_close(grads_of(loss(*fast[:4]), [x, W, b]), grads_of(loss(*naive), [x, W, b]))
 
 
+@pytest.mark.parametrize("n_dead,k,k_aux", [(1001, 8, 20), (5, 8, 5), (2045, 8, 20), (700, 40, 64)])
+def test_topk_linear_with_some_dead_searches_dead_and_live_apart(n_dead, k, k_aux):
+    """Wide enough for row_topk's block search in both parts, neither part a whole number of
+    blocks (padded with -inf columns), fewer dead than k, fewer live than k: the same values
+    and gradients as the naive top-k and AuxK."""
+    torch.manual_seed(3)
+    B, D, M = 33, 8, 2048
+    x, W, b = leaf(B, D), leaf(D, M), leaf(M, scale=0.1)
+    dead_M = torch.zeros(M, dtype=torch.bool)
+    dead_M[torch.randperm(M)[:n_dead]] = True
+    fast = kernels.topk_linear(x, W, b, k, dead_M, k_aux)
+    naive = naive_topk_linear(x, W, b, k, dead_M, k_aux)
+    assert not fast.aux_rest and dead_M[fast.idx_aux_BA].all()
+    for a, c in zip(fast[:4], naive, strict=True):
+        torch.testing.assert_close(a.sort(1).values, c.sort(1).values)
+    R1, R2 = torch.randn(B, k), torch.randn(B, k_aux)
+
+    def loss(vals, idx, vals_aux, idx_aux):  # compare as sets per row
+        return (vals.gather(1, idx.argsort(1)) * R1).sum() + (vals_aux.gather(1, idx_aux.argsort(1)) * R2).sum()
+
+    assert_grads_close(grads_of(loss(*fast[:4]), [x, W, b]), grads_of(loss(*naive), [x, W, b]))
+
+
 def test_gather_linear_padding_gets_no_gradient():
     torch.manual_seed(2)
     B, D, M = 11, 5, 17

@@ -18,7 +18,8 @@ the detached residual ``e = x_n - x_hat_n`` WITHOUT ``b_dec``:
 ``e_hat = sum ReLU(pre_j) W_dec[j]``, and add
 ``aux_coeff * sum_b ||e_b - e_hat_b||^2 / sum_b ||e_b - mean_b(e)||^2``. The selection reuses
 the encoder's pre-activations (:func:`kernels.topk_linear`: none dead, no search; all dead,
-one search for both top-k's; a few, only their columns) and shares its sparse backward.
+one search for both top-k's; some, the dead and the live columns each searched once) and
+shares its sparse backward.
 """
 
 from __future__ import annotations
