@@ -154,6 +154,19 @@ def test_topk_linear_with_some_dead_searches_dead_and_live_apart(n_dead, k, k_au
     assert_grads_close(grads_of(loss(*fast[:4]), [x, W, b]), grads_of(loss(*naive), [x, W, b]))
 
 
+@pytest.mark.parametrize("M,n_dead,k,k_aux", [(64, 5, 4, 5), (2048, 1001, 8, 20)])
+def test_topk_linear_with_some_dead_keeps_to_real_latents_on_nan_inputs(M, n_dead, k, k_aux):
+    """NaN activations (a diverged run: the trainer must see a NaN loss, not an IndexError):
+    the -inf padding columns of the dead/live parts are never selected, though torch.topk
+    ranks NaN above everything."""
+    B, D = 16, 8
+    x, W, b = torch.full((B, D), float("nan")), torch.randn(D, M), torch.zeros(M)
+    dead_M = torch.zeros(M, dtype=torch.bool)
+    dead_M[torch.randperm(M, generator=torch.Generator().manual_seed(0))[:n_dead]] = True
+    sel = kernels.topk_linear(x, W, b, k, dead_M, k_aux)
+    assert dead_M[sel.idx_aux_BA].all() and (sel.idx_BK < M).all() and sel.vals_BK.isnan().all()
+
+
 def test_gather_linear_padding_gets_no_gradient():
     torch.manual_seed(2)
     B, D, M = 11, 5, 17

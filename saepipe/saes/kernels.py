@@ -284,14 +284,16 @@ def dead_topk(pre_BM: Tensor, dead_M: Tensor, n_dead: int, k_aux: int) -> tuple[
 
 def _columns_block(x_BD: Tensor, W_DM: Tensor, b_M: Tensor, cols_C: Tensor, flat: Tensor) -> Tensor:
     """``x W[:, cols] + b[cols]`` as a contiguous ``[B, C']`` view at the start of ``flat``, ``C'``
-    = ``C`` rounded up to whole :data:`ROW_TOPK_BLOCK` blocks; the extra columns are -inf (zero
-    weights, -inf bias), so :func:`row_topk` can search it in blocks and never selects them."""
+    = ``C`` rounded up to whole :data:`ROW_TOPK_BLOCK` blocks; the extra columns are set to -inf
+    (whatever ``x`` holds, NaN included), so :func:`row_topk` can search it in blocks and a
+    top-n with n <= C never selects them (torch.topk ranks NaN above everything)."""
     C = cols_C.numel()
     pad = -C % ROW_TOPK_BLOCK
-    W_DC = F.pad(W_DM.index_select(1, cols_C), (0, pad))
-    b_C = F.pad(b_M.index_select(0, cols_C), (0, pad), value=float("-inf"))
     out_BC = flat[: x_BD.shape[0] * (C + pad)].view(x_BD.shape[0], C + pad)
-    return matmul_bias(x_BD, W_DC, b_C, out_BM=out_BC)
+    W_DC, b_C = F.pad(W_DM.index_select(1, cols_C), (0, pad)), F.pad(b_M.index_select(0, cols_C), (0, pad))
+    out_BC = matmul_bias(x_BD, W_DC, b_C, out_BM=out_BC)
+    out_BC[:, C:] = float("-inf")
+    return out_BC
 
 
 def _top_of(vals_BJ: Tensor, idx_BJ: Tensor, n: int) -> tuple[Tensor, Tensor]:
