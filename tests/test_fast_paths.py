@@ -70,20 +70,24 @@ def test_bag_acts_grad_is_embedding_bags_own_gradient_bit_for_bit():
 
 
 # ---- row-wise top-k ------------------------------------------------------------------------
-@pytest.mark.parametrize("case", ["random", "ties", "masked", "narrow"])
+@pytest.mark.parametrize("case", ["random", "ties", "masked", "blocks_of_4", "narrow"])
 def test_row_topk_is_torch_topk(case):
     """The blocked CPU search selects the same values as torch.topk (as a set per row), and
     its indices point at them; ties (integer values) and -inf-masked columns included."""
     torch.manual_seed(7)
     B, M, k = 37, 512, 16  # 64 blocks of 8 columns >= 4 k: the blocked path
+    block = {"blocks_of_4": 4, "narrow": None}.get(case, 8)
+    if case == "blocks_of_4":  # 8 does not divide M (or leaves too few blocks): 4 columns
+        M = 516
+    elif case == "narrow":  # too few blocks: torch.topk itself
+        k = 40
     f = torch.randn(B, M)
     if case == "ties":
         f = torch.randint(0, 6, (B, M)).float()
     elif case == "masked":  # as dead_topk leaves a row: most columns -inf
         f[:, torch.rand(M) < 0.9] = float("-inf")
         k = 8
-    elif case == "narrow":  # too few blocks: torch.topk itself
-        k = 40
+    assert kernels._row_topk_block(M, k) == block
     vals, idx = kernels.row_topk(f, k)
     ref = f.topk(k, dim=1).values
     torch.testing.assert_close(vals.sort(1).values, ref.sort(1).values)
@@ -131,11 +135,12 @@ def test_topk_linear_with_auxk_matches_naive(dead, k, k_aux):
     assert_grads_close(grads_of(loss(*fast[:4]), [x, W, b]), grads_of(loss(*naive), [x, W, b]))
 
 
-@pytest.mark.parametrize("n_dead,k,k_aux", [(1001, 8, 20), (5, 8, 5), (2045, 8, 20), (700, 40, 64)])
+@pytest.mark.parametrize("n_dead,k,k_aux", [(1001, 8, 20), (5, 8, 5), (2045, 8, 20), (700, 40, 64), (1100, 8, 64)])
 def test_topk_linear_with_some_dead_searches_dead_and_live_apart(n_dead, k, k_aux):
-    """Wide enough for row_topk's block search in both parts, neither part a whole number of
-    blocks (padded with -inf columns), fewer dead than k, fewer live than k: the same values
-    and gradients as the naive top-k and AuxK."""
+    """Wide enough for row_topk's block search in both parts (blocks of 8, and of 4 in the dead
+    part of the last case), neither part a whole number of blocks (padded with -inf columns),
+    fewer dead than k, fewer live than k: the same values and gradients as the naive top-k
+    and AuxK."""
     torch.manual_seed(3)
     B, D, M = 33, 8, 2048
     x, W, b = leaf(B, D), leaf(D, M), leaf(M, scale=0.1)
