@@ -51,7 +51,7 @@ PRESETS = {
 # by the architecture's display label, as the registry's names stay inside saepipe.saes).
 TARGETS = {"TopK": 0.3, "BatchTopK": 0.5, "ReLU (L1)": 0.8, "JumpReLU": 1.0, "Gated": 1.5, "Switch": 0.1}
 AUXK_TARGET = 1.2  # TopK with AuxK on every latent: at most this many of our TopK's steps
-PARTIAL_DEAD = (0.05, 0.5)  # informational AuxK rows: these fractions of the latents dead
+PARTIAL_DEAD = (0.05, 0.2, 0.5, 0.9)  # informational AuxK rows: these fractions of the latents dead
 DENSE, REF_SWITCH = "dense_topk", "reference_switch"
 
 
