@@ -12,10 +12,13 @@ benchmark step does the same work for them as for the library SAEs.
   under autocast, backward, decoder hooks, Adam, fused on CUDA).
 - `time_interleaved`: the same step for several models side by side, round-robin, so that a
   change of the machine's load (a shared CPU) hits every model alike.
+- `paired_ratio`: the per-round ratio of two interleaved rows, its median and a
+  distribution-free 95% interval (`median_ci`), so a target is judged against the noise.
 """
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from collections.abc import Callable
@@ -132,6 +135,31 @@ def time_interleaved(
             if i >= warmup:
                 times[name].append(time.perf_counter() - t0)
     return times
+
+
+def median_ci(values: list[float], level: float = 0.95) -> tuple[float, float, float]:
+    """``(median, lo, hi)``: the sample median and a distribution-free ``level`` confidence
+    interval for the population median from the order statistics (the sign-test interval:
+    ``[x_(j), x_(n+1-j)]`` with the largest j such that P(Binomial(n, 1/2) < j) <= (1 - level)
+    / 2). Needs n >= 6 at 95% (fewer values: the interval is their whole range)."""
+    xs = sorted(values)
+    n = len(xs)
+    if n == 0:
+        raise ValueError("median_ci needs at least one value")
+    tail, j, below = (1 - level) / 2, 0, 0.0
+    while j < n // 2 and below + math.comb(n, j) / 2**n <= tail:
+        below += math.comb(n, j) / 2**n  # P(Bin < j + 1)
+        j += 1
+    lo, hi = (xs[j - 1], xs[n - j]) if j else (xs[0], xs[-1])
+    return statistics.median(xs), lo, hi
+
+
+def paired_ratio(times_a: list[float], times_b: list[float], level: float = 0.95) -> tuple[float, float, float]:
+    """``median_ci`` of ``a_i / b_i`` over the rounds of `time_interleaved` (round i stepped both
+    rows within one rotation, so each ratio sees one moment's machine load)."""
+    if len(times_a) != len(times_b):
+        raise ValueError(f"paired_ratio needs rows of equal rounds, got {len(times_a)} and {len(times_b)}")
+    return median_ci([a / b for a, b in zip(times_a, times_b, strict=True)], level)
 
 
 def topk_arch() -> str:

@@ -18,8 +18,12 @@ the library): `dense_topk` (dense encoder, dense [B, M] code, dense decode: what
 first) and `reference_switch` (the papers' code: every expert's encoder computed, masked).
 
 `ratio` = the row's step time / dense_topk's (smaller is faster); the AuxK row's target is
-against our own TopK step. Targets (issue 14) are defined for the CPU preset. Results: a
-printed table and bench/results/arch_speed-<date>-<preset>.json (date, machine, command).
+against our own TopK step. Targets (issue 14) are defined for the CPU preset. Each target is
+judged twice: `met` from the ratio of the two medians, and `judgement` from the per-round
+paired ratios' distribution-free 95% interval (bench/_common.paired_ratio): "met" or "not
+met" only when the whole interval is on that side of the target, else "within noise".
+Results: a printed table and bench/results/arch_speed-<date>-<preset>.json (date, machine,
+command). `--preset tiny` is for the test (tests/test_arch_speed.py), not a measurement.
 """
 
 from __future__ import annotations
@@ -39,13 +43,14 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "bench")]
 
-from _common import DenseTopK, ReferenceSwitch, routing_fields, time_interleaved, topk_arch  # noqa: E402
+from _common import DenseTopK, ReferenceSwitch, paired_ratio, routing_fields, time_interleaved, topk_arch  # noqa: E402
 
 from saepipe.saes import ARCHITECTURES, arch_traits, build_sae  # noqa: E402
 
 PRESETS = {
     "cpu": dict(d=128, M=4096, N=16, k=32, batch=4096, dtype="float32"),
     "h200": dict(d=768, M=24576, N=32, k=32, batch=16384, dtype="bfloat16"),
+    "tiny": dict(d=16, M=256, N=4, k=4, batch=256, dtype="float32"),  # tests/test_arch_speed.py
 }
 # Issue 14, CPU preset: an architecture's step time at most this many dense TopK steps (keyed
 # by the architecture's display label, as the registry's names stay inside saepipe.saes).
@@ -53,6 +58,13 @@ TARGETS = {"TopK": 0.3, "BatchTopK": 0.5, "ReLU (L1)": 0.8, "JumpReLU": 1.0, "Ga
 AUXK_TARGET = 1.2  # TopK with AuxK on every latent: at most this many of our TopK's steps
 PARTIAL_DEAD = (0.05, 0.2, 0.5, 0.9)  # informational AuxK rows: these fractions of the latents dead
 DENSE, REF_SWITCH = "dense_topk", "reference_switch"
+
+
+def judge(ci: tuple[float, float], max_ratio: float) -> str:
+    """A target's judgement from the per-round ratio's 95% interval: "met" when the interval
+    lies at or below ``max_ratio``, "not met" when above it, else "within noise"."""
+    lo, hi = ci
+    return "met" if hi <= max_ratio else "not met" if lo > max_ratio else "within noise"
 
 
 def mark_dead(sae: torch.nn.Module, dead_M: torch.Tensor | None) -> None:
@@ -152,6 +164,7 @@ def main() -> None:
         if args.preset != "cpu":
             target = None
         ratio_to = {DENSE: ms[name] / ms[DENSE], topk: ms[name] / ms[topk]}
+        ci = {of: paired_ratio(times[name], times[of])[1:] for of in (DENSE, topk)}
         rows.append(
             {
                 "arch": name,
@@ -162,6 +175,9 @@ def main() -> None:
                 "ratio_to_topk": ratio_to[topk],
                 "target": target,
                 "met": None if target is None else ratio_to[target["of"]] <= target["max_ratio"],
+                "ratio_to_dense_topk_ci95": list(ci[DENSE]),
+                "ratio_to_topk_ci95": list(ci[topk]),
+                "judgement": None if target is None else judge(ci[target["of"]], target["max_ratio"]),
                 "min_ms_per_step": 1e3 * min(times[name]),
                 "step_ms": [round(1e3 * t, 2) for t in times[name]],
             }
@@ -175,8 +191,10 @@ def main() -> None:
     for r in rows:
         t = r["target"]
         goal = "-" if t is None else f"<= {t['max_ratio']} x {t['of']}: {'met' if r['met'] else 'NOT met'}"
-        if t is not None and t["of"] != DENSE:
-            goal += f" ({r['ratio_to_topk']:.2f} x {t['of']})"
+        if t is not None:
+            lo, hi = r["ratio_to_dense_topk_ci95" if t["of"] == DENSE else "ratio_to_topk_ci95"]
+            point = f"{r['ratio_to_topk']:.2f} x {t['of']}, " if t["of"] != DENSE else ""
+            goal += f" ({point}per-round 95% CI {lo:.2f}-{hi:.2f}: {r['judgement']})"
         speed = f"{r['ms_per_step']:>9.1f}{r['tokens_per_s']:>11,.0f}{r['ratio_to_dense_topk']:>7.2f}"
         print(f"{r['label']:<44}{speed}  {goal}")
     out = args.out or REPO / f"bench/results/arch_speed-{dt.date.today()}-{args.preset}.json"
@@ -191,6 +209,9 @@ def main() -> None:
         "interleaved": True,
         "load_average_before_after": [load_before, load_after],
         "ratio": "step time / dense_topk step time, same run (smaller is faster)",
+        "ci95": "per-round paired ratios (a row's step / the reference's step of the same round): "
+        "distribution-free 95% interval of their median (bench/_common.median_ci)",
+        "judgement": "met / not met: the whole interval on that side of the target; else within noise",
         "rows": rows,
     }
     out.write_text(json.dumps(result, indent=2) + "\n")
